@@ -1,0 +1,173 @@
+"""Chat on SmolLM2-Instruct, token by token, with two backends behind one interface.
+
+- ``llama_cpp``: llama.cpp on a GGUF file (the shipped Q4_1 offline; Metal on a Mac). The fast
+  local path: the seed talk's own note was "try llama_cpp".
+- ``transformers``: Hugging Face transformers on a hub checkout (the GPU path on Modal) or on
+  the same GGUF (dequantized to fp32, slow on CPU but the same weights).
+
+Both apply the chat template that ships with the model, take a system prompt and a thread,
+honour ``max_tokens`` and ``temperature``, and stop between tokens when ``cancel`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from shared.config import LlmConfig
+from shared.errors import ConfigError, ModelNotFound
+from shared.messages import ChatOptions, Message
+from shared.models import ResolvedModel
+
+
+class ChatBackend(Protocol):
+    name: str
+
+    def stream(
+        self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
+    ) -> Iterator[str]: ...
+
+
+def _threads(n: int) -> int:
+    return n if n > 0 else max(1, os.cpu_count() or 1)
+
+
+class LlamaCppChat:
+    name = "llama_cpp"
+
+    def __init__(self, model: ResolvedModel, cfg: LlmConfig = LlmConfig()) -> None:
+        if model.format != "gguf":
+            raise ConfigError(f"llama_cpp needs a .gguf model, {model.name} is {model.format}")
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise ModelNotFound("the llama_cpp backend needs `pip install llama-cpp-python`") from exc
+        self.model_info = model
+        self.llm = Llama(
+            model_path=str(model.path),
+            n_ctx=cfg.context,
+            n_threads=_threads(cfg.threads),
+            n_gpu_layers=-1,  # Metal/CUDA when the wheel has it; ignored on a CPU build
+            seed=cfg.seed,
+            verbose=False,
+        )
+        self._lock = threading.Lock()  # one llama context: one generation at a time
+
+    def stream(
+        self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        with self._lock:
+            chunks = self.llm.create_chat_completion(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                max_tokens=options.max_tokens,
+                temperature=options.temperature,
+                seed=options.seed,
+                stop=list(options.stop) or None,
+                stream=True,
+            )
+            try:
+                for chunk in chunks:
+                    if cancel is not None and cancel.is_set():
+                        return
+                    piece = chunk["choices"][0]["delta"].get("content")
+                    if piece:
+                        yield piece
+            finally:
+                chunks.close()
+
+
+class TransformersChat:
+    name = "transformers"
+
+    def __init__(self, model: ResolvedModel, cfg: LlmConfig = LlmConfig()) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise ModelNotFound(
+                "the transformers backend needs torch and `pip install 'moi[transformers]'`"
+            ) from exc
+        self.model_info = model
+        self.torch = torch
+        if model.format == "gguf":
+            kwargs = {"gguf_file": model.path.name}
+            where = str(model.path.parent)
+        else:
+            kwargs, where = {}, str(model.path)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        if self.device == "cpu" and cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).to(self.device)
+        self.model.eval()
+
+    def stream(
+        self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        cancel = cancel or threading.Event()
+        done = threading.Event()  # set when our consumer leaves early: stops generate()
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
+                return cancel.is_set() or done.is_set()
+
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        ).to(self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = options.temperature > 0
+        kwargs = dict(
+            **prompt,
+            max_new_tokens=options.max_tokens,
+            do_sample=sampling,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
+        if sampling:
+            kwargs["temperature"] = options.temperature
+            self.torch.manual_seed(options.seed)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self.torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced to the caller below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="moi-generate", daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if cancel.is_set():
+                    break
+                if piece:
+                    yield piece
+        finally:
+            done.set()
+            worker.join()
+        if errors:
+            raise errors[0]
+
+
+def load_chat(model: ResolvedModel, cfg: LlmConfig = LlmConfig()) -> ChatBackend:
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "llama_cpp" if model.format == "gguf" else "transformers"
+    if backend == "llama_cpp":
+        return LlamaCppChat(model, cfg)
+    if backend == "transformers":
+        return TransformersChat(model, cfg)
+    raise ConfigError(f"unknown llm backend {cfg.backend!r}: use llama_cpp, transformers or auto")

@@ -1,0 +1,152 @@
+"""Text to speech on Kokoro-82M, 24 kHz, with two backends behind one interface.
+
+- ``onnx``: kokoro-onnx on the int8 ONNX export (CPU, offline); espeak-ng G2P comes bundled
+  with it (espeakng-loader), so English phonemes need no system package.
+- ``torch``: the hexgrad ``kokoro`` package (misaki G2P) on the hub weights: the GPU path.
+
+``speak`` splits the text into sentences (the first clause early) and yields one
+:class:`Audio` per piece, so playback can start before the whole reply is synthesized.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+
+from shared.audio import Audio
+from shared.config import TtsConfig
+from shared.errors import ConfigError, ModelNotFound
+from shared.models import ResolvedModel
+from shared.text import split_sentences
+
+KOKORO_RATE = 24_000
+HUB_VOICE = "af_heart"
+PACK_VOICE = "jf_alpha"
+
+
+class TtsBackend(Protocol):
+    name: str
+    voices: tuple[str, ...]
+
+    def synthesize(self, text: str, voice: str, speed: float, lang: str) -> np.ndarray: ...
+
+
+class KokoroOnnx:
+    name = "onnx"
+
+    def __init__(self, model: ResolvedModel, cfg: TtsConfig) -> None:
+        try:
+            import onnxruntime as ort
+            from kokoro_onnx import Kokoro
+        except ImportError as exc:
+            raise ModelNotFound("the onnx TTS backend needs `pip install kokoro-onnx`") from exc
+        voices = model.extras.get("voices")
+        if voices is None:
+            raise ModelNotFound(f"tts: {model.name} has no voices file; put voices*.npz beside the model")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
+        session = ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.kokoro = Kokoro.from_session(session, str(voices))
+        self.voices = tuple(sorted(self.kokoro.get_voices()))
+        self._lock = threading.Lock()
+
+    def synthesize(self, text: str, voice: str, speed: float, lang: str) -> np.ndarray:
+        with self._lock:
+            samples, rate = self.kokoro.create(text, voice=voice, speed=speed, lang=lang)
+        assert rate == KOKORO_RATE, rate
+        return np.asarray(samples, dtype=np.float32)
+
+
+class KokoroTorch:
+    name = "torch"
+
+    def __init__(self, model: ResolvedModel, cfg: TtsConfig) -> None:
+        try:
+            import torch
+            from kokoro import KModel, KPipeline
+        except ImportError as exc:
+            raise ModelNotFound("the torch TTS backend needs `pip install kokoro` (GPU image)") from exc
+        self.torch = torch
+        root = model.path
+        weights = sorted(root.glob("*.pth"))
+        if not weights or not (root / "config.json").exists():
+            raise ModelNotFound(f"tts: {root} lacks Kokoro's config.json and *.pth weights")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = KModel(repo_id="hexgrad/Kokoro-82M", config=str(root / "config.json"), model=str(weights[0]))
+        self.model = self.model.to(device).eval()
+        self.voice_dir = root / "voices"
+        self.voices = tuple(sorted(p.stem for p in self.voice_dir.glob("*.pt")))
+        self._pipelines: dict[str, KPipeline] = {}
+        self._KPipeline = KPipeline
+        self._lock = threading.Lock()
+
+    def synthesize(self, text: str, voice: str, speed: float, lang: str) -> np.ndarray:
+        code = voice[0] if voice else "a"  # Kokoro voices start with their language code
+        with self._lock:
+            pipeline = self._pipelines.get(code)
+            if pipeline is None:
+                pipeline = self._KPipeline(lang_code=code, repo_id="hexgrad/Kokoro-82M", model=self.model)
+                self._pipelines[code] = pipeline
+            parts = [
+                np.asarray(r.audio.cpu().numpy() if hasattr(r.audio, "cpu") else r.audio, np.float32)
+                for r in pipeline(text, voice=str(self.voice_dir / f"{voice}.pt"), speed=speed)
+                if r.audio is not None
+            ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+class TextToSpeech:
+    """Kokoro behind one interface; ``speak`` yields audio sentence by sentence."""
+
+    def __init__(self, model: ResolvedModel, cfg: TtsConfig = TtsConfig()) -> None:
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "torch" if model.format == "kokoro-torch" else "onnx"
+        if backend == "onnx":
+            self.backend: TtsBackend = KokoroOnnx(model, cfg)
+        elif backend == "torch":
+            self.backend = KokoroTorch(model, cfg)
+        else:
+            raise ConfigError(f"unknown tts backend {cfg.backend!r}: use onnx, torch or auto")
+        self.cfg = cfg
+        self.model_info = model
+        self.default_voice = self.resolve_voice(cfg.voice)
+
+    @property
+    def voices(self) -> tuple[str, ...]:
+        return self.backend.voices
+
+    def resolve_voice(self, voice: str | None) -> str:
+        if not voice or voice == "auto":
+            for v in (HUB_VOICE, PACK_VOICE):
+                if v in self.voices:
+                    return v
+            return self.voices[0]
+        if voice not in self.voices:
+            raise ConfigError(f"unknown voice {voice!r}; this model has: {', '.join(self.voices)}")
+        return voice
+
+    def synthesize(self, text: str, *, voice: str | None = None, speed: float | None = None) -> Audio:
+        """One piece of text as one Audio (no splitting)."""
+        samples = self.backend.synthesize(
+            text, self.resolve_voice(voice or self.default_voice), speed or self.cfg.speed, self.cfg.lang
+        )
+        return Audio(samples, KOKORO_RATE)
+
+    def speak(
+        self,
+        text: str,
+        *,
+        voice: str | None = None,
+        speed: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[tuple[str, Audio]]:
+        """(piece, audio) for each sentence of ``text``; the first clause comes first."""
+        for piece in split_sentences(text, self.cfg.first_clause_chars):
+            if cancel is not None and cancel.is_set():
+                return
+            yield piece, self.synthesize(piece, voice=voice, speed=speed)

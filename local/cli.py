@@ -1,0 +1,124 @@
+"""The `moi` command line.
+
+    moi --local --input FILE [--pipeline transcribe|echo|chat] [--save-reply OUT.wav] [--json]
+    moi models [--download]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.config import Config
+from shared.errors import MoiError
+
+SAMPLE = Path(__file__).parent / "assets" / "sample.flac"
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="moi: a voice assistant of four small open models (Silero VAD, Whisper, SmolLM2, Kokoro).",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]moi: error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _input_path(spec: str) -> Path:
+    if spec == "sample":
+        return SAMPLE
+    if spec == "mic":
+        raise MoiError("microphone input is not built yet (issue: Live); use --input FILE or --input sample")
+    return Path(spec)
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    local: bool = typer.Option(True, "--local/--remote", help="Run every model in this process (offline)."),
+    input: str = typer.Option("sample", "--input", "-i", help="Audio file to listen to, or 'sample' (bundled)."),
+    pipeline: str = typer.Option("chat", "--pipeline", "-p", help="transcribe | echo | chat"),
+    save_reply: Optional[Path] = typer.Option(None, "--save-reply", help="Write the spoken reply to this WAV."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
+    meters: bool = typer.Option(True, "--meters/--no-meters", help="Include meter ticks in --json output."),
+    voice: Optional[str] = typer.Option(None, "--voice", help="Kokoro voice (see `moi models`)."),
+    language: Optional[str] = typer.Option(None, "--language", help="Spoken language (Whisper code)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest reply in tokens."),
+    llm_backend: Optional[str] = typer.Option(None, "--llm-backend", help="llama_cpp | transformers | auto"),
+) -> None:
+    """Listen to INPUT, cut it into utterances, and answer each one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not local:
+        raise fail("--remote is not built yet (issue: Cloud); run with --local")
+    from local.run import run_file
+
+    try:
+        cfg = Config.load(
+            stt__language=language, tts__voice=voice, llm__max_tokens=max_tokens, llm__backend=llm_backend
+        )
+        code = run_file(
+            _input_path(input), cfg, variant=pipeline, save_reply=save_reply, as_json=as_json, meters=meters
+        )
+    except MoiError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def models(
+    download: bool = typer.Option(False, "--download", help="Fetch the hub defaults into the local cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List each role's resolved model (source, path, size); --download pre-fetches hub models."""
+    from shared.models import HUB_DEFAULTS, ROLES, describe, resolve
+
+    cfg = Config.load()
+    specs = {"vad": cfg.vad.model, "stt": cfg.stt.model, "llm": cfg.llm.model, "tts": cfg.tts.model}
+    rows, missing = [], 0
+    for role in ROLES:
+        try:
+            if download and role in HUB_DEFAULTS and specs[role] == "auto":
+                with err.status(f"downloading {HUB_DEFAULTS[role]}…"):
+                    resolve(role, HUB_DEFAULTS[role], download=True)
+            rows.append(describe(resolve(role, specs[role], download=download)))
+        except MoiError as exc:
+            missing += 1
+            rows.append({"role": role, "error": str(exc)})
+        except OSError as exc:  # network errors from the hub client
+            missing += 1
+            rows.append({"role": role, "error": f"download failed: {exc}"})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table("role", "model", "source", "format", "size", "path")
+        for r in rows:
+            if "error" in r:
+                table.add_row(r["role"], f"[red]{r['error']}[/]", "", "", "", "")
+            else:
+                table.add_row(r["role"], r["name"], r["source"], r["format"], f"{r['size_mb']} MB", r["path"])
+        Console().print(table)
+    raise typer.Exit(1 if missing else 0)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,181 @@
+"""Voice activity: Silero VAD (ONNX, onnxruntime) and a segmenter that cuts utterances.
+
+:class:`SileroVad` runs the model on 512-sample windows at 16 kHz, carrying the recurrent
+state and 64 samples of context between windows. :class:`Segmenter` is the state machine:
+speech starts at ``threshold`` and ends only after ``silence_ms`` below the lower ``release``
+threshold (hysteresis); blips shorter than ``min_speech_ms`` are dropped; ``pre_roll_ms`` /
+``post_roll_ms`` of audio are kept around each utterance so no word's start or end is
+clipped; speech longer than ``max_utterance_s`` is flushed in pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.audio import SPEECH_RATE, Audio
+from shared.config import VadConfig
+from shared.errors import AudioError, ConfigError
+
+WINDOW = 512  # samples per model call at 16 kHz (32 ms), fixed by the model
+CONTEXT = 64  # samples of the previous window the model sees again
+
+
+class SileroVad:
+    """Speech probability per 512-sample window, with the model's state carried along."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self._sr = np.array(SPEECH_RATE, dtype=np.int64)
+        self.reset()
+
+    def reset(self) -> None:
+        self._state = np.zeros((2, 1, 128), dtype=np.float32)
+
+    def __call__(self, frame: np.ndarray) -> float:
+        """``frame``: float32 [1, CONTEXT + WINDOW] (context then the new window)."""
+        out, self._state = self.session.run(None, {"input": frame, "state": self._state, "sr": self._sr})
+        return float(out[0, 0])
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    at: float  # stream time (s) of the first speech window
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    at: float  # stream time (s) where the utterance audio ends (post-roll included)
+    start: float  # stream time (s) where the utterance audio starts (pre-roll included)
+    audio: Audio | None  # None when the speech was a blip shorter than min_speech_ms
+    forced: bool = False  # flushed at max_utterance_s while speech went on
+
+    @property
+    def dropped(self) -> bool:
+        return self.audio is None
+
+
+class Segmenter:
+    """Feed 16 kHz audio in chunks of any size; get SpeechStart / SpeechEnd events back.
+
+    After each ``feed``, ``gated`` holds the audio processed in that call with everything
+    outside speech zeroed (what a meter "after VAD" shows).
+    """
+
+    def __init__(self, vad: SileroVad, cfg: VadConfig = VadConfig()) -> None:
+        if not 0.0 < cfg.release <= cfg.threshold < 1.0:
+            raise ConfigError(
+                f"VAD needs 0 < release ({cfg.release}) <= threshold ({cfg.threshold}) < 1"
+            )
+        if cfg.max_utterance_s * 1000 <= cfg.min_speech_ms:
+            raise ConfigError("VAD max_utterance_s must be longer than min_speech_ms")
+        self.vad = vad
+        self.cfg = cfg
+        ms = SPEECH_RATE // 1000
+        self._min_speech = cfg.min_speech_ms * ms
+        self._silence = cfg.silence_ms * ms
+        self._pre = cfg.pre_roll_ms * ms
+        self._post = cfg.post_roll_ms * ms
+        self._max = int(cfg.max_utterance_s * SPEECH_RATE)
+        self.reset()
+
+    def reset(self) -> None:
+        self.vad.reset()
+        # _buf holds stream samples from _buf_start on, preceded by CONTEXT samples of
+        # context, so each model input is one contiguous slice (no copy per window).
+        self._buf = np.zeros(CONTEXT, np.float32)
+        self._buf_start = 0  # stream index of _buf[CONTEXT]
+        self._next = 0  # stream index of the next window to run
+        self._speaking = False
+        self._start = 0  # first speech sample of the current utterance
+        self._cut = 0  # where the current utterance's audio begins (pre-roll or flush point)
+        self._last_speech = 0  # end of the last window at or above release
+        self.gated = np.zeros(0, np.float32)
+        self.probs: list[float] = []  # probabilities of the windows run in the last feed
+
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def position(self) -> float:
+        return self._next / SPEECH_RATE
+
+    def feed(self, chunk: Audio | np.ndarray) -> list[SpeechStart | SpeechEnd]:
+        if isinstance(chunk, Audio):
+            if chunk.sample_rate != SPEECH_RATE:
+                raise AudioError(f"the VAD takes {SPEECH_RATE} Hz audio, got {chunk.sample_rate} Hz: resample first")
+            chunk = chunk.samples
+        self._buf = np.concatenate([self._buf, chunk.astype(np.float32, copy=False)])
+        events: list[SpeechStart | SpeechEnd] = []
+        buf, base = self._buf, self._buf_start - CONTEXT  # stream index of buf[0]
+        n_windows = (self._buf_start + len(buf) - CONTEXT - self._next) // WINDOW
+        gate = np.zeros(n_windows, dtype=bool)
+        probs = np.empty(n_windows, dtype=np.float32)
+        threshold, release, vad = self.cfg.threshold, self.cfg.release, self.vad
+        for i in range(n_windows):
+            s = self._next
+            lo = s - CONTEXT - base
+            p = vad(buf[lo : lo + CONTEXT + WINDOW].reshape(1, -1))
+            probs[i] = p
+            end = s + WINDOW
+            if not self._speaking:
+                if p >= threshold:
+                    self._speaking = True
+                    self._start = s
+                    self._cut = max(0, s - self._pre, self._cut)
+                    self._last_speech = end
+                    events.append(SpeechStart(s / SPEECH_RATE))
+            else:
+                if p >= release:
+                    self._last_speech = end
+                if end - self._last_speech >= self._silence:
+                    events.append(self._finish(self._last_speech + self._post, end))
+                elif end - self._cut >= self._max:
+                    events.append(self._finish(end, end, forced=True))
+                    if p >= release:  # speech goes on: continue seamlessly from here
+                        self._speaking, self._start, self._cut = True, end, end
+                        events.append(SpeechStart(end / SPEECH_RATE))
+            gate[i] = self._speaking
+            self._next = end
+        self.probs = probs.tolist()
+        start_of_call = self._next - n_windows * WINDOW
+        lo = start_of_call - base
+        self.gated = (buf[lo : lo + n_windows * WINDOW].reshape(n_windows, WINDOW) * gate[:, None]).reshape(-1)
+        self._trim()
+        return events
+
+    def flush(self) -> list[SpeechStart | SpeechEnd]:
+        """End of stream: close an utterance in progress."""
+        if not self._speaking:
+            return []
+        stream_end = self._buf_start + len(self._buf) - CONTEXT
+        return [self._finish(min(self._last_speech + self._post, stream_end), stream_end)]
+
+    def _finish(self, audio_end: int, now: int, forced: bool = False) -> SpeechEnd:
+        self._speaking = False
+        cut = self._cut
+        audio_end = min(audio_end, now)
+        speech = self._last_speech - self._start
+        self._cut = audio_end
+        if speech < self._min_speech and not forced:
+            return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, None)
+        base = self._buf_start - CONTEXT
+        samples = self._buf[cut - base : audio_end - base].copy()
+        return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, Audio(samples, SPEECH_RATE), forced)
+
+    def _trim(self) -> None:
+        """Drop audio no utterance can still need (keeps the pre-roll and the context)."""
+        keep_from = self._cut if self._speaking else max(self._cut, self._next - self._pre)
+        keep_from = min(keep_from, self._next)
+        drop = keep_from - self._buf_start
+        if drop > 0:
+            self._buf = self._buf[drop:]
+            self._buf_start = keep_from

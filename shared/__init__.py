@@ -1,0 +1,1 @@
+"""Types and protocol both sides of moi speak: audio, events, messages, config, models."""

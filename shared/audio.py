@@ -1,0 +1,162 @@
+"""The one audio type: float32 mono samples in [-1, 1] with an explicit sample rate.
+
+Conversions happen at the edges only: PCM16/WAV bytes for the wire and files, PyAV for
+decoding any common container (wav, flac, mp3, opus, m4a…), soxr for resampling.
+"""
+
+from __future__ import annotations
+
+import io
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import AudioError
+
+#: The rate every model input is brought to (Silero VAD and Whisper both want 16 kHz).
+SPEECH_RATE = 16_000
+
+
+@dataclass(frozen=True, eq=False)
+class Audio:
+    """Float32 mono samples in [-1, 1] at ``sample_rate`` Hz."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+    def __post_init__(self) -> None:
+        if self.sample_rate <= 0:
+            raise AudioError(f"sample rate must be positive, got {self.sample_rate}")
+        samples = np.asarray(self.samples)
+        if samples.ndim != 1:
+            raise AudioError(f"Audio holds mono samples (1-D), got shape {samples.shape}")
+        if samples.dtype != np.float32:
+            samples = samples.astype(np.float32)
+        object.__setattr__(self, "samples", samples)
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @classmethod
+    def silence(cls, seconds: float, sample_rate: int = SPEECH_RATE) -> Audio:
+        return cls(np.zeros(round(seconds * sample_rate), np.float32), sample_rate)
+
+    @classmethod
+    def concat(cls, parts: list[Audio], sample_rate: int | None = None) -> Audio:
+        rate = sample_rate or (parts[0].sample_rate if parts else SPEECH_RATE)
+        if not parts:
+            return cls(np.zeros(0, np.float32), rate)
+        return cls(np.concatenate([p.resample(rate).samples for p in parts]), rate)
+
+    def resample(self, rate: int) -> Audio:
+        """The same sound at ``rate`` Hz (soxr, high quality)."""
+        if rate == self.sample_rate:
+            return self
+        if len(self.samples) == 0:
+            return Audio(self.samples, rate)
+        import soxr
+
+        out = soxr.resample(self.samples, self.sample_rate, rate, quality="HQ")
+        return Audio(out.astype(np.float32, copy=False), rate)
+
+    def slice(self, start_s: float, end_s: float) -> Audio:
+        a, b = round(start_s * self.sample_rate), round(end_s * self.sample_rate)
+        return Audio(self.samples[max(a, 0) : max(b, 0)], self.sample_rate)
+
+    # --- PCM16 / WAV at the edges -------------------------------------------------------
+
+    def to_pcm16(self) -> bytes:
+        clipped = np.clip(self.samples, -1.0, 1.0)
+        return (clipped * 32767.0).round().astype("<i2").tobytes()
+
+    @classmethod
+    def from_pcm16(cls, data: bytes, sample_rate: int) -> Audio:
+        if len(data) % 2:
+            raise AudioError(f"PCM16 data has an odd number of bytes ({len(data)})")
+        pcm = np.frombuffer(data, dtype="<i2")
+        return cls(pcm.astype(np.float32) / 32768.0, sample_rate)
+
+    def to_wav(self) -> bytes:
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(self.sample_rate)
+            w.writeframes(self.to_pcm16())
+        return buf.getvalue()
+
+    def save_wav(self, path: str | Path) -> Path:
+        """Write a PCM16 WAV atomically (temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(self.to_wav())
+        tmp.replace(path)
+        return path
+
+
+def decode(source: str | Path | bytes, *, sample_rate: int = SPEECH_RATE, name: str | None = None) -> Audio:
+    """Decode any common audio file (or its bytes) to mono float32 at ``sample_rate``.
+
+    PyAV (FFmpeg) does the container and codec work; channels are averaged to mono; soxr
+    resamples. Raises :class:`AudioError` with a one-line reason for anything that is not
+    decodable audio or that holds no samples.
+    """
+    import av
+
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    if isinstance(source, bytes):
+        if not source:
+            raise AudioError(f"{label}: empty input (0 bytes)")
+        handle: io.BytesIO | str = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise AudioError(f"{label}: no such file")
+        if path.is_dir():
+            raise AudioError(f"{label}: is a directory, not an audio file")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{label}: empty file (0 bytes)")
+        handle = str(path)
+
+    chunks: list[np.ndarray] = []
+    native_rate = 0
+    try:
+        with av.open(handle, mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise AudioError(f"{label}: holds no audio stream")
+            stream = container.streams.audio[0]
+            native_rate = stream.rate or stream.codec_context.sample_rate or 0
+            # Down-mix in FFmpeg and keep the native rate; soxr does the rate change.
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=native_rate or None)
+            try:
+                for frame in container.decode(stream):
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
+            except av.error.InvalidDataError:
+                # A truncated file: keep what decoded, as FFmpeg itself does.
+                pass
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except AudioError:
+        raise
+    except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as exc:
+        raise AudioError(f"{label}: not a readable audio file ({_reason(exc)})") from exc
+
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if len(samples) == 0:
+        raise AudioError(f"{label}: contains no audio samples (0 s)")
+    if not native_rate:
+        raise AudioError(f"{label}: audio stream has no sample rate")
+    return Audio(samples, native_rate).resample(sample_rate)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split("] ", 1)[-1]

@@ -1,0 +1,135 @@
+"""One config object: a frozen dataclass per component, composed once at the entry point.
+
+Precedence: defaults < environment (``MOI_<SECTION>_<FIELD>``, e.g. ``MOI_LLM_MAX_TOKENS=64``)
+< explicit overrides (the CLI). Nothing here writes to ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    threshold: float = 0.5  # speech starts when the probability reaches this
+    release: float = 0.35  # ...and counts as silence again only below this (hysteresis)
+    min_speech_ms: int = 250  # shorter blips are dropped
+    silence_ms: int = 500  # silence tolerated inside an utterance before it ends
+    pre_roll_ms: int = 300  # audio kept before the detected start (word onsets)
+    post_roll_ms: int = 200  # audio kept after the last speech window (word ends)
+    max_utterance_s: float = 20.0  # longer speech is flushed as an utterance at this length
+    model: str = "auto"
+
+
+@dataclass(frozen=True)
+class SttConfig:
+    model: str = "auto"  # path, pack name, hub id or faster-whisper size; see shared.models
+    device: str = "auto"  # cpu | cuda | auto
+    compute_type: str = "auto"  # int8 on CPU, float16 on CUDA when auto
+    language: str | None = None
+    beam_size: int = 5
+    word_timestamps: bool = False
+    initial_prompt: str | None = None  # hotwords / spelling hints, e.g. "ComfyUI"
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    min_rms_db: float = -55.0  # quieter audio is not sent to Whisper at all
+    cpu_threads: int = 0  # 0: CTranslate2's default
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    model: str = "auto"
+    backend: str = "auto"  # llama_cpp | transformers | auto (llama.cpp for GGUF, else transformers)
+    system_prompt: str = (
+        "You are moi, a friendly voice assistant. Answer in one or two short spoken sentences."
+    )
+    max_tokens: int = 64
+    temperature: float = 0.0
+    max_turns: int = 6  # user+assistant pairs kept in the thread
+    context: int = 2048
+    threads: int = 0  # 0: all cores
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TtsConfig:
+    model: str = "auto"
+    backend: str = "auto"  # onnx | torch | auto (onnx unless a torch Kokoro is resolved)
+    voice: str = "auto"  # af_heart from the hub; jf_alpha from the offline pack
+    speed: float = 1.0
+    lang: str = "en-us"
+    first_clause_chars: int = 24  # speak the first clause early when a sentence is longer
+
+
+@dataclass(frozen=True)
+class Config:
+    vad: VadConfig = field(default_factory=VadConfig)
+    stt: SttConfig = field(default_factory=SttConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
+    tick_ms: int = 50  # meter tick period
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Defaults, then ``MOI_*`` variables from ``env``, then ``overrides``.
+
+        ``overrides`` uses ``section__field`` keys (``llm__max_tokens=32``) or top-level names.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            section_cls = _section_types().get(f.name)
+            if section_cls is not None:
+                sec = {}
+                for sf in dataclasses.fields(section_cls):
+                    key = f"MOI_{f.name}_{sf.name}".upper()
+                    if key in env:
+                        sec[sf.name] = _coerce(section_cls, sf, env[key], key)
+                    ov = overrides.pop(f"{f.name}__{sf.name}", None)
+                    if ov is not None:
+                        sec[sf.name] = ov
+                values[f.name] = section_cls(**sec)
+            else:
+                key = f"MOI_{f.name}".upper()
+                if key in env:
+                    values[f.name] = _coerce(cls, f, env[key], key)
+                if f.name in overrides and overrides[f.name] is not None:
+                    values[f.name] = overrides.pop(f.name)
+                else:
+                    overrides.pop(f.name, None)
+        unknown = [k for k, v in overrides.items() if v is not None]
+        if unknown:
+            raise ConfigError(f"unknown config option(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+def _section_types() -> dict[str, type]:
+    return {"vad": VadConfig, "stt": SttConfig, "llm": LlmConfig, "tts": TtsConfig}
+
+
+def _coerce(owner: type, f: dataclasses.Field, raw: str, key: str) -> Any:
+    hint = typing.get_type_hints(owner)[f.name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if raw.strip().lower() in ("", "none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return hint(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r} is not a valid {hint.__name__}") from None

@@ -1,0 +1,120 @@
+"""Events the pipeline emits.
+
+Every event is a frozen dataclass with a ``type`` and a monotonic timestamp ``t`` (seconds
+since the pipeline started). Views (terminal, web, ``--json``) consume one stream of them.
+Serialization is generic (:func:`to_dict`), never hand-written per class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from shared.audio import Audio
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = "event"
+    t: float
+
+
+@dataclass(frozen=True)
+class MeterTick(Event):
+    """Levels of the last tick interval, before (``pre``) or after (``post``) the VAD."""
+
+    type: ClassVar[str] = "meter"
+    stage: Literal["pre", "post"]
+    peak_db: float
+    rms_db: float
+    audio_t: float  # position in the input stream (s)
+
+
+@dataclass(frozen=True)
+class SpeechStarted(Event):
+    type: ClassVar[str] = "speech_start"
+    audio_t: float
+
+
+@dataclass(frozen=True)
+class SpeechEnded(Event):
+    type: ClassVar[str] = "speech_end"
+    audio_t: float
+    start_t: float  # utterance start in the input stream (s), padding included
+    seconds: float
+    forced: bool = False  # True when the maximum utterance length flushed it
+
+
+@dataclass(frozen=True)
+class Transcript(Event):
+    type: ClassVar[str] = "transcript"
+    turn: int
+    text: str
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplyToken(Event):
+    type: ClassVar[str] = "reply_token"
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ReplyText(Event):
+    """The whole reply once generation finished (or was cancelled)."""
+
+    type: ClassVar[str] = "reply"
+    turn: int
+    text: str
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class ReplyAudio(Event):
+    type: ClassVar[str] = "reply_audio"
+    turn: int
+    text: str  # the sentence or clause this audio speaks
+    audio: Audio
+
+
+@dataclass(frozen=True)
+class TurnDone(Event):
+    """A turn's per-stage timings in seconds (keys: stt, llm_first_token, llm, tts_first,
+    first_audio = end of speech → first reply audio, total)."""
+
+    type: ClassVar[str] = "turn_done"
+    turn: int
+    engine: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    type: ClassVar[str] = "error"
+    message: str
+    turn: int | None = None
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """A JSON-ready dict: ``type`` first, audio summarized (seconds, rate, peak), floats rounded."""
+    out: dict[str, Any] = {"type": event.type}
+    for f in dataclasses.fields(event):
+        out[f.name] = _plain(getattr(event, f.name))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Audio):
+        peak = float(np.max(np.abs(value.samples))) if len(value) else 0.0
+        return {"seconds": round(value.seconds, 3), "sample_rate": value.sample_rate, "peak": round(peak, 4)}
+    if isinstance(value, float):
+        return None if math.isinf(value) or math.isnan(value) else round(value, 4)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
