@@ -64,6 +64,7 @@ class LlamaCppChat:
                 max_tokens=options.max_tokens,
                 temperature=options.temperature,
                 seed=options.seed,
+                repeat_penalty=options.repeat_penalty,
                 stop=list(options.stop) or None,
                 stream=True,
             )
@@ -127,6 +128,7 @@ class TransformersChat:
         kwargs = dict(
             **prompt,
             max_new_tokens=options.max_tokens,
+            repetition_penalty=options.repeat_penalty,
             do_sample=sampling,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_Cancelled()]),

@@ -77,27 +77,37 @@ def main(
 
 @app.command()
 def models(
-    download: bool = typer.Option(False, "--download", help="Fetch the hub defaults into the local cache."),
+    download: bool = typer.Option(False, "--download", help="Fetch hub models into the local cache."),
+    vad: Optional[str] = typer.Option(None, "--vad", help="Spec for the vad role (default: config)."),
+    stt: Optional[str] = typer.Option(None, "--stt", help="Spec for stt: path, pack alias, size or hub id."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Spec for llm: path, pack alias or hub id."),
+    tts: Optional[str] = typer.Option(None, "--tts", help="Spec for tts: path, pack alias or hub id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List each role's resolved model (source, path, size); --download pre-fetches hub models."""
+    """List each role's resolved model (source, path, size); --download pre-fetches hub models.
+
+    With --download, `auto` roles fetch their production hub default (the weights Modal bakes
+    into its images) so later runs work offline.
+    """
     from shared.models import HUB_DEFAULTS, ROLES, describe, resolve
 
     cfg = Config.load()
-    specs = {"vad": cfg.vad.model, "stt": cfg.stt.model, "llm": cfg.llm.model, "tts": cfg.tts.model}
+    given = {"vad": vad, "stt": stt, "llm": llm, "tts": tts}
+    configured = {"vad": cfg.vad.model, "stt": cfg.stt.model, "llm": cfg.llm.model, "tts": cfg.tts.model}
+    specs = {role: given[role] or configured[role] for role in ROLES}
+    if download:
+        specs = {r: HUB_DEFAULTS.get(r, s) if s == "auto" else s for r, s in specs.items()}
     rows, missing = [], 0
     for role in ROLES:
         try:
-            if download and role in HUB_DEFAULTS and specs[role] == "auto":
-                with err.status(f"downloading {HUB_DEFAULTS[role]}…"):
-                    resolve(role, HUB_DEFAULTS[role], download=True)
-            rows.append(describe(resolve(role, specs[role], download=download)))
+            with err.status(f"resolving {role} ({specs[role]})…"):
+                rows.append(describe(resolve(role, specs[role], download=download)))
         except MoiError as exc:
             missing += 1
             rows.append({"role": role, "error": str(exc)})
         except OSError as exc:  # network errors from the hub client
             missing += 1
-            rows.append({"role": role, "error": f"download failed: {exc}"})
+            rows.append({"role": role, "error": f"download of {specs[role]} failed: {_first_line(exc)}"})
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -109,6 +119,10 @@ def models(
                 table.add_row(r["role"], r["name"], r["source"], r["format"], f"{r['size_mb']} MB", r["path"])
         Console().print(table)
     raise typer.Exit(1 if missing else 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def run() -> None:

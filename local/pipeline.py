@@ -134,7 +134,9 @@ class Pipeline:
     def _chat(self, text: str, n: int, t0: float, timings: dict[str, float], clock: _Clock) -> Iterator[Event]:
         llm = self.cfg.llm
         self.thread.add_user(text)
-        options = ChatOptions(max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed)
+        options = ChatOptions(
+            max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed, repeat_penalty=llm.repeat_penalty
+        )
         sentences = SentenceStream(self.cfg.tts.first_clause_chars)
         reply: list[str] = []
         t_llm = clock()

@@ -133,17 +133,18 @@ def decode(source: str | Path | bytes, *, sample_rate: int = SPEECH_RATE, name: 
                 raise AudioError(f"{label}: holds no audio stream")
             stream = container.streams.audio[0]
             native_rate = stream.rate or stream.codec_context.sample_rate or 0
-            # Down-mix in FFmpeg and keep the native rate; soxr does the rate change.
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=native_rate or None)
+            # Planar float at the native rate and layout; channels are averaged here (FFmpeg's
+            # own down-mix scales by 1/sqrt(2) per channel and can clip) and soxr resamples.
+            resampler = av.AudioResampler(format="fltp", rate=native_rate or None)
             try:
                 for frame in container.decode(stream):
                     for out in resampler.resample(frame):
-                        chunks.append(out.to_ndarray().reshape(-1))
+                        chunks.append(out.to_ndarray().mean(axis=0))
             except av.error.InvalidDataError:
                 # A truncated file: keep what decoded, as FFmpeg itself does.
                 pass
             for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                chunks.append(out.to_ndarray().mean(axis=0))
     except AudioError:
         raise
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as exc:

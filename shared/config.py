@@ -54,6 +54,7 @@ class LlmConfig:
     )
     max_tokens: int = 64
     temperature: float = 0.0
+    repeat_penalty: float = 1.2  # the 135M model loops ("You can't miss it." ×8) without it
     max_turns: int = 6  # user+assistant pairs kept in the thread
     context: int = 2048
     threads: int = 0  # 0: all cores

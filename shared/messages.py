@@ -20,6 +20,7 @@ class ChatOptions:
     max_tokens: int = 64
     temperature: float = 0.0
     seed: int = 0
+    repeat_penalty: float = 1.2  # SmolLM2-135M loops at temperature 0 without it
     stop: tuple[str, ...] = ()
 
 

@@ -1,0 +1,74 @@
+"""Shared fixtures: the real audio handouts and the real offline models, loaded once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.audio import SPEECH_RATE, Audio, decode
+from shared.config import Config
+from shared.models import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+AUDIO = ROOT.parent / "shared" / "audio"
+
+
+def audio_file(name: str) -> Path:
+    path = AUDIO / name
+    if not path.exists():
+        pytest.fail(f"handout {path} is missing: tests need ../shared/audio beside the project")
+    return path
+
+
+def words(text: str) -> set[str]:
+    return {w.strip(".,!?;:'\"").lower() for w in text.split()} - {""}
+
+
+@pytest.fixture(scope="session")
+def speech60() -> Audio:
+    return decode(audio_file("speech_60s_16k.wav"))
+
+
+@pytest.fixture(scope="session")
+def clatter() -> Audio:
+    return decode(audio_file("speech_with_clatter_16k.wav"))
+
+
+@pytest.fixture(scope="session")
+def vad_model():
+    from local.vad import SileroVad
+
+    return SileroVad(resolve("vad").path)
+
+
+@pytest.fixture(scope="session")
+def runners():
+    from cloud.runners import Runners
+
+    return Runners(Config())
+
+
+@pytest.fixture(scope="session")
+def stt(runners):
+    return runners.stt
+
+
+@pytest.fixture(scope="session")
+def tts(runners):
+    return runners.tts
+
+
+@pytest.fixture(scope="session")
+def chat(runners):
+    return runners.chat
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def noise(rng: np.random.Generator, seconds: float, level: float = 0.1) -> Audio:
+    return Audio((rng.standard_normal(int(seconds * SPEECH_RATE)) * level).astype(np.float32), SPEECH_RATE)

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from cloud.stt import SpeechToText
+from shared.audio import SPEECH_RATE, Audio, decode
+from shared.config import SttConfig
+from shared.models import resolve
+from tests.conftest import audio_file, noise, words
+
+
+def test_gets_the_words_of_real_speech(stt, speech60):
+    result = stt.transcribe(speech60.slice(0, 19))
+    heard = words(result.text)
+    assert {"dublin", "answer", "start", "here", "political", "philosophy"} <= heard
+    assert result.language == "en"
+    assert result.segments and result.dropped == 0
+    ends = [s.end for s in result.segments]
+    assert ends == sorted(ends) and ends[-1] <= 19.0
+
+
+def test_word_timestamps_lie_inside_the_audio(stt, speech60):
+    clip = speech60.slice(0, 7)
+    result = stt.transcribe(clip, word_timestamps=True)
+    ws = [w for s in result.segments for w in s.words]
+    assert len(ws) >= 10
+    assert all(0 <= w.start <= w.end <= clip.seconds + 0.05 for w in ws)
+    assert [w.start for w in ws] == sorted(w.start for w in ws)
+    assert any("dublin" in w.word.lower() for w in ws)
+
+
+@pytest.mark.parametrize("span", [(0.0, 1.0), (1.0, 3.0), (10.6, 12.0), (12.0, 13.0), (21.2, 24.5)])
+def test_nothing_from_hum_clicks_and_silence(stt, clatter, span):
+    assert stt.transcribe(clatter.slice(*span)).text == ""
+
+
+def test_nothing_from_generated_noise(stt, rng):
+    for level in (0.01, 0.1, 0.4):
+        assert stt.transcribe(noise(rng, 3.0, level)).text == ""
+    assert stt.transcribe(Audio.silence(2.0)).text == ""
+    assert stt.transcribe(Audio(np.zeros(10, np.float32), SPEECH_RATE)).text == ""
+
+
+def test_other_rates_are_resampled(stt, speech60):
+    clip = speech60.slice(0, 7).resample(8000)
+    assert {"dublin", "answer"} <= words(stt.transcribe(clip).text)
+
+
+def test_prompt_fixes_a_product_name(stt):
+    audio = decode(audio_file("comfyui_hotword.mp3"))
+    plain = stt.transcribe(audio).text
+    hinted = stt.transcribe(audio, prompt="ComfyUI").text
+    assert "folder" in words(plain)
+    assert "comfyui" in hinted.lower()
+
+
+def test_language_option_on_an_english_only_model_does_not_fail(stt, speech60):
+    result = stt.transcribe(speech60.slice(0, 4), language="de")
+    assert "dublin" in words(result.text)
+
+
+@pytest.fixture(scope="module")
+def stt_base():
+    """Whisper base (multilingual), shipped in two PyPI parts (the dev extra installs them)."""
+    return SpeechToText(resolve("stt", "base"), SttConfig())
+
+
+def test_multilingual_model_detects_and_takes_a_language(stt_base, speech60):
+    clip = speech60.slice(0, 7)
+    auto = stt_base.transcribe(clip)
+    assert auto.language == "en" and {"dublin", "answer"} <= words(auto.text)
+    assert stt_base.transcribe(clip, language="de").language == "de"
+
+
+def test_opus_non_english_clip_gives_nothing_rather_than_junk(stt, stt_base):
+    """Whisper base scores this clip avg_logprob ~ -2.7 (junk such as "Огонение"); tiny.en
+    cannot read it at all. Both must return nothing."""
+    audio = decode(audio_file("speech_short.opus"))
+    assert stt.transcribe(audio).text == ""
+    result = stt_base.transcribe(audio, language="ru")
+    assert result.text == "" and result.language == "ru"

@@ -1,0 +1,55 @@
+import threading
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.text import SentenceStream, split_sentences
+from tests.conftest import words
+
+
+def test_kokoro_to_whisper_round_trip(tts, stt):
+    sentence = "Set a timer for five minutes, please."
+    audio = tts.synthesize(sentence)
+    assert audio.sample_rate == 24_000 and 1.0 < audio.seconds < 5.0
+    assert words(stt.transcribe(audio).text) >= {"set", "timer", "five", "minutes"}
+
+
+def test_speak_yields_per_sentence_first_clause_early(tts, stt):
+    text = "Well, I would not start from here. The weather is lovely today. Goodbye!"
+    pieces = list(tts.speak(text))
+    assert [p for p, _ in pieces] == ["Well, I would not start from here.", "The weather is lovely today.", "Goodbye!"]
+    heard = words(stt.transcribe(pieces[1][1]).text)
+    assert {"weather", "lovely", "today"} <= heard
+    long = "The answer that comes back, as you might expect, is rather long and winding."
+    first, *_ = list(tts.speak(long))
+    assert first[0] == "The answer that comes back,"
+
+
+def test_cancel_stops_speaking(tts):
+    cancel = threading.Event()
+    out = []
+    for piece, audio in tts.speak("One two three. Four five six. Seven eight nine.", cancel=cancel):
+        out.append(piece)
+        cancel.set()
+    assert out == ["One two three."]
+
+
+def test_voices_by_name(tts):
+    assert "jf_alpha" in tts.voices and "jm_kumo" in tts.voices
+    a = tts.synthesize("Hello there.", voice="jm_kumo")
+    b = tts.synthesize("Hello there.", voice="jf_alpha")
+    assert a.samples.shape != b.samples.shape or abs(a.samples - b.samples).max() > 0.01
+    with pytest.raises(ConfigError, match="unknown voice 'af_nope'"):
+        tts.synthesize("Hello.", voice="af_nope")
+
+
+def test_sentence_splitting_rules():
+    assert split_sentences("Dr. Smith paid 3.5 dollars! Really? Yes") == ["Dr. Smith paid 3.5 dollars!", "Really?", "Yes"]
+    assert split_sentences("  ") == []
+    assert split_sentences("Hi, there.") == ["Hi, there."]  # short: not cut
+    text = "Well, I wouldn't start from here, sonny. Go by train."
+    assert split_sentences(text) == ["Well, I wouldn't start from here,", "sonny.", "Go by train."]
+    stream, out = SentenceStream(), []
+    for token in text.replace(" ", " |").split("|"):
+        out += stream.feed(token)
+    assert out + stream.flush() == split_sentences(text)
