@@ -1,0 +1,64 @@
+import pytest
+
+from shared.config import Config, LlmConfig, VadConfig
+from shared.errors import ConfigError, ModelNotFound
+from shared.models import HUB_DEFAULTS, describe, resolve
+
+
+def test_auto_finds_the_shipped_packs():
+    found = {role: resolve(role) for role in ("vad", "stt", "llm", "tts")}
+    assert found["vad"].path.name == "silero_vad.onnx" and found["vad"].format == "onnx"
+    assert (found["stt"].path / "model.bin").exists() and found["stt"].format == "ctranslate2"
+    assert found["llm"].path.suffix == ".gguf" and found["llm"].format == "gguf"
+    assert found["tts"].format == "onnx" and found["tts"].extras["voices"].suffix == ".npz"
+    for model in found.values():
+        assert model.source.startswith("pack:")
+        assert describe(model)["size_mb"] > 1
+
+
+def test_a_local_path_is_taken_as_is(tmp_path):
+    model = resolve("llm", str(resolve("llm").path))
+    assert model.source == "path" and model.format == "gguf"
+    whisper = resolve("stt", str(resolve("stt").path))
+    assert whisper.source == "path" and whisper.format == "ctranslate2"
+
+
+def test_missing_things_name_the_fix(tmp_path):
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        resolve("stt", str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFound, match=r"moi models --download --llm"):
+        resolve("llm", "HuggingFaceTB/SmolLM2-1.7B-Instruct")  # not cached, and no network here
+    with pytest.raises(ModelNotFound, match="unknown model 'whisper-huge'"):
+        resolve("stt", "whisper-huge")
+    with pytest.raises(ModelNotFound, match="unknown model role"):
+        resolve("music")
+    bogus = tmp_path / "weights.bin"
+    bogus.write_bytes(b"x")
+    with pytest.raises(ModelNotFound, match=".gguf or .onnx"):
+        resolve("llm", str(bogus))
+    onnx = tmp_path / "kokoro.onnx"
+    onnx.write_bytes(b"x")
+    with pytest.raises(ModelNotFound, match="voices"):
+        resolve("tts", str(onnx))
+
+
+def test_hub_ids_stay_the_production_default():
+    assert HUB_DEFAULTS["stt"].startswith("Systran/faster-whisper")
+    assert HUB_DEFAULTS["llm"].startswith("HuggingFaceTB/SmolLM2")
+    assert HUB_DEFAULTS["tts"] == "hexgrad/Kokoro-82M"
+
+
+def test_config_layers_env_then_overrides():
+    cfg = Config.load(env={"MOI_LLM_MAX_TOKENS": "32", "MOI_VAD_THRESHOLD": "0.6", "MOI_STT_LANGUAGE": "none"})
+    assert cfg.llm.max_tokens == 32 and cfg.vad.threshold == 0.6 and cfg.stt.language is None
+    cfg = Config.load(env={"MOI_LLM_MAX_TOKENS": "32"}, llm__max_tokens=8, tick_ms=20)
+    assert cfg.llm.max_tokens == 8 and cfg.tick_ms == 20
+    assert Config.load(env={}) == Config() and Config().vad == VadConfig() and Config().llm == LlmConfig()
+    assert Config.load(env={"MOI_STT_WORD_TIMESTAMPS": "yes"}).stt.word_timestamps is True
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ConfigError, match="MOI_LLM_MAX_TOKENS='many' is not a valid int"):
+        Config.load(env={"MOI_LLM_MAX_TOKENS": "many"})
+    with pytest.raises(ConfigError, match="unknown config option"):
+        Config.load(env={}, llm__colour="red")
