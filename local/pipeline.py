@@ -24,6 +24,7 @@ from shared.errors import MoiError
 from shared.events import (
     ErrorEvent,
     Event,
+    FallbackUsed,
     MeterTick,
     ReplyAudio,
     ReplyText,
@@ -110,26 +111,30 @@ class Pipeline:
         n, t0 = self.turns, clock()
         timings: dict[str, float] = {}
         self.cancel.clear()
+        if hasattr(self.engine, "begin_turn"):
+            self.engine.begin_turn()
         try:
             transcription = self.engine.transcribe(utterance, language=self.cfg.stt.language)
             timings["stt"] = clock() - t0
             yield Transcript(clock(), n, transcription.text, transcription.language)
-            if not transcription.text or self.variant == "transcribe":
-                timings["total"] = clock() - t0
-                yield TurnDone(clock(), n, self.engine.name, timings)
-                return
-            if self.variant == "echo":
-                reply = transcription.text
-                yield ReplyText(clock(), n, reply)
-                yield from self._speak_all([reply], n, t0, timings, clock)
-            else:
+            if transcription.text and self.variant == "echo":
+                yield ReplyText(clock(), n, transcription.text)
+                yield from self._speak_all([transcription.text], n, t0, timings, clock)
+            elif transcription.text and self.variant == "chat":
                 yield from self._chat(transcription.text, n, t0, timings, clock)
             timings["total"] = clock() - t0
+            yield from self._fallback_notice(n, clock)
             yield TurnDone(clock(), n, self.engine.name, timings)
         except MoiError as exc:
             self.failures += 1
             self.thread.drop_last_user()
+            yield from self._fallback_notice(n, clock)
             yield ErrorEvent(clock(), str(exc), n)
+
+    def _fallback_notice(self, n: int, clock: _Clock) -> Iterator[Event]:
+        reasons = getattr(self.engine, "reasons", None)
+        if reasons:
+            yield FallbackUsed(clock(), n, self.engine.name, reasons[0])
 
     def _chat(self, text: str, n: int, t0: float, timings: dict[str, float], clock: _Clock) -> Iterator[Event]:
         llm = self.cfg.llm

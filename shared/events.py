@@ -93,6 +93,16 @@ class TurnDone(Event):
 
 
 @dataclass(frozen=True)
+class FallbackUsed(Event):
+    """The primary engine failed during this turn and the fallback answered (``remote → local``)."""
+
+    type: ClassVar[str] = "fallback"
+    turn: int
+    engine: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ErrorEvent(Event):
     type: ClassVar[str] = "error"
     message: str

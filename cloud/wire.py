@@ -1,0 +1,208 @@
+"""OpenAI's shapes on the wire: error bodies, transcription formats, chat chunks, streamed WAV.
+
+Pure functions over :mod:`shared.messages` types, so the HTTP app (:mod:`cloud.http`) stays
+about routing and threads.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from starlette.exceptions import HTTPException
+
+from shared.messages import Message, Transcription
+
+TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+SPEECH_FORMATS = ("wav", "pcm")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(HTTPException):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+    A starlette ``HTTPException`` so FastAPI re-raises it untouched even from body parsing.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(status, message)
+        self.message = message
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:  # noqa: A002
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# --- chat ----------------------------------------------------------------------------------
+
+
+def message_from_openai(i: int, raw: dict[str, Any]) -> Message:
+    """One OpenAI chat message (content a string or a list of text parts) as a :class:`Message`."""
+    role = ROLES.get(str(raw.get("role")))
+    if role is None:
+        raise ApiError(
+            400,
+            f"messages[{i}].role {raw.get('role')!r} is not supported: use system, user or assistant",
+            param=f"messages[{i}].role",
+        )
+    content = raw.get("content")
+    if content is None:
+        content = ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(
+                    400,
+                    f"messages[{i}].content[{j}] of type {kind!r} is not supported: only text parts",
+                    param=f"messages[{i}].content[{j}]",
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise ApiError(
+            400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content"
+        )
+    return Message(role, content)  # type: ignore[arg-type]  # narrowed by ROLES
+
+
+def chat_chunk(
+    cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def chat_completion(cid: str, created: int, model: str, text: str, finish: str, tokens: int) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage(tokens),
+    }
+
+
+def usage(completion_tokens: int) -> dict[str, int]:
+    """Completion tokens are counted as streamed pieces; the prompt is not tokenized here."""
+    return {"prompt_tokens": 0, "completion_tokens": completion_tokens, "total_tokens": completion_tokens}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+# --- transcription -------------------------------------------------------------------------
+
+
+def timestamp(seconds: float, decimal: str) -> str:
+    """``HH:MM:SS,mmm`` (SRT, ``decimal=","``) or ``HH:MM:SS.mmm`` (WebVTT, ``"."``)."""
+    ms = max(0, round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{decimal}{ms:03d}"
+
+
+def _cues(tr: Transcription) -> list[tuple[float, float, str]]:
+    cues = []
+    for seg in tr.segments:
+        if not seg.text:
+            continue
+        start = max(seg.start, cues[-1][1] if cues else 0.0)  # cues never overlap or go back
+        cues.append((start, max(seg.end, start + 0.001), seg.text))
+    return cues
+
+
+def to_srt(tr: Transcription) -> str:
+    return "".join(
+        f"{i}\n{timestamp(a, ',')} --> {timestamp(b, ',')}\n{text}\n\n" for i, (a, b, text) in enumerate(_cues(tr), 1)
+    )
+
+
+def to_vtt(tr: Transcription) -> str:
+    return "WEBVTT\n\n" + "".join(f"{timestamp(a, '.')} --> {timestamp(b, '.')}\n{text}\n\n" for a, b, text in _cues(tr))
+
+
+def verbose_json(tr: Transcription, *, segments: bool = True, words: bool = False) -> dict[str, Any]:
+    """OpenAI's ``verbose_json``; ``language`` is the ISO code Whisper detected or was given."""
+    out: dict[str, Any] = {
+        "task": "transcribe",
+        "language": tr.language or "",
+        "duration": round(tr.duration, 3),
+        "text": tr.text,
+    }
+    if segments:
+        out["segments"] = [
+            {
+                "id": i,
+                "seek": 0,
+                "start": s.start,
+                "end": s.end,
+                "text": s.text,
+                "tokens": [],
+                "temperature": 0.0,
+                "avg_logprob": s.avg_logprob,
+                "compression_ratio": s.compression_ratio,
+                "no_speech_prob": s.no_speech_prob,
+            }
+            for i, s in enumerate(tr.segments)
+        ]
+    if words:
+        out["words"] = [
+            {"word": w.word.strip(), "start": round(w.start, 3), "end": round(w.end, 3)}
+            for s in tr.segments
+            for w in s.words
+        ]
+    return out
+
+
+# --- speech --------------------------------------------------------------------------------
+
+
+def wav_stream_header(sample_rate: int, channels: int = 1, bits: int = 16) -> bytes:
+    """A WAV header for a stream of unknown length: RIFF and data sizes are 0xFFFFFFFF.
+
+    Readers (FFmpeg, ``wave``, soundfile) take that as "read to the end of the stream".
+    """
+    block = channels * bits // 8
+    return (
+        b"RIFF"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block, block, bits)
+        + b"data"
+        + struct.pack("<I", 0xFFFFFFFF)
+    )
