@@ -146,7 +146,7 @@ class TextToSpeech:
         cancel: threading.Event | None = None,
     ) -> Iterator[tuple[str, Audio]]:
         """(piece, audio) for each sentence of ``text``; the first clause comes first."""
-        for piece in split_sentences(text, self.cfg.first_clause_chars):
+        for piece in split_sentences(text, self.cfg.first_clause_chars, self.cfg.first_words):
             if cancel is not None and cancel.is_set():
                 return
             yield piece, self.synthesize(piece, voice=voice, speed=speed)

@@ -142,7 +142,7 @@ class Pipeline:
         options = ChatOptions(
             max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed, repeat_penalty=llm.repeat_penalty
         )
-        sentences = SentenceStream(self.cfg.tts.first_clause_chars)
+        sentences = SentenceStream(self.cfg.tts.first_clause_chars, self.cfg.tts.first_words)
         reply: list[str] = []
         t_llm = clock()
         for token in self.engine.chat(self.thread.messages(), options=options, cancel=self.cancel):

@@ -88,10 +88,12 @@ class Segmenter:
 
     def reset(self) -> None:
         self.vad.reset()
-        # _buf holds stream samples from _buf_start on, preceded by CONTEXT samples of
-        # context, so each model input is one contiguous slice (no copy per window).
-        self._buf = np.zeros(CONTEXT, np.float32)
-        self._buf_start = 0  # stream index of _buf[CONTEXT]
+        # _store[:_len] holds stream samples from _buf_start on, preceded by CONTEXT samples
+        # of context, so each model input is one contiguous slice (no copy per window). It
+        # grows by doubling, so appending a chunk costs the chunk, not the utterance so far.
+        self._store = np.zeros(max(CONTEXT * 2, 1 << 16), np.float32)
+        self._len = CONTEXT
+        self._buf_start = 0  # stream index of _store[CONTEXT]
         self._next = 0  # stream index of the next window to run
         self._speaking = False
         self._start = 0  # first speech sample of the current utterance
@@ -113,9 +115,9 @@ class Segmenter:
             if chunk.sample_rate != SPEECH_RATE:
                 raise AudioError(f"the VAD takes {SPEECH_RATE} Hz audio, got {chunk.sample_rate} Hz: resample first")
             chunk = chunk.samples
-        self._buf = np.concatenate([self._buf, chunk.astype(np.float32, copy=False)])
+        self._append(chunk)
         events: list[SpeechStart | SpeechEnd] = []
-        buf, base = self._buf, self._buf_start - CONTEXT  # stream index of buf[0]
+        buf, base = self._store[: self._len], self._buf_start - CONTEXT  # stream index of buf[0]
         n_windows = (self._buf_start + len(buf) - CONTEXT - self._next) // WINDOW
         gate = np.zeros(n_windows, dtype=bool)
         probs = np.empty(n_windows, dtype=np.float32)
@@ -156,7 +158,7 @@ class Segmenter:
         """End of stream: close an utterance in progress."""
         if not self._speaking:
             return []
-        stream_end = self._buf_start + len(self._buf) - CONTEXT
+        stream_end = self._buf_start + self._len - CONTEXT
         return [self._finish(min(self._last_speech + self._post, stream_end), stream_end)]
 
     def _finish(self, audio_end: int, now: int, forced: bool = False) -> SpeechEnd:
@@ -168,7 +170,7 @@ class Segmenter:
         if speech < self._min_speech and not forced:
             return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, None)
         base = self._buf_start - CONTEXT
-        samples = self._buf[cut - base : audio_end - base].copy()
+        samples = self._store[cut - base : audio_end - base].copy()
         return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, Audio(samples, SPEECH_RATE), forced)
 
     def _trim(self) -> None:
@@ -176,6 +178,16 @@ class Segmenter:
         keep_from = self._cut if self._speaking else max(self._cut, self._next - self._pre)
         keep_from = min(keep_from, self._next)
         drop = keep_from - self._buf_start
-        if drop > 0:
-            self._buf = self._buf[drop:]
+        if drop > 0:  # shifts only what is kept: the pre-roll between utterances
+            self._store[: self._len - drop] = self._store[drop : self._len]
+            self._len -= drop
             self._buf_start = keep_from
+
+    def _append(self, chunk: np.ndarray) -> None:
+        need = self._len + len(chunk)
+        if need > len(self._store):
+            grown = np.zeros(max(need, 2 * len(self._store)), np.float32)
+            grown[: self._len] = self._store[: self._len]
+            self._store = grown
+        self._store[self._len : need] = chunk
+        self._len = need

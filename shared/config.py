@@ -69,6 +69,7 @@ class TtsConfig:
     speed: float = 1.0
     lang: str = "en-us"
     first_clause_chars: int = 24  # speak the first clause early when a sentence is longer
+    first_words: int = 6  # ...or, with no clause break, its first words (0: never cut mid-clause)
 
 
 @dataclass(frozen=True)

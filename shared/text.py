@@ -1,8 +1,9 @@
-"""Cutting reply text into speakable pieces: sentences, with the first clause early.
+"""Cutting reply text into speakable pieces: sentences, with the first piece early.
 
-TTS latency is paid per piece, so the first piece should be short: the first clause of the
-first sentence goes out on its own when the sentence is long. Works on a finished text
-(:func:`split_sentences`) and on a token stream (:class:`SentenceStream`).
+TTS latency is paid per piece, so the first piece should be short: when the first sentence is
+long, its first clause goes out on its own, or, with no clause break in sight, its first
+``first_words`` words. Works on a finished text (:func:`split_sentences`) and on a token
+stream (:class:`SentenceStream`); both cut the same text the same way.
 """
 
 from __future__ import annotations
@@ -14,75 +15,78 @@ import re
 _END = re.compile(r"""(?<=[.!?…])["')\]]*\s+""")
 _ABBREV = re.compile(r"(?:\b(?:mr|mrs|ms|dr|st|vs|etc|e\.g|i\.e|no|approx)|\b[A-Z])\.$", re.IGNORECASE)
 _CLAUSE = re.compile(r"(?<=[,;:—])\s+")
+_WORD = re.compile(r"\S+")
 
 
 def _sentence_cuts(text: str) -> list[int]:
     return [m.end() for m in _END.finditer(text) if not _ABBREV.search(text[: m.start()].rstrip("\"')]"))]
 
 
-def _clause_cut(text: str) -> re.Match[str] | None:
-    """The first clause break with at least two words before it."""
-    return next((m for m in _CLAUSE.finditer(text) if len(text[: m.start()].split()) >= 2), None)
+def _speakable(piece: str) -> bool:
+    return any(c.isalnum() for c in piece)
 
 
-def _first_clause(sentence: str, min_chars: int) -> list[str]:
-    if len(sentence) <= min_chars:
-        return [sentence]
-    m = _clause_cut(sentence)
-    if m is None or not sentence[m.end() :].strip():
-        return [sentence]
-    return [sentence[: m.start()].strip(), sentence[m.end() :].strip()]
+def _first_cut(text: str, min_chars: int, first_words: int, complete: bool) -> tuple[int, int] | None:
+    """Where the first piece of ``text`` ends and the rest begins, if it should be cut early.
+
+    ``complete``: ``text`` is all there is (else more tokens may follow).
+    """
+    cuts = _sentence_cuts(text)
+    end = cuts[0] if cuts else (len(text) if complete else None)
+    sentence = text[:end] if end is not None else text
+    if len(sentence.strip()) <= min_chars:
+        return None
+    longest = first_words + 3 if first_words > 0 else len(sentence)
+    for m in _CLAUSE.finditer(sentence):
+        n = len(sentence[: m.start()].split())
+        if n > longest:
+            break
+        if n >= 2 and (end is None or _speakable(sentence[m.end() :])):
+            return m.start(), m.end()
+    words = list(_WORD.finditer(sentence))
+    if first_words > 0 and len(words) > first_words + 2:  # a remainder worth its own piece
+        return words[first_words - 1].end(), words[first_words].start()
+    return None
 
 
-def split_sentences(text: str, first_clause_chars: int = 24) -> list[str]:
-    """Sentences of ``text``; the first one cut after its first clause when it is long."""
-    text = " ".join(text.split())
-    if not text:
-        return []
-    pieces, start = [], 0
-    for cut in _sentence_cuts(text):
-        pieces.append(text[start:cut].strip())
-        start = cut
-    if text[start:].strip():
-        pieces.append(text[start:].strip())
-    pieces = [p for p in pieces if any(c.isalnum() for c in p)]
-    if pieces and first_clause_chars > 0:
-        pieces = _first_clause(pieces[0], first_clause_chars) + pieces[1:]
-    return pieces
+def split_sentences(text: str, first_clause_chars: int = 24, first_words: int = 0) -> list[str]:
+    """Sentences of ``text``; the first one cut early when it is long."""
+    stream = SentenceStream(first_clause_chars, first_words)
+    return stream.feed(" ".join(text.split())) + stream.flush()
 
 
 class SentenceStream:
     """Feed tokens, get back each piece as soon as it is complete; ``flush`` the rest."""
 
-    def __init__(self, first_clause_chars: int = 24) -> None:
+    def __init__(self, first_clause_chars: int = 24, first_words: int = 0) -> None:
         self.first_clause_chars = first_clause_chars
+        self.first_words = first_words
         self._buf = ""
-        self._first = True
+        self._first = first_clause_chars > 0
 
     def feed(self, token: str) -> list[str]:
         self._buf += token
-        out: list[str] = []
-        if self._first and self.first_clause_chars > 0:
-            m = _clause_cut(self._buf)
-            cuts = _sentence_cuts(self._buf)
-            if m and (not cuts or m.start() < cuts[0]):
-                if len(self._buf) > self.first_clause_chars:
-                    out.append(self._buf[: m.start()].strip())
-                    self._buf = self._buf[m.end() :]
-                    self._first = False
-        cuts = _sentence_cuts(self._buf)
-        if cuts:
-            start = 0
-            for cut in cuts:
-                piece = self._buf[start:cut].strip()
-                if any(c.isalnum() for c in piece):
-                    out.append(piece)
-                start = cut
-            self._buf = self._buf[start:]
-        if out:
-            self._first = False
-        return out
+        return self._pieces(complete=False)
 
     def flush(self) -> list[str]:
+        out = self._pieces(complete=True)
         rest, self._buf = self._buf.strip(), ""
-        return [rest] if any(c.isalnum() for c in rest) else []
+        return out + ([rest] if _speakable(rest) else [])
+
+    def _pieces(self, complete: bool) -> list[str]:
+        out: list[str] = []
+        if self._first:
+            cut = _first_cut(self._buf, self.first_clause_chars, self.first_words, complete)
+            if cut is not None:
+                out.append(self._buf[: cut[0]].strip())
+                self._buf = self._buf[cut[1] :]
+                self._first = False
+        start = 0
+        for cut in _sentence_cuts(self._buf):
+            piece = self._buf[start:cut].strip()
+            if _speakable(piece):
+                out.append(piece)
+                self._first = False
+            start = cut
+        self._buf = self._buf[start:]
+        return out

@@ -43,6 +43,17 @@ def test_voices_by_name(tts):
         tts.synthesize("Hello.", voice="af_nope")
 
 
+def test_first_piece_is_cut_after_a_few_words_without_a_clause():
+    text = "Dublin is a city that is both beautiful and mysterious. Go by train."
+    assert split_sentences(text, 24, 6) == ["Dublin is a city that is", "both beautiful and mysterious.", "Go by train."]
+    assert split_sentences(text, 24, 0)[0] == "Dublin is a city that is both beautiful and mysterious."
+    assert split_sentences("Go there now, quickly. Then stop.", 24, 6) == ["Go there now, quickly.", "Then stop."]
+    stream, out = SentenceStream(24, 6), []
+    for token in text.replace(" ", " |").split("|"):
+        out += stream.feed(token)
+    assert out + stream.flush() == split_sentences(text, 24, 6)
+
+
 def test_sentence_splitting_rules():
     assert split_sentences("Dr. Smith paid 3.5 dollars! Really? Yes") == ["Dr. Smith paid 3.5 dollars!", "Really?", "Yes"]
     assert split_sentences("  ") == []
