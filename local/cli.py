@@ -35,18 +35,24 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _input_path(spec: str) -> Path:
-    if spec == "sample":
-        return SAMPLE
-    if spec == "mic":
-        raise MoiError("microphone input is not built yet (issue: Live); use --input FILE or --input sample")
-    return Path(spec)
+    return SAMPLE if spec == "sample" else Path(spec)
 
 
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
     local: bool = typer.Option(True, "--local/--remote", help="Run every model in this process (offline)."),
-    input: str = typer.Option("sample", "--input", "-i", help="Audio file to listen to, or 'sample' (bundled)."),
+    input: str = typer.Option("mic", "--input", "-i", help="mic, an audio file, or 'sample' (bundled)."),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", help="speaker or FILE.wav (default: speaker for mic input, none for files)."
+    ),
+    input_device: Optional[str] = typer.Option(None, "--input-device", help="Input device index or name."),
+    output_device: Optional[str] = typer.Option(None, "--output-device", help="Output device index or name."),
+    barge_in: str = typer.Option(
+        "half", "--barge-in", help="half: ignore the mic while moi speaks (laptop speakers); full: speech cuts in (headset)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only you:/moi: lines, no live view."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="Stop listening to the mic after this long."),
     pipeline: str = typer.Option("chat", "--pipeline", "-p", help="transcribe | echo | chat"),
     save_reply: Optional[Path] = typer.Option(None, "--save-reply", help="Write the spoken reply to this WAV."),
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
@@ -61,15 +67,34 @@ def main(
         return
     if not local:
         raise fail("--remote is not built yet (issue: Cloud); run with --local")
-    from local.run import run_file
+    from local.run import run_file, run_live
 
     try:
         cfg = Config.load(
             stt__language=language, tts__voice=voice, llm__max_tokens=max_tokens, llm__backend=llm_backend
         )
-        code = run_file(
-            _input_path(input), cfg, variant=pipeline, save_reply=save_reply, as_json=as_json, meters=meters
-        )
+        if output not in (None, "speaker") and not output.lower().endswith(".wav"):
+            raise MoiError(f"--output takes 'speaker' or a .wav path, not {output!r}")
+        if output not in (None, "speaker"):
+            save_reply = Path(output)
+        live = input == "mic" or output == "speaker"
+        if not live:
+            code = run_file(
+                _input_path(input), cfg, variant=pipeline, save_reply=save_reply, as_json=as_json, meters=meters
+            )
+        else:
+            from local.audio_io import MicSource, Player
+            from local.pipeline import file_source
+            from local.run import paced
+
+            if input == "mic":
+                source = MicSource(input_device, max_s=seconds).start()
+            else:
+                decode_check = _input_path(input)
+                source = paced(file_source(decode_check))
+            player = Player(output_device) if output in (None, "speaker") else None
+            mode = "json" if as_json else "quiet" if quiet else "view"
+            code = run_live(cfg, source, player, variant=pipeline, barge_in=barge_in, mode=mode, save_reply=save_reply)
     except MoiError as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(code)
@@ -119,6 +144,24 @@ def models(
                 table.add_row(r["role"], r["name"], r["source"], r["format"], f"{r['size_mb']} MB", r["path"])
         Console().print(table)
     raise typer.Exit(1 if missing else 0)
+
+
+@app.command()
+def devices() -> None:
+    """List audio devices with their channels and default rates (* marks the defaults)."""
+    from local.audio_io import list_devices
+
+    try:
+        found = list_devices()
+    except MoiError as exc:
+        raise fail(str(exc)) from None
+    table = Table("#", "name", "in", "out", "default rate", "default")
+    for d in found:
+        mark = " ".join(m for m, on in (("input", d.is_default_input), ("output", d.is_default_output)) if on)
+        table.add_row(str(d.index), d.name, str(d.inputs), str(d.outputs), f"{d.default_rate:.0f} Hz", mark)
+    Console().print(table)
+    if not found:
+        raise fail("no audio devices found (is PortAudio able to see a sound server?)", 1)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -49,7 +49,7 @@ def file_source(path: str | Path, chunk_s: float = 0.1) -> Iterator[Audio]:
 
 
 @dataclass
-class _Clock:
+class Clock:
     start: float
 
     def __call__(self) -> float:
@@ -79,7 +79,17 @@ class Pipeline:
         self.failures = 0
 
     def run(self, source: Iterable[Audio]) -> Iterator[Event]:
-        clock = _Clock(time.monotonic())
+        """The whole pipeline in this thread: each utterance's turn runs as it ends."""
+        clock = Clock(time.monotonic())
+        for item in self.listen(source, clock):
+            if isinstance(item, Audio):
+                yield from self.turn(item, clock)
+            else:
+                yield item
+
+    def listen(self, source: Iterable[Audio], clock: Clock | None = None) -> Iterator[Event | Audio]:
+        """The front half: meters and VAD events, and each utterance (an Audio) as it ends."""
+        clock = clock or Clock(time.monotonic())
         tick = SPEECH_RATE * self.cfg.tick_ms // 1000
         pre, post = LevelMeter(tick), LevelMeter(tick)
         self.segmenter.reset()
@@ -94,7 +104,7 @@ class Pipeline:
             yield from self._handle(vad_events, clock)
         yield from self._handle(self.segmenter.flush(), clock)
 
-    def _handle(self, vad_events: list[SpeechStart | SpeechEnd], clock: _Clock) -> Iterator[Event]:
+    def _handle(self, vad_events: list[SpeechStart | SpeechEnd], clock: Clock) -> Iterator[Event | Audio]:
         for ev in vad_events:
             if isinstance(ev, SpeechStart):
                 yield SpeechStarted(clock(), ev.at)
@@ -102,11 +112,11 @@ class Pipeline:
             seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
             yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced)
             if ev.audio is not None:
-                yield from self.turn(ev.audio, clock)
+                yield ev.audio
 
-    def turn(self, utterance: Audio, clock: _Clock | None = None) -> Iterator[Event]:
+    def turn(self, utterance: Audio, clock: Clock | None = None) -> Iterator[Event]:
         """One utterance through STT (→ LLM) (→ TTS); errors end the turn, not the run."""
-        clock = clock or _Clock(time.monotonic())
+        clock = clock or Clock(time.monotonic())
         self.turns += 1
         n, t0 = self.turns, clock()
         timings: dict[str, float] = {}
@@ -131,12 +141,12 @@ class Pipeline:
             yield from self._fallback_notice(n, clock)
             yield ErrorEvent(clock(), str(exc), n)
 
-    def _fallback_notice(self, n: int, clock: _Clock) -> Iterator[Event]:
+    def _fallback_notice(self, n: int, clock: Clock) -> Iterator[Event]:
         reasons = getattr(self.engine, "reasons", None)
         if reasons:
             yield FallbackUsed(clock(), n, self.engine.name, reasons[0])
 
-    def _chat(self, text: str, n: int, t0: float, timings: dict[str, float], clock: _Clock) -> Iterator[Event]:
+    def _chat(self, text: str, n: int, t0: float, timings: dict[str, float], clock: Clock) -> Iterator[Event]:
         llm = self.cfg.llm
         self.thread.add_user(text)
         options = ChatOptions(
@@ -161,7 +171,7 @@ class Pipeline:
         yield ReplyText(clock(), n, text_out, cancelled=self.cancel.is_set())
 
     def _speak_all(
-        self, pieces: list[str], n: int, t0: float, timings: dict[str, float], clock: _Clock
+        self, pieces: list[str], n: int, t0: float, timings: dict[str, float], clock: Clock
     ) -> Iterator[Event]:
         for piece in pieces:
             t = clock()

@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rich.console import Console
+from rich.live import Live
 
+from local.audio_io import Player
 from local.engine import LocalEngine
+from local.live import LiveSession
 from local.pipeline import Pipeline, file_source, reply_audio
+from local.view import KeyReader, ViewState, format_timings, render
 from local.vad import Segmenter, SileroVad
-from shared.audio import decode
+from shared.audio import Audio, decode
 from shared.config import Config
-from shared.events import ErrorEvent, Event, MeterTick, ReplyText, Transcript, TurnDone, to_dict
+from shared.events import (
+    ErrorEvent,
+    Event,
+    FallbackUsed,
+    MeterTick,
+    ReplyStopped,
+    ReplyText,
+    Transcript,
+    TurnDone,
+    to_dict,
+)
 from shared.models import resolve
 
 ROLES_FOR = {"transcribe": ("stt",), "echo": ("stt", "tts"), "chat": ("stt", "llm", "tts")}
-
-TIMING_LABELS = {
-    "stt": "stt",
-    "llm_first_token": "llm first token",
-    "llm": "llm",
-    "tts_first": "tts first piece",
-    "first_audio": "end of speech → first audio",
-    "total": "total",
-}
-
 
 def build(cfg: Config, variant: str, console: Console | None = None) -> Pipeline:
     """Resolve and load what ``variant`` needs, with a spinner while models load."""
@@ -39,10 +46,6 @@ def build(cfg: Config, variant: str, console: Console | None = None) -> Pipeline
     else:
         engine.warm(roles)
     return Pipeline(engine, Segmenter(vad, cfg.vad), cfg, variant)
-
-
-def format_timings(timings: dict[str, float]) -> str:
-    return " · ".join(f"{TIMING_LABELS.get(k, k)} {v:.2f}s" for k, v in timings.items())
 
 
 def run_file(
@@ -63,15 +66,7 @@ def run_file(
                 sys.stdout.write(json.dumps(to_dict(ev)) + "\n")
                 sys.stdout.flush()
             continue
-        if isinstance(ev, Transcript):
-            out.print(f"[bold cyan]you:[/] {ev.text or '[dim](nothing intelligible)[/]'}")
-        elif isinstance(ev, ReplyText):
-            suffix = " [dim](stopped)[/]" if ev.cancelled else ""
-            out.print(f"[bold magenta]moi:[/] {ev.text}{suffix}")
-        elif isinstance(ev, TurnDone):
-            out.print(f"     [dim]{ev.engine}: {format_timings(ev.timings)}[/]")
-        elif isinstance(ev, ErrorEvent):
-            err.print(f"[bold red]turn {ev.turn} failed:[/] {ev.message}")
+        _print_line(out, err, ev)
     if pipeline.turns == 0 and not as_json:
         err.print("[yellow]no speech found in the input[/]")
     if save_reply is not None:
@@ -83,3 +78,90 @@ def run_file(
             if not as_json:
                 err.print(f"reply audio ({audio.seconds:.1f} s) written to {save_reply}")
     return 1 if pipeline.failures else 0
+
+
+def paced(source: Iterable[Audio]) -> Iterator[Audio]:
+    """Deliver a file's chunks in real time, as a microphone would (demos with --output speaker)."""
+    start, sent = time.monotonic(), 0.0
+    for chunk in source:
+        sent += chunk.seconds
+        delay = start + sent - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield chunk
+
+
+def run_live(
+    cfg: Config, source: Iterable[Audio], player: Player | None, *, variant: str = "chat",
+    barge_in: str = "half", mode: str = "view", save_reply: Path | None = None,
+) -> int:
+    """Run a live session until the source ends or the user quits; ``mode``: view | quiet | json."""
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False, soft_wrap=True)
+    pipeline = build(cfg, variant, err if mode != "json" else None)
+    session = LiveSession(pipeline, source, player, barge_in=barge_in).start()
+    keys = KeyReader(session.stop_reply, session.close).start()
+    state = ViewState(width=max(20, min(100, out.width - 24)))
+    errors = 0
+
+    def drain(timeout: float) -> bool:
+        nonlocal errors
+        try:
+            ev = session.events.get(timeout=timeout)
+        except queue.Empty:
+            return True
+        if ev is None:
+            return False
+        errors += isinstance(ev, ErrorEvent)
+        if mode == "json":
+            if not isinstance(ev, MeterTick):
+                sys.stdout.write(json.dumps(to_dict(ev)) + "\n")
+                sys.stdout.flush()
+        elif mode == "quiet":
+            _print_line(out, err, ev)
+        else:
+            state.apply(ev)
+        return True
+
+    try:
+        if mode == "view":
+            with Live(render(state), console=out, refresh_per_second=15, transient=False) as live:
+                next_draw = 0.0
+                while drain(0.05):
+                    if time.monotonic() >= next_draw:  # throttled: at most ~15 redraws a second
+                        live.update(render(state))
+                        next_draw = time.monotonic() + 1 / 15
+                live.update(render(state))
+        else:
+            while drain(0.1):
+                pass
+        if player is not None:
+            player.wait(timeout=60)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        keys.close()
+        session.close()
+        if player is not None:
+            player.close()
+    if save_reply is not None:
+        audio = reply_audio(session.reply_audio)
+        if audio is not None:
+            audio.save_wav(save_reply)
+    return 1 if (pipeline.failures or errors) else 0
+
+
+def _print_line(out: Console, err: Console, ev: Event) -> None:
+    if isinstance(ev, Transcript):
+        out.print(f"[bold cyan]you:[/] {ev.text or '[dim](nothing intelligible)[/]'}")
+    elif isinstance(ev, ReplyText):
+        suffix = " [dim](stopped)[/]" if ev.cancelled else ""
+        out.print(f"[bold magenta]moi:[/] {ev.text}{suffix}")
+    elif isinstance(ev, TurnDone):
+        out.print(f"     [dim]{ev.engine}: {format_timings(ev.timings)}[/]")
+    elif isinstance(ev, FallbackUsed):
+        err.print(f"[yellow]{ev.engine}:[/] {ev.reason}")
+    elif isinstance(ev, ReplyStopped):
+        out.print(f"     [dim](stopped by {ev.reason})[/]")
+    elif isinstance(ev, ErrorEvent):
+        err.print(f"[bold red]{'turn ' + str(ev.turn) + ' failed' if ev.turn else 'error'}:[/] {ev.message}")

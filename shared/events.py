@@ -93,6 +93,28 @@ class TurnDone(Event):
 
 
 @dataclass(frozen=True)
+class ReplyStopped(Event):
+    """Playback and generation cut off: ``reason`` is "barge-in" or "stop"; ``latency`` is
+    the time from the trigger (speech onset seen / key pressed) to the speaker going quiet."""
+
+    type: ClassVar[str] = "stopped"
+    turn: int
+    reason: str
+    latency: float
+
+
+@dataclass(frozen=True)
+class Status(Event):
+    """Periodic state for live views: VAD state, whether moi is speaking, lost input blocks."""
+
+    type: ClassVar[str] = "status"
+    listening: bool
+    speaking: bool
+    engine: str
+    overflows: int = 0
+
+
+@dataclass(frozen=True)
 class FallbackUsed(Event):
     """The primary engine failed during this turn and the fallback answered (``remote → local``)."""
 

@@ -75,8 +75,8 @@ def test_bad_input_is_one_clear_line_and_a_nonzero_exit(tmp_path, make, message)
 def test_bad_options_exit_nonzero():
     r = moi("--input", "sample", "--pipeline", "karaoke")
     assert r.returncode == 2 and "unknown pipeline" in r.stderr
-    r = moi("--input", "mic")
-    assert r.returncode == 2 and "--input FILE" in r.stderr
+    r = moi("--input", "sample", "--output", "reply.mp3")
+    assert r.returncode == 2 and "--output takes 'speaker' or a .wav path" in r.stderr
     env_bad = subprocess.run(
         [sys.executable, "-m", "local.cli", "--input", "sample"], cwd=ROOT, capture_output=True, text=True,
         env={**os.environ, "MOI_LLM_MAX_TOKENS": "lots"},

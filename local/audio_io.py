@@ -1,0 +1,229 @@
+"""Sound in and out through PortAudio (sounddevice): the microphone and the speaker.
+
+Capture runs in sounddevice's callback, which only copies into a bounded queue; overflows
+(PortAudio's or ours) are counted, never silent. Playback takes :class:`Audio` of any rate,
+resamples it (soxr) to the device's rate, and can be stopped at once (barge-in, Stop).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.audio import SPEECH_RATE, Audio
+from shared.errors import AudioError
+
+BLOCK_S = 0.032  # one Silero window per callback at 16 kHz
+START_TIMEOUT_S = 10.0  # how long a just-opened input may take to deliver its first block
+
+
+def _sd():
+    try:
+        import sounddevice as sd
+    except OSError as exc:  # the PortAudio library itself is missing
+        raise AudioError(f"PortAudio is not installed ({exc}): install libportaudio2 / `brew install portaudio`") from exc
+    return sd
+
+
+def _device(spec: str | int | None, kind: str) -> int | str | None:
+    if spec in (None, "", "default"):
+        return None
+    if isinstance(spec, str) and spec.isdigit():
+        return int(spec)
+    return spec
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    inputs: int
+    outputs: int
+    default_rate: float
+    is_default_input: bool
+    is_default_output: bool
+
+
+def list_devices() -> list[DeviceInfo]:
+    sd = _sd()
+    try:
+        devices = sd.query_devices()
+        d_in, d_out = sd.default.device
+    except sd.PortAudioError as exc:
+        raise AudioError(f"cannot list audio devices: {exc}") from exc
+    return [
+        DeviceInfo(i, d["name"], d["max_input_channels"], d["max_output_channels"], d["default_samplerate"],
+                   i == d_in, i == d_out)
+        for i, d in enumerate(devices)
+    ]
+
+
+def _open_rate(sd, device, kind: str) -> int:  # noqa: ANN001
+    """16 kHz when the device takes it, else its own default rate (we resample)."""
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    try:
+        info = sd.query_devices(device, kind)
+    except (ValueError, sd.PortAudioError) as exc:
+        raise AudioError(f"no {kind} device {device!r}: {exc} (see `moi devices`)") from exc
+    if kind == "input" and info["max_input_channels"] < 1 or kind == "output" and info["max_output_channels"] < 1:
+        raise AudioError(f"device {info['name']!r} has no {kind} channels (see `moi devices`)")
+    for rate in ((SPEECH_RATE,) if kind == "input" else ()) + (int(info["default_samplerate"]), 48_000, 44_100):
+        try:
+            check(device=device, channels=1, samplerate=rate, dtype="float32")
+            return rate
+        except (ValueError, sd.PortAudioError):
+            continue
+    raise AudioError(f"{kind} device {info['name']!r} accepts none of the rates tried (16/44.1/48 kHz)")
+
+
+class MicSource:
+    """The microphone as an iterator of 16 kHz :class:`Audio` chunks.
+
+    ``overflows`` counts blocks lost (PortAudio reported an overflow, or our queue was full
+    because the consumer fell behind). A device that stops delivering for ``stall_s`` raises
+    :class:`AudioError` rather than hanging.
+    """
+
+    def __init__(
+        self, device: str | int | None = None, *, max_queue_s: float = 5.0, stall_s: float = 2.0,
+        max_s: float | None = None,
+    ) -> None:
+        self.sd = _sd()
+        self.device = _device(device, "input")
+        self.rate = _open_rate(self.sd, self.device, "input")
+        self.block = int(self.rate * BLOCK_S)
+        self._q: queue.Queue[np.ndarray] = queue.Queue(maxsize=max(4, int(max_queue_s / BLOCK_S)))
+        self.overflows = 0
+        self.stall_s = stall_s
+        self._stream = None
+        self._closed = threading.Event()
+        self._error: str | None = None
+        self.max_s = max_s  # stop after this much audio (None: until closed)
+
+    def _callback(self, indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
+        if status.input_overflow:
+            self.overflows += 1
+        try:
+            self._q.put_nowait(indata[:, 0].copy())
+        except queue.Full:
+            self.overflows += 1
+
+    def _finished(self) -> None:
+        if not self._closed.is_set():
+            self._error = "the input device stopped (unplugged?)"
+
+    def start(self) -> MicSource:
+        try:
+            self._stream = self.sd.InputStream(
+                device=self.device, channels=1, samplerate=self.rate, blocksize=self.block, dtype="float32",
+                callback=self._callback, finished_callback=self._finished,
+            )
+            self._stream.start()
+        except self.sd.PortAudioError as exc:
+            raise AudioError(f"cannot open the microphone: {exc}") from exc
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._stream is not None:
+            try:
+                self._stream.abort()
+                self._stream.close()
+            except self.sd.PortAudioError:
+                pass  # already gone with its device
+            self._stream = None
+
+    def __iter__(self) -> Iterator[Audio]:
+        if self._stream is None:
+            self.start()
+        resampler = None
+        if self.rate != SPEECH_RATE:
+            import soxr
+
+            resampler = soxr.ResampleStream(self.rate, SPEECH_RATE, 1, dtype="float32")
+        delivered = 0.0
+        while not self._closed.is_set() and (self.max_s is None or delivered < self.max_s):
+            # A sound server can take seconds to start a stream; after that, a gap is a stall.
+            wait = self.stall_s if delivered else max(self.stall_s, START_TIMEOUT_S)
+            try:
+                block = self._q.get(timeout=wait)
+            except queue.Empty:
+                if self._closed.is_set():
+                    return
+                raise AudioError(self._error or f"the microphone delivered nothing for {wait:.0f} s (unplugged?)")
+            delivered += len(block) / self.rate
+            if resampler is not None:
+                block = resampler.resample_chunk(block)
+            yield Audio(block, SPEECH_RATE)
+
+
+class Player:
+    """Plays :class:`Audio` on an output device; ``stop`` silences it at once.
+
+    Audio is resampled to the device rate on the way in; the PortAudio callback only copies
+    from a buffer. ``stopped_at`` is the monotonic time the last ``stop`` took effect.
+    """
+
+    def __init__(self, device: str | int | None = None) -> None:
+        self.sd = _sd()
+        self.device = _device(device, "output")
+        self.rate = _open_rate(self.sd, self.device, "output")
+        self._lock = threading.Lock()
+        self._buf = np.zeros(0, np.float32)
+        self._pos = 0
+        self.played_s = 0.0
+        self.stopped_at: float | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stream = self.sd.OutputStream(
+            device=self.device, channels=1, samplerate=self.rate, dtype="float32",
+            blocksize=int(self.rate * 0.02), latency="high", callback=self._callback,
+        )
+        self._stream.start()
+
+    def _callback(self, outdata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
+        with self._lock:
+            chunk = self._buf[self._pos : self._pos + frames]
+            self._pos += len(chunk)
+            if self._pos >= len(self._buf):
+                self._buf, self._pos = np.zeros(0, np.float32), 0
+                self._idle.set()
+        outdata[: len(chunk), 0] = chunk
+        outdata[len(chunk) :, 0] = 0.0
+        self.played_s += len(chunk) / self.rate
+
+    @property
+    def playing(self) -> bool:
+        return not self._idle.is_set()
+
+    def play(self, audio: Audio) -> None:
+        samples = audio.resample(self.rate).samples
+        with self._lock:
+            self._buf = np.concatenate([self._buf[self._pos :], samples])
+            self._pos = 0
+            if len(self._buf):
+                self._idle.clear()
+
+    def stop(self) -> None:
+        with self._lock:
+            was_playing = len(self._buf) > self._pos
+            self._buf, self._pos = np.zeros(0, np.float32), 0
+            self._idle.set()
+        if was_playing:
+            self.stopped_at = time.monotonic()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            self._stream.abort()
+            self._stream.close()
+        except self.sd.PortAudioError:
+            pass

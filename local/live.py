@@ -1,0 +1,142 @@
+"""A live conversation: microphone in, speaker out, barge-in and Stop.
+
+Three threads: capture (source → meters → VAD, never blocked by the models), a turn worker
+(STT → LLM → TTS, handing each reply piece to the player as soon as it exists), and the
+caller's, which reads :attr:`LiveSession.events` to draw a view.
+
+Barge-in modes, because a laptop's microphone hears its own speaker:
+- ``half`` (default, safe on laptop speakers): half-duplex. While moi is answering, the
+  microphone's speech is shown but not acted on, so moi's own voice never starts a turn or
+  cuts itself off. Stop (key or button) still cuts the reply.
+- ``full`` (headsets): speech from the user while moi answers stops playback at once, cancels
+  the rest of the reply (LLM generation and pending TTS), and becomes the next turn.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable
+
+from local.audio_io import Player
+from local.pipeline import Clock, Pipeline
+from shared.audio import Audio
+from shared.errors import MoiError
+from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechStarted, Status
+
+BARGE_IN_MODES = ("half", "full")
+
+
+class LiveSession:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        source: Iterable[Audio],
+        player: Player | None = None,
+        *,
+        barge_in: str = "half",
+        status_every_s: float = 0.1,
+    ) -> None:
+        if barge_in not in BARGE_IN_MODES:
+            raise MoiError(f"unknown barge-in mode {barge_in!r}: use half (speakers) or full (headset)")
+        self.pipeline = pipeline
+        self.source = source
+        self.player = player
+        self.barge_in = barge_in
+        self.status_every_s = status_every_s
+        self.events: queue.Queue[Event | None] = queue.Queue()  # None: the session ended
+        self.clock = Clock(time.monotonic())
+        self.reply_audio: list[ReplyAudio] = []
+        self._utterances: queue.Queue[Audio | None] = queue.Queue()
+        self._busy = threading.Event()  # a turn is being answered (or its audio played)
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._turn = 0
+
+    # --- control -----------------------------------------------------------------------
+
+    @property
+    def answering(self) -> bool:
+        return self._busy.is_set() or (self.player is not None and self.player.playing)
+
+    def stop_reply(self, reason: str = "stop", trigger: float | None = None) -> None:
+        """Cut the current reply: playback now, generation and pending TTS at the next step."""
+        if not self.answering:
+            return
+        trigger = trigger if trigger is not None else time.monotonic()
+        self.pipeline.cancel.set()
+        if self.player is not None:
+            self.player.stop()
+        self.events.put(ReplyStopped(self.clock(), self._turn, reason, time.monotonic() - trigger))
+
+    def start(self) -> LiveSession:
+        for target, name in ((self._capture, "moi-capture"), (self._answer, "moi-turns")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def close(self) -> None:
+        self._done.set()
+        self.pipeline.cancel.set()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+        if self.player is not None:
+            self.player.stop()
+        self._utterances.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    # --- threads -----------------------------------------------------------------------
+
+    def _capture(self) -> None:
+        next_status = 0.0
+        try:
+            for item in self.pipeline.listen(self.source, self.clock):
+                if self._done.is_set():
+                    break
+                if isinstance(item, Audio):
+                    if self.answering and self.barge_in == "half":
+                        continue  # moi's own voice, or speech over it: shown, not acted on
+                    self._utterances.put(item)
+                    continue
+                if isinstance(item, SpeechStarted) and self.answering and self.barge_in == "full":
+                    self.stop_reply("barge-in", trigger=time.monotonic())
+                self.events.put(item)
+                if self.clock() >= next_status:
+                    next_status = self.clock() + self.status_every_s
+                    self.events.put(self._status())
+        except MoiError as exc:  # the device went away, or similar: say so and end
+            self.events.put(ErrorEvent(self.clock(), str(exc)))
+        finally:
+            self._done.set()
+            self._utterances.put(None)
+
+    def _answer(self) -> None:
+        while True:
+            utterance = self._utterances.get()
+            if utterance is None:
+                break
+            self._busy.set()
+            try:
+                self._turn = self.pipeline.turns + 1
+                for ev in self.pipeline.turn(utterance, self.clock):
+                    if isinstance(ev, ReplyAudio):
+                        self.reply_audio.append(ev)
+                        if self.player is not None and not self.pipeline.cancel.is_set():
+                            self.player.play(ev.audio)
+                    self.events.put(ev)
+                    if self._done.is_set():
+                        break
+            finally:
+                self._busy.clear()
+        self.events.put(None)
+
+    def _status(self) -> Status:
+        overflows = getattr(self.source, "overflows", 0)
+        return Status(self.clock(), self.pipeline.segmenter.speaking, self.answering, self.pipeline.engine.name, overflows)

@@ -1,0 +1,237 @@
+"""The live path on a real PortAudio stack: PulseAudio null sinks as microphone and speaker."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from local.audio_io import MicSource, Player, list_devices
+from local.engine import LocalEngine
+from local.live import LiveSession
+from local.pipeline import Pipeline
+from local.vad import Segmenter
+from shared.audio import Audio, decode
+from shared.config import Config
+from shared.errors import AudioError, MoiError
+from shared.events import ErrorEvent, ReplyAudio, ReplyStopped, ReplyText, ReplyToken, Transcript, TurnDone
+from tests import pulse
+from tests.conftest import ROOT, audio_file, words
+
+CFG = Config.load(env={}, llm__max_tokens=40)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sound_server():
+    pulse.start()
+    yield
+    pulse.start()  # leave it running for whoever comes next (a test may have killed it)
+
+
+@pytest.fixture(scope="module")
+def engine(runners):
+    return LocalEngine(CFG, runners)
+
+
+@pytest.fixture(scope="module")
+def question(tmp_path_factory, speech60):
+    """0.5 s of silence, then "and says, how do I get to Dublin?" (~2.2 s), then silence."""
+    path = tmp_path_factory.mktemp("live") / "question.wav"
+    Audio.concat([Audio.silence(0.5), speech60.slice(0.0, 2.3), Audio.silence(1.5)]).save_wav(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_line(tmp_path_factory, speech60):
+    """A long utterance (~4.5 s) whose echo keeps moi talking for a while."""
+    path = tmp_path_factory.mktemp("live") / "long.wav"
+    Audio.concat([Audio.silence(0.3), speech60.slice(2.4, 7.1), Audio.silence(1.2)]).save_wav(path)
+    return path
+
+
+def session(engine, vad_model, variant, player=None, barge_in="half", **mic):
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, variant)
+    return LiveSession(pipe, MicSource(**mic).start(), player, barge_in=barge_in).start()
+
+
+def collect(live, until, timeout=60.0):
+    """Events until ``until(events)`` is true (or the timeout); the session keeps running."""
+    events, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(events):
+        try:
+            ev = live.events.get(timeout=0.1)
+        except Exception:  # queue.Empty
+            continue
+        if ev is None:
+            break
+        events.append(ev)
+    return events
+
+
+def has(kind, **match):
+    return lambda events: any(isinstance(e, kind) and all(getattr(e, k) == v for k, v in match.items()) for e in events)
+
+
+def test_devices_are_listed():
+    found = list_devices()
+    assert any(d.inputs > 0 and d.is_default_input for d in found)
+    assert any(d.outputs > 0 and d.is_default_output for d in found)
+
+
+def test_virtual_microphone_to_transcript(engine, vad_model, question):
+    live = session(engine, vad_model, "transcribe")
+    try:
+        pulse.play(question).wait()
+        events = collect(live, has(Transcript))
+    finally:
+        live.close()
+    texts = [e.text for e in events if isinstance(e, Transcript)]
+    assert texts and {"dublin", "get"} <= words(texts[0]), [e for e in events if not hasattr(e, "rms_db")][:20]
+    assert live.source.overflows == 0
+
+
+def test_a_device_that_wants_another_rate_is_resampled(engine, vad_model, question, monkeypatch):
+    import local.audio_io as audio_io
+
+    monkeypatch.setattr(audio_io, "_open_rate", lambda sd, device, kind: 44_100)  # as if 16 kHz were refused
+    live = session(engine, vad_model, "transcribe")
+    try:
+        assert live.source.rate == 44_100
+        pulse.play(question).wait()
+        events = collect(live, has(Transcript))
+    finally:
+        live.close()
+    assert "dublin" in words(" ".join(e.text for e in events if isinstance(e, Transcript)))
+
+
+def test_reply_reaches_the_virtual_speaker(engine, vad_model, question, stt, tmp_path):
+    raw = tmp_path / "speaker.raw"
+    rec = pulse.record(raw)
+    player = Player()
+    live = session(engine, vad_model, "echo", player)
+    try:
+        pulse.play(question).wait()
+        events = collect(live, has(TurnDone))
+        assert any(isinstance(e, ReplyAudio) for e in events), [e for e in events if not hasattr(e, "rms_db")]
+        assert player.wait(timeout=20)
+        time.sleep(0.5)
+    finally:
+        live.close()
+        player.close()
+        rec.terminate()
+        rec.wait()
+    heard = Audio.from_pcm16(raw.read_bytes()[: len(raw.read_bytes()) // 2 * 2], 16_000)
+    assert heard.seconds > 1.0 and np.abs(heard.samples).max() > 0.05
+    text = stt.transcribe(heard).text
+    assert {"dublin", "get"} <= words(text), text  # moi's voice, through the speaker
+
+
+def test_barge_in_stops_playback_within_200ms_and_the_talk_goes_on(engine, vad_model, long_line, question):
+    player = Player()
+    live = session(engine, vad_model, "echo", player, barge_in="full")
+    try:
+        pulse.play(long_line).wait()
+        collect(live, has(ReplyAudio))
+        time.sleep(0.3)
+        assert player.playing
+        lead = 0.5  # the question file starts with this much silence
+        injected = time.monotonic()
+        pulse.play(question)
+        events = collect(live, has(ReplyStopped), timeout=10)
+        stop = [e for e in events if isinstance(e, ReplyStopped)]
+        assert stop and stop[0].reason == "barge-in"
+        assert player.stopped_at is not None
+        reaction = player.stopped_at - (injected + lead)
+        assert reaction < 0.2, f"playback stopped {reaction * 1000:.0f} ms after speech onset"
+        assert not player.playing
+        more = collect(live, lambda ev: sum(isinstance(e, Transcript) for e in ev) >= 1 and has(TurnDone)(ev))
+    finally:
+        live.close()
+        player.close()
+    transcripts = [e for e in more if isinstance(e, Transcript)]
+    assert transcripts and "dublin" in words(transcripts[-1].text)  # the interruption became the next turn
+
+
+def test_half_duplex_ignores_speech_while_moi_speaks(engine, vad_model, long_line, question):
+    player = Player()
+    live = session(engine, vad_model, "echo", player, barge_in="half")
+    try:
+        pulse.play(long_line).wait()
+        collect(live, has(ReplyAudio))
+        pulse.play(question).wait()
+        events = collect(live, lambda ev: False, timeout=3)
+    finally:
+        live.close()
+        player.close()
+    assert not any(isinstance(e, ReplyStopped) for e in events)
+    assert sum(isinstance(e, Transcript) for e in events) == 0  # no turn from speech over moi's voice
+
+
+def test_stop_cuts_the_reply_and_the_conversation_continues(engine, vad_model, question):
+    player = Player()
+    live = session(engine, vad_model, "chat", player)
+    try:
+        pulse.play(question).wait()
+        collect(live, has(ReplyToken))
+        pressed = time.monotonic()
+        live.stop_reply("stop")
+        assert not player.playing and (player.stopped_at is None or player.stopped_at - pressed < 0.2)
+        first = collect(live, has(TurnDone))
+        pulse.play(question).wait()
+        second = collect(live, lambda ev: has(TurnDone)(ev) and has(ReplyText, cancelled=False)(ev))
+    finally:
+        live.close()
+        player.close()
+    assert any(isinstance(e, ReplyStopped) and e.reason == "stop" for e in first)
+    assert any(isinstance(e, ReplyText) and e.cancelled for e in first)
+    done = [e for e in second if isinstance(e, ReplyText)]
+    assert done and not done[-1].cancelled and done[-1].text  # answered after the Stop
+    assert len(live.pipeline.thread.messages()) >= 3
+
+
+def test_no_input_device_is_a_clear_error():
+    with pytest.raises(AudioError, match="no input device 'no-such-mic'"):
+        MicSource("no-such-mic")
+    r = subprocess.run([sys.executable, "-m", "local.cli", "--input-device", "no-such-mic", "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no input device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_terminal_view_in_tmux(question):
+    if not shutil.which("tmux"):
+        pytest.fail("tmux is not installed: `apt-get install tmux`")
+    name = f"moi-test-{os.getpid()}"
+    cmd = f"cd {ROOT} && {sys.executable} -m local.cli --input mic --pipeline transcribe --seconds 8"
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "110", "-y", "30", cmd], check=True)
+    try:
+        time.sleep(4)  # models load
+        pulse.play(question).wait()
+        screen = ""
+        for _ in range(40):
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+            if "dublin" in screen.lower():
+                break
+            time.sleep(0.25)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+    assert "before VAD" in screen and "after VAD" in screen and "reply" in screen
+    assert "you:" in screen and "dublin" in screen.lower()
+    assert any(ch in screen for ch in "▂▃▄▅▆▇█")  # the meters drew levels
+
+
+def test_device_unplugged_mid_run_ends_cleanly(engine, vad_model):
+    live = session(engine, vad_model, "transcribe", stall_s=1.0)
+    try:
+        collect(live, lambda ev: len(ev) > 20, timeout=5)
+        pulse.stop()  # the sound server (and with it the device) goes away
+        started = time.monotonic()
+        events = collect(live, lambda ev: False, timeout=10)
+        assert time.monotonic() - started < 8  # no hang
+    finally:
+        live.close()
+        pulse.start()
+    errors = [e for e in events if isinstance(e, ErrorEvent)]
+    assert errors and ("unplugged" in errors[0].message or "stopped" in errors[0].message)
