@@ -11,7 +11,8 @@ from pathlib import Path
 
 from _common import SPEECH, console, median, show, verdict
 from local.pipeline import Pipeline, file_source
-from local.run import TIMING_LABELS, build
+from local.run import build
+from local.view import TIMING_LABELS
 from local.vad import SpeechEnd
 from shared.audio import Audio
 from shared.config import Config

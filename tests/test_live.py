@@ -235,3 +235,31 @@ def test_device_unplugged_mid_run_ends_cleanly(engine, vad_model):
         pulse.start()
     errors = [e for e in events if isinstance(e, ErrorEvent)]
     assert errors and ("unplugged" in errors[0].message or "stopped" in errors[0].message)
+
+
+def test_stop_key_in_the_terminal_view(long_line, tmp_path):
+    """Space in the live view stops the reply (the Stop key), seen on the rendered screen."""
+    name = f"moi-stop-{os.getpid()}"
+    cmd = f"cd {ROOT} && {sys.executable} -m local.cli --input mic --pipeline echo --seconds 25"
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "110", "-y", "30", cmd], check=True)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+
+    try:
+        time.sleep(4)
+        pulse.play(long_line).wait()
+        for _ in range(80):  # until moi starts answering
+            if "speaking ●" in screen():
+                break
+            time.sleep(0.1)
+        subprocess.run(["tmux", "send-keys", "-t", name, "Space"], check=True)
+        shown = ""
+        for _ in range(40):
+            shown = screen()
+            if "stopped by stop" in shown:
+                break
+            time.sleep(0.1)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+    assert "stopped by stop" in shown, shown

@@ -1,0 +1,112 @@
+"""The live path on a real PortAudio stack: speech onset → VAD event, and barge-in reaction.
+
+Needs a sound server with a virtual microphone and speaker; this starts the PulseAudio
+null-sink pair the tests use (tests/pulse.py). Each trial plays speech into the virtual mic
+(0.5 s of silence, then speech) while moi's player is speaking, in full barge-in mode:
+
+- onset → speech_start: from the speech onset in the injected sound to the VAD event (the
+  whole mic path: sound server, PortAudio callback, queue, resampling, Silero);
+- onset → playback stopped: the barge-in reaction the user hears (target ≤ 200 ms).
+
+The onset is taken as the moment just before `paplay` starts plus the 0.5 s lead. paplay's
+start-up makes that late (figures look slower), while a null sink may hand audio to its monitor
+a little ahead of the wall clock (figures look faster): read them as the latency of our path
+from the sound server on, not of a physical microphone, which adds its own buffer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import SPEECH, console, median, show, verdict  # noqa: E402
+from local.audio_io import MicSource, Player  # noqa: E402
+from local.engine import LocalEngine  # noqa: E402
+from local.live import LiveSession  # noqa: E402
+from local.pipeline import Pipeline  # noqa: E402
+from local.vad import Segmenter, SileroVad  # noqa: E402
+from shared.audio import Audio, decode  # noqa: E402
+from shared.config import Config  # noqa: E402
+from shared.events import ReplyStopped, SpeechStarted  # noqa: E402
+from shared.models import resolve  # noqa: E402
+from tests import pulse  # noqa: E402
+
+LEAD_S = 0.5
+
+
+def trial(live: LiveSession, player: Player, reply: Audio, question: Path) -> tuple[float, float] | None:
+    while not live.events.empty():
+        live.events.get_nowait()
+    player.play(reply)
+    time.sleep(0.3)
+    injected = time.monotonic()
+    pulse.play(question)
+    onset = injected + LEAD_S
+    seen = stopped = None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (seen is None or stopped is None):
+        try:
+            ev = live.events.get(timeout=0.05)
+        except Exception:  # queue.Empty
+            continue
+        if isinstance(ev, SpeechStarted) and seen is None:
+            seen = time.monotonic()
+        elif isinstance(ev, ReplyStopped):
+            stopped = player.stopped_at
+    player.stop()
+    time.sleep(2.5)  # let the injected speech end and its utterance pass
+    if seen is None or stopped is None:
+        return None
+    return seen - onset, stopped - onset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=10)
+    args = ap.parse_args()
+
+    pulse.start()
+    cfg = Config.load()
+    speech = decode(SPEECH)
+    tmp = Path(tempfile.mkdtemp())
+    question = tmp / "question.wav"
+    Audio.concat([Audio.silence(LEAD_S), speech.slice(0.0, 2.3), Audio.silence(0.5)]).save_wav(question)
+    reply = speech.slice(20.0, 39.0)  # something long for moi to be saying
+
+    pipeline = Pipeline(LocalEngine(cfg), Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "transcribe")
+    player = Player()
+    live = LiveSession(pipeline, MicSource().start(), player, barge_in="full").start()
+    results = []
+    try:
+        time.sleep(1.0)
+        for i in range(args.trials):
+            got = trial(live, player, reply, question)
+            console.print(f"trial {i + 1}: " + ("missed" if got is None else f"vad {got[0] * 1000:.0f} ms, stop {got[1] * 1000:.0f} ms"))
+            if got is not None:
+                results.append(got)
+    finally:
+        live.close()
+        player.close()
+    if not results:
+        console.print("[red]no trial completed[/]")
+        raise SystemExit(1)
+    vad = [r[0] for r in results]
+    stop = [r[1] for r in results]
+    show(
+        f"Live path over {len(results)}/{args.trials} trials (PulseAudio null sinks, full barge-in)",
+        ["", "median", "min", "max"],
+        [
+            ["speech onset → speech_start (mic path + VAD)", f"{median(vad) * 1000:.0f} ms", f"{min(vad) * 1000:.0f} ms", f"{max(vad) * 1000:.0f} ms"],
+            ["speech onset → playback stopped (barge-in)", verdict(median(stop) * 1000, 200, " ms"), f"{min(stop) * 1000:.0f} ms", f"{max(stop) * 1000:.0f} ms"],
+        ],
+        caption="target: barge-in ≤ 200 ms · onset = paplay start + 0.5 s lead (see the docstring)",
+    )
+
+
+if __name__ == "__main__":
+    main()
