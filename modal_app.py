@@ -14,6 +14,7 @@ Deploy-time settings (environment of the `modal deploy` command): ``MOI_MODAL_GP
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 import modal
 
 from shared.audio import Audio
+from shared.errors import EngineError
 from shared.messages import ChatOptions, Message, Transcription
 from shared.models import HUB_DEFAULTS
 
@@ -178,8 +180,19 @@ class Speaker:
 # --- the gateway: CPU only, each model behind it scales on its own ----------------------------
 
 
+@contextlib.contextmanager
+def _modal_errors(what: str) -> Iterator[None]:
+    """Modal's failures (auth, not deployed, container errors, timeouts) as EngineError, so a
+    client's FallbackEngine answers the utterance locally."""
+    try:
+        yield
+    except modal.exception.Error as exc:
+        raise EngineError(f"{what} on Modal failed: {type(exc).__name__}: {exc}") from exc
+
+
 class ModalBackend:
-    """The HTTP app's backend over the deployed GPU classes (``cloud.http.Backend``)."""
+    """The HTTP app's backend over the GPU classes (``cloud.http.Backend``): in the deployed
+    gateway, and on a laptop with a Modal token through :meth:`deployed` (`moi --remote --url modal`)."""
 
     def __init__(self, transcriber=None, chatter=None, speaker=None) -> None:  # noqa: ANN001
         self.transcriber = transcriber or Transcriber()
@@ -187,26 +200,35 @@ class ModalBackend:
         self.speaker = speaker or Speaker()
         self._voices: list[str] | None = None
 
+    @classmethod
+    def deployed(cls, app_name: str = APP_NAME) -> ModalBackend:
+        """The classes of the deployed app, looked up by name (lazy: no network until a call)."""
+        return cls(*(modal.Cls.from_name(app_name, name)() for name in ("Transcriber", "Chatter", "Speaker")))
+
     def transcribe(self, audio: Audio, *, language=None, prompt=None, word_timestamps=False) -> Transcription:  # noqa: ANN001
         a = audio.resample(16_000)
-        return self.transcriber.transcribe.remote(a.to_pcm16(), 16_000, language, prompt, word_timestamps)
+        with _modal_errors("transcription"):
+            return self.transcriber.transcribe.remote(a.to_pcm16(), 16_000, language, prompt, word_timestamps)
 
     def chat(self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None = None) -> Iterator[str]:
         pairs = [(m.role, m.content) for m in messages]
-        for piece in self.chatter.chat.remote_gen(pairs, options.max_tokens, options.temperature):
-            if cancel is not None and cancel.is_set():
-                return
-            yield piece
+        with _modal_errors("chat"):
+            for piece in self.chatter.chat.remote_gen(pairs, options.max_tokens, options.temperature):
+                if cancel is not None and cancel.is_set():
+                    return
+                yield piece
 
     def speak(self, text: str, *, voice=None, speed=None, cancel=None) -> Iterator[tuple[str, Audio]]:  # noqa: ANN001
-        for piece, pcm, rate in self.speaker.speak.remote_gen(text, voice, speed):
-            if cancel is not None and cancel.is_set():
-                return
-            yield piece, Audio.from_pcm16(pcm, rate)
+        with _modal_errors("speech"):
+            for piece, pcm, rate in self.speaker.speak.remote_gen(text, voice, speed):
+                if cancel is not None and cancel.is_set():
+                    return
+                yield piece, Audio.from_pcm16(pcm, rate)
 
     def voices(self) -> list[str]:
         if self._voices is None:
-            self._voices = self.speaker.voices.remote()
+            with _modal_errors("voices"):
+                self._voices = self.speaker.voices.remote()
         return self._voices
 
     def models(self) -> list[dict]:

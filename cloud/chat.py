@@ -59,6 +59,9 @@ class LlamaCppChat:
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
         with self._lock:
+            # Re-evaluate the whole prompt: reusing a cached prefix changes the numerics enough
+            # to flip greedy choices, and the same thread must give the same reply every time.
+            self.llm.reset()
             chunks = self.llm.create_chat_completion(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
                 max_tokens=options.max_tokens,

@@ -10,12 +10,14 @@ import json
 import struct
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from shared.messages import Message, Transcription
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 SPEECH_FORMATS = ("wav", "pcm")
+PCM_TYPES = frozenset({"audio/l16", "audio/pcm"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -30,11 +32,12 @@ class ApiError(HTTPException):
         status: int,
         message: str,
         *,
-        type: str | None = None,  # noqa: A002 - OpenAI's field name
+        type: str | None = None,  # OpenAI's field name
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(status, message)
+        super().__init__(status, message, headers)
         self.message = message
         self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
         self.param = param
@@ -44,8 +47,52 @@ class ApiError(HTTPException):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:  # noqa: A002
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = "moi"
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream_options: dict[str, Any] | None = None
+
+
+class SpeechBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = "moi"
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str | None = None  # None or "auto": the backend's default
+    response_format: str = "wav"
+    speed: float | None = Field(None, ge=0.25, le=4.0)
+    stream_format: str | None = None
+
+
+def pcm_rate(content_type: str) -> int | None:
+    """The rate of raw PCM (``audio/L16;rate=16000``, default 16000), or None for other types.
+
+    moi's raw PCM is little-endian signed 16-bit mono, as :meth:`Audio.to_pcm16` writes it.
+    """
+    kind, *params = [p.strip().lower() for p in content_type.split(";")]
+    if kind not in PCM_TYPES:
+        return None
+    opts = dict(p.split("=", 1) for p in params if "=" in p)
+    if opts.get("channels", "1") != "1":
+        raise ApiError(400, "raw PCM must be mono (channels=1)", param="audio")
+    rate = opts.get("rate", "16000")
+    if not rate.isdigit() or not 1000 <= int(rate) <= 192_000:
+        raise ApiError(400, f"raw PCM rate {rate!r} is not a sample rate in Hz", param="audio")
+    return int(rate)
 
 
 # --- chat ----------------------------------------------------------------------------------
@@ -66,7 +113,11 @@ def message_from_openai(i: int, raw: dict[str, Any]) -> Message:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(
                     400,
@@ -77,7 +128,9 @@ def message_from_openai(i: int, raw: dict[str, Any]) -> Message:
         content = "".join(texts)
     if not isinstance(content, str):
         raise ApiError(
-            400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content"
+            400,
+            f"messages[{i}].content must be a string or a list of text parts",
+            param=f"messages[{i}].content",
         )
     return Message(role, content)  # type: ignore[arg-type]  # narrowed by ROLES
 
@@ -95,7 +148,9 @@ def chat_chunk(
     }
 
 
-def chat_completion(cid: str, created: int, model: str, text: str, finish: str, tokens: int) -> dict[str, Any]:
+def chat_completion(
+    cid: str, created: int, model: str, text: str, finish: str, tokens: int
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
@@ -148,12 +203,15 @@ def _cues(tr: Transcription) -> list[tuple[float, float, str]]:
 
 def to_srt(tr: Transcription) -> str:
     return "".join(
-        f"{i}\n{timestamp(a, ',')} --> {timestamp(b, ',')}\n{text}\n\n" for i, (a, b, text) in enumerate(_cues(tr), 1)
+        f"{i}\n{timestamp(a, ',')} --> {timestamp(b, ',')}\n{text}\n\n"
+        for i, (a, b, text) in enumerate(_cues(tr), 1)
     )
 
 
 def to_vtt(tr: Transcription) -> str:
-    return "WEBVTT\n\n" + "".join(f"{timestamp(a, '.')} --> {timestamp(b, '.')}\n{text}\n\n" for a, b, text in _cues(tr))
+    return "WEBVTT\n\n" + "".join(
+        f"{timestamp(a, '.')} --> {timestamp(b, '.')}\n{text}\n\n" for a, b, text in _cues(tr)
+    )
 
 
 def verbose_json(tr: Transcription, *, segments: bool = True, words: bool = False) -> dict[str, Any]:

@@ -41,7 +41,14 @@ def _input_path(spec: str) -> Path:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    local: bool = typer.Option(True, "--local/--remote", help="Run every model in this process (offline)."),
+    local: bool = typer.Option(
+        True, "--local/--remote", help="Models in this process (offline), or on a gateway (--url) with local fallback."
+    ),
+    url: Optional[str] = typer.Option(
+        None, "--url", envvar="MOI_REMOTE_URL", help="--remote: gateway URL (Modal, `moi serve`), or 'modal' for the SDK."
+    ),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key."),
+    fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails."),
     input: str = typer.Option("mic", "--input", "-i", help="mic, an audio file, or 'sample' (bundled)."),
     output: Optional[str] = typer.Option(
         None, "--output", "-o", help="speaker or FILE.wav (default: speaker for mic input, none for files)."
@@ -65,8 +72,6 @@ def main(
     """Listen to INPUT, cut it into utterances, and answer each one."""
     if ctx.invoked_subcommand is not None:
         return
-    if not local:
-        raise fail("--remote is not built yet (issue: Cloud); run with --local")
     from local.run import run_file, run_live
 
     try:
@@ -77,10 +82,12 @@ def main(
             raise MoiError(f"--output takes 'speaker' or a .wav path, not {output!r}")
         if output not in (None, "speaker"):
             save_reply = Path(output)
+        engine = None if local else _remote_engine(cfg, url, api_key, fallback)
         live = input == "mic" or output == "speaker"
         if not live:
             code = run_file(
-                _input_path(input), cfg, variant=pipeline, save_reply=save_reply, as_json=as_json, meters=meters
+                _input_path(input), cfg, variant=pipeline, save_reply=save_reply, as_json=as_json, meters=meters,
+                engine=engine,
             )
         else:
             from local.audio_io import MicSource, Player
@@ -94,7 +101,9 @@ def main(
                 source = paced(file_source(decode_check))
             player = Player(output_device) if output in (None, "speaker") else None
             mode = "json" if as_json else "quiet" if quiet else "view"
-            code = run_live(cfg, source, player, variant=pipeline, barge_in=barge_in, mode=mode, save_reply=save_reply)
+            code = run_live(
+                cfg, source, player, variant=pipeline, barge_in=barge_in, mode=mode, save_reply=save_reply, engine=engine
+            )
     except MoiError as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(code)
@@ -144,6 +153,50 @@ def models(
                 table.add_row(r["role"], r["name"], r["source"], r["format"], f"{r['size_mb']} MB", r["path"])
         Console().print(table)
     raise typer.Exit(1 if missing else 0)
+
+
+def _remote_engine(cfg: Config, url: str | None, api_key: str | None, fallback: bool):  # noqa: ANN202
+    from local.engine import BackendEngine, LocalEngine
+    from local.remote import FallbackEngine, RemoteConfig, RemoteEngine
+
+    if not url:
+        raise MoiError("--remote needs a gateway: --url URL (or MOI_REMOTE_URL), or --url modal")
+    if url == "modal":
+        try:
+            from modal_app import ModalBackend
+        except ImportError as exc:
+            raise MoiError(f"--url modal needs the Modal SDK: pip install 'moi[modal]' ({exc})") from exc
+        primary = BackendEngine(ModalBackend.deployed(), "modal")
+    else:
+        if not url.startswith(("http://", "https://")):
+            raise MoiError(f"--url must be http(s)://… or 'modal', not {url!r}")
+        primary = RemoteEngine(RemoteConfig(url, api_key))
+    return FallbackEngine(primary, LocalEngine(cfg)) if fallback else primary
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="Require this bearer key."),
+    preload: bool = typer.Option(True, "--preload/--lazy", help="Load the models before accepting requests."),
+) -> None:
+    """Serve the OpenAI-compatible gateway over the in-process models (a home GPU box, a laptop)."""
+    import uvicorn
+
+    from cloud.http import RunnerBackend, create_app
+    from cloud.runners import Runners
+
+    try:
+        runners = Runners(Config.load())
+        if preload:
+            with err.status("loading stt, llm, tts models…"):
+                runners.warm()
+    except MoiError as exc:
+        raise fail(str(exc)) from None
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print("[yellow]warning:[/] serving beyond loopback with no --api-key: anyone who can reach it can use it")
+    uvicorn.run(create_app(RunnerBackend(runners), api_key=api_key), host=host, port=port, log_level="info")
 
 
 @app.command()

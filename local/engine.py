@@ -56,3 +56,26 @@ class LocalEngine:
     ) -> Iterator[Audio]:
         for _piece, audio in self.runners.tts.speak(text, voice=voice, cancel=cancel):
             yield audio
+
+
+class BackendEngine:
+    """The Engine protocol over a gateway ``Backend`` (``cloud.http.Backend``), e.g. the
+    deployed Modal classes through the Modal SDK (``modal_app.ModalBackend.deployed()``)."""
+
+    def __init__(self, backend, name: str = "modal") -> None:  # noqa: ANN001 - a cloud.http.Backend
+        self.backend = backend
+        self.name = name
+
+    def transcribe(self, audio: Audio, *, language: str | None = None) -> Transcription:
+        return self.backend.transcribe(audio, language=language, prompt=None, word_timestamps=False)
+
+    def chat(
+        self, thread: Sequence[Message], *, options: ChatOptions, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        return self.backend.chat(list(thread), options, cancel)
+
+    def speak(
+        self, text: str, *, voice: str | None = None, cancel: threading.Event | None = None
+    ) -> Iterator[Audio]:
+        for _piece, audio in self.backend.speak(text, voice=voice, speed=None, cancel=cancel):
+            yield audio

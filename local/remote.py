@@ -68,7 +68,8 @@ class RemoteEngine:
 
     def health(self) -> bool:
         try:
-            return self.client.get("/health", timeout=self.cfg.connect_timeout_s).is_success
+            root = str(self.client.base_url).rstrip("/").removesuffix("/v1")
+            return self.client.get(f"{root}/health", timeout=self.cfg.connect_timeout_s).is_success
         except httpx.HTTPError:
             return False
 

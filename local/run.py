@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 
 from local.audio_io import Player
-from local.engine import LocalEngine
+from local.engine import Engine, LocalEngine
 from local.live import LiveSession
 from local.pipeline import Pipeline, file_source, reply_audio
 from local.view import KeyReader, ViewState, format_timings, render
@@ -35,35 +35,38 @@ from shared.models import resolve
 
 ROLES_FOR = {"transcribe": ("stt",), "echo": ("stt", "tts"), "chat": ("stt", "llm", "tts")}
 
-def build(cfg: Config, variant: str, console: Console | None = None) -> Pipeline:
-    """Resolve and load what ``variant`` needs, with a spinner while models load."""
+def build(cfg: Config, variant: str, console: Console | None = None, engine: Engine | None = None) -> Pipeline:
+    """Resolve and load what ``variant`` needs (the local models, also as a fallback's), with a
+    spinner while they load. ``engine``: default the in-process LocalEngine."""
     vad = SileroVad(resolve("vad", cfg.vad.model).path)
-    engine = LocalEngine(cfg)
+    engine = engine or LocalEngine(cfg)
+    local = engine if isinstance(engine, LocalEngine) else getattr(engine, "fallback", None)
     roles = ROLES_FOR.get(variant, ())
-    if console is not None:
-        with console.status(f"loading {', '.join(roles)} models…"):
-            engine.warm(roles)
-    else:
-        engine.warm(roles)
+    if isinstance(local, LocalEngine):
+        if console is not None:
+            with console.status(f"loading {', '.join(roles)} models…"):
+                local.warm(roles)
+        else:
+            local.warm(roles)
     return Pipeline(engine, Segmenter(vad, cfg.vad), cfg, variant)
 
 
 def run_file(
     path: Path, cfg: Config, *, variant: str = "chat", save_reply: Path | None = None,
-    as_json: bool = False, meters: bool = True,
+    as_json: bool = False, meters: bool = True, engine: Engine | None = None,
 ) -> int:
     """Run ``variant`` over the file at ``path``; returns the process exit code."""
     decode(path)  # fail fast, before loading models, on a file that is not audio
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
-    pipeline = build(cfg, variant, None if as_json else err)
+    pipeline = build(cfg, variant, None if as_json else err, engine)
     events: list[Event] = []
     for ev in pipeline.run(file_source(path)):
         if not isinstance(ev, MeterTick):
             events.append(ev)
         if as_json:
             if meters or not isinstance(ev, MeterTick):
-                sys.stdout.write(json.dumps(to_dict(ev)) + "\n")
+                sys.stdout.write(json.dumps(to_dict(ev), ensure_ascii=False) + "\n")
                 sys.stdout.flush()
             continue
         _print_line(out, err, ev)
@@ -93,12 +96,12 @@ def paced(source: Iterable[Audio]) -> Iterator[Audio]:
 
 def run_live(
     cfg: Config, source: Iterable[Audio], player: Player | None, *, variant: str = "chat",
-    barge_in: str = "half", mode: str = "view", save_reply: Path | None = None,
+    barge_in: str = "half", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
 ) -> int:
     """Run a live session until the source ends or the user quits; ``mode``: view | quiet | json."""
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
-    pipeline = build(cfg, variant, err if mode != "json" else None)
+    pipeline = build(cfg, variant, err if mode != "json" else None, engine)
     session = LiveSession(pipeline, source, player, barge_in=barge_in).start()
     keys = KeyReader(session.stop_reply, session.close).start()
     state = ViewState(width=max(20, min(100, out.width - 24)))
@@ -115,7 +118,7 @@ def run_live(
         errors += isinstance(ev, ErrorEvent)
         if mode == "json":
             if not isinstance(ev, MeterTick):
-                sys.stdout.write(json.dumps(to_dict(ev)) + "\n")
+                sys.stdout.write(json.dumps(to_dict(ev), ensure_ascii=False) + "\n")
                 sys.stdout.flush()
         elif mode == "quiet":
             _print_line(out, err, ev)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +77,27 @@ def rng() -> np.random.Generator:
 
 def noise(rng: np.random.Generator, seconds: float, level: float = 0.1) -> Audio:
     return Audio((rng.standard_normal(int(seconds * SPEECH_RATE)) * level).astype(np.float32), SPEECH_RATE)
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """``app`` on uvicorn at 127.0.0.1:<free port> in a background thread, for the block's length."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -14,12 +14,12 @@ from local.engine import LocalEngine
 from local.live import LiveSession
 from local.pipeline import Pipeline
 from local.vad import Segmenter
-from shared.audio import Audio, decode
+from shared.audio import Audio
 from shared.config import Config
-from shared.errors import AudioError, MoiError
+from shared.errors import AudioError
 from shared.events import ErrorEvent, ReplyAudio, ReplyStopped, ReplyText, ReplyToken, Transcript, TurnDone
 from tests import pulse
-from tests.conftest import ROOT, audio_file, words
+from tests.conftest import ROOT, words
 
 CFG = Config.load(env={}, llm__max_tokens=40)
 

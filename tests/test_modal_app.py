@@ -9,7 +9,7 @@ import modal
 import pytest
 
 from shared.audio import Audio
-from tests.conftest import ROOT, audio_file, words
+from tests.conftest import ROOT, words
 
 modal_app = pytest.importorskip("modal_app")
 

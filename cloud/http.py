@@ -1,0 +1,384 @@
+"""The HTTP gateway: OpenAI-compatible endpoints plus ``/v1/turn``, over any :class:`Backend`.
+
+Stateless (the client owns the conversation) and Modal-free: ``create_app(RunnerBackend(
+runners))`` serves the in-process models; Modal wraps the same app around its own backend.
+
+The backend is blocking, so every call runs in a worker thread (:mod:`cloud.streams`). A
+stream's first item is awaited before the response starts, so failures up to then get a real
+status code; later ones are reported in-stream. A client that goes away mid-stream sets the
+request's cancel event, which stops generation between tokens and synthesis between sentences.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+
+from cloud.gate import Gate, any_error_handler, as_api_error, log
+from cloud.streams import END, Deadline, ThreadStream, in_thread, iterate
+from cloud.turn import SPEECH_OUT_RATE, TurnBody, TurnRequest, run_turn
+from cloud.wire import (
+    SPEECH_FORMATS,
+    TRANSCRIPTION_FORMATS,
+    ApiError,
+    ChatBody,
+    SpeechBody,
+    chat_chunk,
+    chat_completion,
+    message_from_openai,
+    pcm_rate,
+    sse,
+    to_srt,
+    to_vtt,
+    usage,
+    verbose_json,
+    wav_stream_header,
+)
+from shared.audio import Audio, decode
+from shared.errors import MoiError
+from shared.messages import ChatOptions, Message, Transcription
+from shared.wire import encode_frame
+
+if TYPE_CHECKING:
+    from cloud.runners import Runners
+
+DEFAULTS = ChatOptions()
+
+
+class Backend(Protocol):
+    """What the gateway serves. Blocking calls: the gateway runs them in threads."""
+
+    def transcribe(
+        self, audio: Audio, *, language: str | None, prompt: str | None, word_timestamps: bool
+    ) -> Transcription: ...
+
+    def chat(
+        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
+    ) -> Iterator[str]: ...
+
+    def speak(
+        self, text: str, *, voice: str | None, speed: float | None, cancel: threading.Event | None
+    ) -> Iterator[tuple[str, Audio]]: ...
+
+    def models(self) -> list[dict]: ...
+
+    def voices(self) -> list[str]: ...
+
+
+class RunnerBackend:
+    """The in-process models of one :class:`cloud.runners.Runners` as a :class:`Backend`."""
+
+    def __init__(self, runners: Runners) -> None:
+        self.runners = runners
+
+    def transcribe(
+        self, audio: Audio, *, language: str | None, prompt: str | None, word_timestamps: bool
+    ) -> Transcription:
+        return self.runners.stt.transcribe(
+            audio, language=language, prompt=prompt, word_timestamps=word_timestamps
+        )
+
+    def chat(
+        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        return self.runners.chat.stream(messages, options, cancel)
+
+    def speak(
+        self, text: str, *, voice: str | None, speed: float | None, cancel: threading.Event | None
+    ) -> Iterator[tuple[str, Audio]]:
+        return self.runners.tts.speak(text, voice=voice, speed=speed, cancel=cancel)
+
+    def models(self) -> list[dict]:
+        return [
+            {"id": self.runners.model(r).name, "role": r, "owned_by": "moi"} for r in ("stt", "llm", "tts")
+        ]
+
+    def voices(self) -> list[str]:
+        return list(self.runners.tts.voices)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 25 * 1024 * 1024  # any request body; OpenAI's limit for audio files
+    max_audio_seconds: float = 600.0  # /v1/audio/transcriptions
+    max_turn_seconds: float = 60.0  # /v1/turn: one utterance
+    request_timeout_s: float = 120.0  # the whole request, streams included → 504
+
+
+def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The gateway over ``backend``; with ``api_key`` set, every route but /health needs it."""
+    app = FastAPI(title="moi gateway", version="0.1.0")
+    app.add_middleware(Gate, api_key=api_key, max_body=limits.max_upload_bytes)
+    for exc_class in (HTTPException, MoiError, RequestValidationError):
+        app.add_exception_handler(exc_class, any_error_handler)
+    router = APIRouter(prefix="/v1")
+
+    def deadline(start: float | None = None) -> Deadline:
+        return Deadline(limits.request_timeout_s, start)
+
+    async def voice_or_default(until: Deadline, voice: str | None, param: str) -> str | None:
+        if not voice or voice == "auto":
+            return None
+        voices = await in_thread(until, backend.voices)
+        if voice not in voices:
+            raise ApiError(
+                400,
+                f"unknown voice {voice!r}; this server has: {', '.join(voices)}",
+                param=param,
+                code="invalid_voice",
+            )
+        return voice
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        found = await in_thread(deadline(), backend.models)
+        return {"object": "list", "data": [{"object": "model", "created": 0, **m} for m in found]}
+
+    @router.post("/audio/transcriptions")
+    async def transcriptions(request: Request) -> Response:
+        until = deadline()
+        form = await _form(request)
+        upload = _upload(form, "file")
+        fmt = _field(form, "response_format", "json")
+        if fmt not in TRANSCRIPTION_FORMATS:
+            raise ApiError(
+                400,
+                f"response_format {fmt!r}: use one of {', '.join(TRANSCRIPTION_FORMATS)}",
+                param="response_format",
+            )
+        grains = set(form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities"))
+        if grains - {"segment", "word"}:
+            raise ApiError(
+                400, "timestamp_granularities takes segment and/or word", param="timestamp_granularities"
+            )
+        if grains and fmt != "verbose_json":
+            raise ApiError(
+                400,
+                "timestamp_granularities needs response_format=verbose_json",
+                param="timestamp_granularities",
+            )
+        try:
+            float(_field(form, "temperature", "0"))  # accepted for compatibility; beam search decides
+        except ValueError:
+            raise ApiError(400, "temperature must be a number", param="temperature") from None
+        audio = await in_thread(until, decode, await upload.read(), name=upload.filename or "file")
+        _check_length(audio, limits.max_audio_seconds, "the audio", "file")
+        tr = await in_thread(
+            until,
+            backend.transcribe,
+            audio,
+            language=_field(form, "language"),
+            prompt=_field(form, "prompt"),
+            word_timestamps="word" in grains,
+        )
+        if fmt == "text":
+            return PlainTextResponse(tr.text + "\n")
+        if fmt == "srt":
+            return PlainTextResponse(to_srt(tr), media_type="application/x-subrip")
+        if fmt == "vtt":
+            return PlainTextResponse(to_vtt(tr), media_type="text/vtt")
+        if fmt == "verbose_json":
+            return JSONResponse(
+                verbose_json(tr, segments=not grains or "segment" in grains, words="word" in grains)
+            )
+        return JSONResponse({"text": tr.text})
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: ChatBody) -> Response:
+        until = deadline()
+        messages = [message_from_openai(i, m) for i, m in enumerate(body.messages)]
+        options = ChatOptions(
+            max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULTS.max_tokens,
+            temperature=DEFAULTS.temperature if body.temperature is None else body.temperature,
+            seed=DEFAULTS.seed if body.seed is None else body.seed,
+            stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+        )
+        cid, created, cancel = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), threading.Event()
+        stream = ThreadStream(iterate(lambda: backend.chat(messages, options, cancel)), cancel)
+        piece = await stream.first(until)
+
+        def finish(n: int) -> str:
+            return "length" if n >= options.max_tokens else "stop"
+
+        if not body.stream:
+            pieces = []
+            try:
+                while piece is not END:
+                    pieces.append(piece)
+                    piece = await stream.next(until)
+            finally:
+                cancel.set()
+            text = "".join(pieces)
+            return JSONResponse(
+                chat_completion(cid, created, body.model, text, finish(len(pieces)), len(pieces))
+            )
+
+        async def events(piece: Any) -> AsyncIterator[bytes]:
+            n = 0
+            try:
+                yield sse(chat_chunk(cid, created, body.model, {"role": "assistant", "content": ""}))
+                while piece is not END:
+                    n += 1
+                    yield sse(chat_chunk(cid, created, body.model, {"content": piece}))
+                    piece = await stream.next(until)
+                yield sse(chat_chunk(cid, created, body.model, {}, finish(n)))
+                if (body.stream_options or {}).get("include_usage"):
+                    yield sse({**chat_chunk(cid, created, body.model, {}), "choices": [], "usage": usage(n)})
+                yield sse("[DONE]")
+            except Exception as exc:  # noqa: BLE001 - headers are out: report it in-stream, as OpenAI does
+                yield sse(as_api_error(exc).body())
+            finally:
+                cancel.set()  # also on disconnect (CancelledError): stops generation
+
+        return StreamingResponse(
+            events(piece), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @router.post("/audio/speech")
+    async def speech(body: SpeechBody) -> Response:
+        until = deadline()
+        if body.response_format not in SPEECH_FORMATS:
+            raise ApiError(
+                400,
+                f"response_format {body.response_format!r} is not supported: use wav or pcm "
+                f"(PCM16 mono {SPEECH_OUT_RATE} Hz)",
+                param="response_format",
+                code="unsupported_format",
+            )
+        if body.stream_format not in (None, "audio"):
+            raise ApiError(400, "stream_format: only `audio` is supported", param="stream_format")
+        if not body.input.strip():
+            raise ApiError(400, "input is empty: send the text to speak", param="input")
+        voice = await voice_or_default(until, body.voice, "voice")
+        cancel = threading.Event()
+
+        def pcm(item: tuple[str, Audio]) -> bytes:  # in the stream's thread, off the event loop
+            return item[1].resample(SPEECH_OUT_RATE).to_pcm16()
+
+        make = partial(backend.speak, body.input, voice=voice, speed=body.speed, cancel=cancel)
+        stream = ThreadStream(iterate(make, pcm), cancel)
+        chunk = await stream.first(until)
+
+        async def audio(chunk: Any) -> AsyncIterator[bytes]:
+            try:
+                if body.response_format == "wav":
+                    yield wav_stream_header(SPEECH_OUT_RATE)
+                while chunk is not END:
+                    yield chunk
+                    chunk = await stream.next(until)
+            except Exception as exc:  # nowhere to say so inside audio: log it, and cut the connection
+                log.error("speech stream failed after its first sentence: %s", exc)
+                raise
+            finally:
+                cancel.set()
+
+        media = "audio/wav" if body.response_format == "wav" else f"audio/pcm;rate={SPEECH_OUT_RATE}"
+        return StreamingResponse(audio(chunk), media_type=media)
+
+    @router.post("/turn")
+    async def turn(request: Request) -> Response:
+        until = deadline()
+        form = await _form(request)
+        arrived = time.monotonic()  # the utterance is here: the turn's timings count from now
+        req = await _turn_request(form)
+        upload = _upload(form, "audio")
+        data = await upload.read()
+        rate = pcm_rate(upload.content_type or "")
+        if rate is not None:
+            audio = Audio.from_pcm16(data, rate)
+        else:
+            audio = await in_thread(until, decode, data, name=upload.filename or "audio")
+        _check_length(audio, limits.max_turn_seconds, "the utterance", "audio")
+        if req.variant != "transcribe":
+            voice = await voice_or_default(until, req.voice, "request.voice")
+            req = TurnRequest(req.messages, req.options, voice, req.language, req.variant)
+        cancel = threading.Event()
+        stream = ThreadStream(
+            lambda emit: run_turn(backend, audio, req, lambda h, p: emit((h, p)), cancel, arrived), cancel
+        )
+        frame = await stream.first(until)  # the transcript: an STT failure still gets a status code
+
+        async def frames(frame: Any) -> AsyncIterator[bytes]:
+            try:
+                while frame is not END:
+                    yield encode_frame(*frame)
+                    frame = await stream.next(until)
+            except Exception as exc:  # noqa: BLE001 - headers are out: an error frame ends the turn
+                err = as_api_error(exc)
+                yield encode_frame({"type": "error", "message": err.message, "code": err.code})
+            finally:
+                cancel.set()
+
+        return StreamingResponse(frames(frame), media_type="application/x-moi-frames")
+
+    app.include_router(router)
+    return app
+
+
+# --- request parsing -----------------------------------------------------------------------
+
+
+async def _form(request: Request) -> FormData:
+    return await request.form(max_files=4, max_fields=64)
+
+
+def _field(form: FormData, name: str, default: str | None = None) -> str | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise ApiError(400, f"`{name}` must be a form field, not a file", param=name)
+    return value
+
+
+def _upload(form: FormData, name: str) -> UploadFile:
+    value = form.get(name)
+    if not isinstance(value, UploadFile):
+        raise ApiError(400, f"send the audio as a multipart file field named `{name}`", param=name)
+    return value
+
+
+def _check_length(audio: Audio, limit: float, what: str, param: str) -> None:
+    if audio.seconds > limit:
+        raise ApiError(
+            400,
+            f"{what} is {audio.seconds:.1f} s long; the limit is {limit:g} s",
+            param=param,
+            code="audio_too_long",
+        )
+
+
+async def _turn_request(form: FormData) -> TurnRequest:
+    raw = form.get("request")
+    if isinstance(raw, UploadFile):
+        raw = (await raw.read()).decode("utf-8", errors="replace")
+    try:
+        body = TurnBody.model_validate_json(raw or "{}")
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        raise ApiError(400, f"bad `request` JSON: {problems}", param="request") from None
+    options = ChatOptions(
+        max_tokens=body.max_tokens or DEFAULTS.max_tokens,
+        temperature=DEFAULTS.temperature if body.temperature is None else body.temperature,
+    )
+    messages = tuple(message_from_openai(i, m) for i, m in enumerate(body.messages))
+    return TurnRequest(messages, options, body.voice, body.language, body.variant)
+
+
+__all__ = ["Backend", "Limits", "RunnerBackend", "create_app"]

@@ -1,0 +1,484 @@
+"""The HTTP gateway on the real models, served by uvicorn and driven by the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import srt
+import webvtt
+from openai import OpenAI
+
+from cloud.http import Limits, RunnerBackend, create_app
+from cloud.runners import Runners
+from cloud.wire import timestamp
+from shared.audio import Audio, decode
+from shared.errors import EngineError
+from shared.messages import ChatOptions, Message
+from shared.wire import FrameReader, encode_frame, read_frames
+from tests.conftest import audio_file, serve, words
+
+KEY = "test-key"
+TOKENS = 20  # keep generation short: the suite runs on two CPU cores
+
+
+class SpyBackend(RunnerBackend):
+    """The real runners; records each chat's cancel event and how many pieces it generated."""
+
+    def __init__(self, runners: Runners) -> None:
+        super().__init__(runners)
+        self.chats: list[tuple[threading.Event | None, list[int]]] = []
+
+    def chat(
+        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        generated = [0]
+        self.chats.append((cancel, generated))
+        for piece in super().chat(messages, options, cancel):
+            generated[0] += 1
+            yield piece
+
+
+@pytest.fixture(scope="module")
+def backend(runners) -> SpyBackend:
+    runners.warm()
+    return SpyBackend(runners)
+
+
+@pytest.fixture(scope="module")
+def url(backend) -> Iterator[str]:
+    with serve(create_app(backend, api_key=KEY)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def clip() -> Audio:
+    return decode(audio_file("speech_60s_16k.wav")).slice(0, 8)
+
+
+@pytest.fixture(scope="module")
+def clip_wav(clip) -> bytes:
+    return clip.to_wav()
+
+
+def error_of(exc: openai.APIStatusError) -> dict:
+    body = exc.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+# --- transcription -------------------------------------------------------------------------
+
+
+def test_transcription_json_and_text(client, clip_wav):
+    result = client.audio.transcriptions.create(model="whisper-1", file=("clip.wav", clip_wav, "audio/wav"))
+    assert {"dublin", "answer"} <= words(result.text)
+    text = client.audio.transcriptions.create(
+        model="whisper-1", file=("clip.wav", clip_wav), response_format="text", temperature=0.2
+    )
+    assert isinstance(text, str) and text.strip() == result.text
+
+
+def test_transcription_srt(client, clip, clip_wav):
+    out = client.audio.transcriptions.create(
+        model="whisper-1", file=("clip.wav", clip_wav), response_format="srt"
+    )
+    subs = list(srt.parse(out))
+    assert subs and {"dublin"} <= words(" ".join(s.content for s in subs))
+    assert [s.index for s in subs] == list(range(1, len(subs) + 1))
+    for a, b in itertools.pairwise(subs):
+        assert a.start <= a.end <= b.start <= b.end
+    assert subs[-1].end.total_seconds() <= clip.seconds + 0.01
+
+
+def test_transcription_vtt(client, clip, clip_wav):
+    out = client.audio.transcriptions.create(
+        model="whisper-1", file=("clip.wav", clip_wav), response_format="vtt"
+    )
+    assert out.startswith("WEBVTT")
+    captions = webvtt.from_string(out).captions
+    assert captions and "dublin" in words(" ".join(c.text for c in captions))
+    spans = [(c.start_time.in_milliseconds() / 1000, c.end_time.in_milliseconds() / 1000) for c in captions]
+    for (a, b), (c, d) in itertools.pairwise(spans):
+        assert a <= b <= c <= d
+    assert 0 <= spans[0][0] and spans[-1][1] <= clip.seconds + 0.01
+
+
+def test_transcription_verbose_json_with_words(client, clip, clip_wav):
+    out = client.audio.transcriptions.create(
+        model="whisper-1",
+        file=("clip.wav", clip_wav),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+        language="en",
+    )
+    assert out.task == "transcribe" and out.language == "en"
+    assert out.duration == pytest.approx(clip.seconds, abs=0.01)
+    assert "dublin" in words(out.text)
+    assert out.segments and out.segments[0].id == 0
+    for seg in out.segments:
+        assert 0 <= seg.start <= seg.end <= clip.seconds + 0.01
+        assert seg.avg_logprob < 0 and 0 <= seg.no_speech_prob <= 1 and seg.compression_ratio > 0
+    assert len(out.words) >= 10
+    assert [w.start for w in out.words] == sorted(w.start for w in out.words)
+    assert "dublin" in words(" ".join(w.word for w in out.words))
+    plain = client.audio.transcriptions.create(
+        model="whisper-1", file=("clip.wav", clip_wav), response_format="verbose_json"
+    )
+    assert plain.segments and getattr(plain, "words", None) is None
+
+
+def test_subtitle_timestamps():
+    assert timestamp(3725.0456, ",") == "01:02:05,046"
+    assert timestamp(0.9996, ".") == "00:00:01.000"
+    assert timestamp(-1, ".") == "00:00:00.000"
+
+
+# --- chat ----------------------------------------------------------------------------------
+
+
+def test_chat_streams_chunks(client):
+    stream = client.chat.completions.create(
+        model="smollm2",
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]},
+        ],
+        stream=True,
+        max_tokens=TOKENS,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces).strip()
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].usage.completion_tokens == len(pieces) and not chunks[-1].choices
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+
+
+def test_chat_without_streaming(client):
+    out = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_completion_tokens=TOKENS,
+        temperature=0,
+        seed=1,
+    )
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content.strip()
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert 0 < out.usage.completion_tokens <= TOKENS
+
+
+def test_a_disconnect_cancels_generation(url, backend, client):
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+            "stream": True,
+            "max_tokens": 400,
+        },
+        timeout=60,
+    ) as response:
+        lines = response.iter_lines()
+        got = [line for line, _ in zip(lines, range(3)) if line.startswith("data: ")]
+        assert got
+        cancel, generated = backend.chats[-1]
+        assert not cancel.is_set()
+    assert cancel.wait(10), "closing the stream did not cancel the generation"
+    time.sleep(0.5)  # at most one more token after the event
+    stopped_at = generated[0]
+    time.sleep(1.0)
+    assert generated[0] == stopped_at < 400, "generation went on after the client left"
+    out = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert out.choices[0].message.content  # the model (one llama context, locked) is free again
+
+
+def test_chat_errors_have_openais_shape(client):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model="m", messages=[], max_tokens=TOKENS)
+    assert error_of(info.value)["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        )
+    assert "only text parts" in error_of(info.value)["message"]
+
+
+# --- speech --------------------------------------------------------------------------------
+
+
+def test_speech_wav_transcribes_back(client, stt):
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="auto", input="Set a timer for five minutes, please.", response_format="wav"
+    ) as response:
+        assert response.headers["content-type"].startswith("audio/wav")
+        data = response.read()
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    audio = decode(data, name="speech.wav", sample_rate=24_000)
+    assert 1.0 < audio.seconds < 6.0
+    assert {"set", "timer", "five", "minutes"} <= words(stt.transcribe(audio).text)
+
+
+def test_speech_pcm_streams_sentence_by_sentence(client, stt):
+    text = "The weather is lovely today. We should go for a walk in the park. See you at noon."
+    arrivals, data = [], b""
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="jf_alpha", input=text, response_format="pcm", speed=1.0
+    ) as response:
+        for chunk in response.iter_bytes():
+            arrivals.append(time.monotonic())
+            data += chunk
+    assert len(arrivals) >= 2 and arrivals[-1] - arrivals[0] > 0.2, "audio arrived all at once"
+    audio = Audio.from_pcm16(data, 24_000)
+    assert np.abs(audio.samples).max() > 0.05
+    assert {"weather", "lovely", "walk", "park", "noon"} <= words(stt.transcribe(audio).text)
+
+
+def test_unknown_voice_and_format_are_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.speech.create(model="tts-1", voice="af_nope", input="Hello.", response_format="wav")
+    err = error_of(info.value)
+    assert err["param"] == "voice" and "jf_alpha" in err["message"] and err["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.speech.create(model="tts-1", voice="auto", input="Hello.", response_format="mp3")
+    assert error_of(info.value)["param"] == "response_format"
+
+
+# --- auth, limits, errors ------------------------------------------------------------------
+
+
+def test_models_and_health(client, url):
+    models = client.models.list().data
+    assert {m.role for m in models} == {"stt", "llm", "tts"} and all(m.owned_by == "moi" for m in models)
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_wrong_or_missing_key_is_401(url):
+    bad = OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.models.list()
+    assert error_of(info.value)["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+    response = httpx.post(f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF")})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_not_audio_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.audio.transcriptions.create(model="whisper-1", file=("notes.txt", b"just some text\n" * 50))
+    err = error_of(info.value)
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_audio"
+    assert "notes.txt" in err["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.audio.transcriptions.create(
+            model="whisper-1", file=("clip.wav", b"RIFF"), response_format="docx"
+        )
+
+
+def test_unknown_route_is_openai_shaped(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.get("/nowhere", cast_to=object)
+    assert error_of(info.value)["type"] == "invalid_request_error"
+
+
+@pytest.fixture(scope="module")
+def small_url(backend) -> Iterator[str]:
+    """A second gateway with a 100 kB body limit, a 50 ms deadline and 1 s utterances."""
+    limits = Limits(max_upload_bytes=100_000, request_timeout_s=0.05, max_turn_seconds=1.0)
+    with serve(create_app(backend, api_key=KEY, limits=limits)) as base:
+        yield base
+
+
+def test_oversize_upload_is_413(small_url, clip_wav):
+    small = OpenAI(base_url=f"{small_url}/v1", api_key=KEY, max_retries=0)
+    assert len(clip_wav) > 100_000
+    with pytest.raises(openai.APIStatusError) as info:
+        small.audio.transcriptions.create(model="whisper-1", file=("clip.wav", clip_wav))
+    assert info.value.status_code == 413 and error_of(info.value)["code"] == "file_too_large"
+
+    head = b'--b\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n\r\n'
+    body = head + clip_wav + b"\r\n--b--\r\n"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the gate counts the bytes as they come
+        for i in range(0, len(body), 16_384):
+            yield body[i : i + 16_384]
+
+    response = httpx.post(
+        f"{small_url}/v1/turn",
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=b"},
+        content=chunked(),
+    )
+    assert response.status_code == 413 and response.json()["error"]["code"] == "file_too_large"
+
+
+def test_slow_request_is_504(small_url, clip):
+    small = OpenAI(base_url=f"{small_url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        small.audio.transcriptions.create(model="whisper-1", file=("clip.wav", clip.slice(0, 2).to_wav()))
+    assert info.value.status_code == 504 and error_of(info.value)["code"] == "timeout"
+
+
+def test_long_utterance_is_400(small_url, clip):
+    response = httpx.post(
+        f"{small_url}/v1/turn",
+        headers={"Authorization": f"Bearer {KEY}"},
+        files={"audio": ("u.pcm", clip.slice(0, 2).to_pcm16(), "audio/pcm"), "request": (None, "{}")},
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "audio_too_long"
+
+
+class FailingBackend(RunnerBackend):
+    """The real models, but the model list breaks and chat dies after three real pieces."""
+
+    def models(self) -> list[dict]:
+        raise RuntimeError("disk on fire")
+
+    def chat(
+        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        for i, piece in enumerate(super().chat(messages, options, cancel)):
+            if i == 3:
+                raise EngineError("the model server went away")
+            yield piece
+
+
+@pytest.fixture(scope="module")
+def failing_url(runners) -> Iterator[str]:
+    with serve(create_app(FailingBackend(runners))) as base:  # no api_key: open
+        yield base
+
+
+def test_unexpected_errors_are_logged_500s(failing_url, caplog):
+    response = httpx.get(f"{failing_url}/v1/models")
+    assert response.status_code == 500
+    err = response.json()["error"]
+    assert err["type"] == "server_error" and "RuntimeError" in err["message"] and "fire" not in err["message"]
+    assert any("unexpected error" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_errors_after_the_first_byte_arrive_in_stream(failing_url, clip):
+    failing = OpenAI(base_url=f"{failing_url}/v1", api_key="unused", max_retries=0)
+    stream = failing.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Tell me about cats."}],
+        stream=True,
+        max_tokens=TOKENS,
+    )
+    pieces = []
+    with pytest.raises(openai.APIError, match="went away"):
+        for chunk in stream:
+            pieces.append(chunk.choices[0].delta.content)
+    assert len([p for p in pieces if p]) == 3
+    frames = turn(failing_url, ("u.wav", clip.slice(0, 5).to_wav(), "audio/wav"), {"max_tokens": TOKENS})
+    kinds = [h["type"] for h, _ in frames]
+    assert kinds[0] == "transcript" and kinds[-1] == "error" and "done" not in kinds
+    assert "went away" in frames[-1][0]["message"]
+
+
+# --- /v1/turn ------------------------------------------------------------------------------
+
+
+def turn(url: str, audio: tuple, request: dict) -> list[tuple[dict, bytes]]:
+    reader, frames = FrameReader(), []
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/turn",
+        headers={"Authorization": f"Bearer {KEY}"},
+        files={"audio": audio, "request": (None, json.dumps(request))},
+        timeout=120,
+    ) as response:
+        assert response.status_code == 200, response.read()
+        for chunk in response.iter_bytes():
+            frames += reader.feed(chunk)
+    reader.close()
+    return frames
+
+
+def test_turn_round_trip(url, clip, stt):
+    request = {
+        "messages": [{"role": "system", "content": "You are a helpful assistant. Answer in one sentence."}],
+        "max_tokens": TOKENS,
+        "variant": "chat",
+    }
+    frames = turn(url, ("utterance.wav", clip.slice(0, 5).to_wav(), "audio/wav"), request)
+    kinds = [h["type"] for h, _ in frames]
+    assert kinds[0] == "transcript" and kinds[-1] == "done" and "error" not in kinds
+    transcript = frames[0][0]
+    assert "dublin" in words(transcript["text"]) and transcript["stt_s"] > 0
+    tokens = [h["text"] for h, _ in frames if h["type"] == "token"]
+    assert tokens and kinds.index("token") < kinds.index("audio")
+    done = frames[-1][0]
+    assert done["reply"] == "".join(tokens).strip()
+    timings = done["timings"]
+    for key in ("stt", "llm_first_token", "llm", "tts_first", "first_audio", "total"):
+        assert timings[key] is not None and timings[key] >= 0, key
+    assert timings["stt"] <= timings["first_audio"] <= timings["total"]
+    audio_frames = [(h, p) for h, p in frames if h["type"] == "audio"]
+    assert audio_frames and all(
+        h["sample_rate"] == 24_000 and h["format"] == "pcm16" for h, _ in audio_frames
+    )
+    header, pcm = max(audio_frames, key=lambda f: len(f[0]["text"]))
+    assert header["payload_length"] == len(pcm)
+    said, heard = words(header["text"]), words(stt.transcribe(Audio.from_pcm16(pcm, 24_000)).text)
+    assert len(said & heard) >= max(1, len(said) // 2), (said, heard)
+
+
+def test_turn_echo_from_raw_pcm(url, clip, stt):
+    pcm = clip.slice(0, 4).to_pcm16()  # 16 kHz s16le mono
+    frames = turn(
+        url, ("utterance.pcm", pcm, "audio/L16;rate=16000"), {"variant": "echo", "voice": "jf_alpha"}
+    )
+    kinds = [h["type"] for h, _ in frames]
+    assert kinds[0] == "transcript" and kinds[-1] == "done" and "token" not in kinds
+    transcript, done = frames[0][0]["text"], frames[-1][0]
+    assert done["reply"] == transcript and "dublin" in words(transcript)
+    spoken = Audio.concat([Audio.from_pcm16(p, 24_000) for h, p in frames if h["type"] == "audio"])
+    assert "dublin" in words(stt.transcribe(spoken).text)
+
+
+def test_turn_rejects_bad_requests(url, clip):
+    wav = clip.slice(0, 1).to_wav()
+    for files, needle in [
+        ({"audio": ("a.wav", wav), "request": (None, '{"variant": "sing"}')}, "variant"),
+        ({"audio": ("a.wav", wav), "request": (None, "not json")}, "request"),
+        ({"request": (None, "{}")}, "audio"),
+        ({"audio": ("a.wav", wav), "request": (None, '{"voice": "af_nope"}')}, "af_nope"),
+        ({"audio": ("a.txt", b"hello"), "request": (None, "{}")}, "a.txt"),
+    ]:
+        response = httpx.post(f"{url}/v1/turn", headers={"Authorization": f"Bearer {KEY}"}, files=files)
+        assert response.status_code == 400, (needle, response.text)
+        assert needle in response.json()["error"]["message"], response.json()
+
+
+def test_frame_reader_reassembles_any_chunking():
+    frames = [({"type": "token", "text": "héllo"}, b""), ({"type": "audio"}, bytes(range(256)) * 3)]
+    stream = b"".join(encode_frame(h, p) for h, p in frames)
+    for size in (1, 3, 7, len(stream)):
+        out = list(read_frames(stream[i : i + size] for i in range(0, len(stream), size)))
+        assert [(h["type"], p) for h, p in out] == [(h["type"], p) for h, p in frames]
+        assert out[0][0]["text"] == "héllo" and out[1][0]["payload_length"] == 768
+    reader = FrameReader()
+    reader.feed(stream[:-5])
+    with pytest.raises(Exception, match="middle of a frame"):
+        reader.close()
