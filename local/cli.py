@@ -200,6 +200,36 @@ def serve(
 
 
 @app.command()
+def ui(
+    local: bool = typer.Option(
+        True, "--local/--remote", help="Models in this process (offline), or on a gateway (--url) with local fallback."
+    ),
+    url: Optional[str] = typer.Option(
+        None, "--url", envvar="MOI_REMOTE_URL", help="--remote: gateway URL (Modal, `moi serve`), or 'modal' for the SDK."
+    ),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key."),
+    fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (the page can start your microphone)."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    input_device: Optional[str] = typer.Option(None, "--input-device", help="Microphone for the page's mic input."),
+    barge_in: str = typer.Option(
+        "half", "--barge-in", help="half: ignore the mic while moi speaks (laptop speakers); full: speech cuts in (headset)."
+    ),
+    preload: bool = typer.Option(True, "--preload/--lazy", help="Load the models before serving the page."),
+) -> None:
+    """Serve the web live view: waveforms before/after VAD and of the reply, the chat, per-turn
+    timings, the engine that answered, and a Stop button. The reply plays in the browser."""
+    from local.web import run_ui
+
+    try:
+        cfg = Config.load()
+        engine = None if local else _remote_engine(cfg, url, api_key, fallback)
+        run_ui(cfg, engine, host=host, port=port, preload=preload, barge_in=barge_in, input_device=input_device)
+    except MoiError as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
 def devices() -> None:
     """List audio devices with their channels and default rates (* marks the defaults)."""
     from local.audio_io import list_devices

@@ -83,15 +83,30 @@ def run_file(
     return 1 if pipeline.failures else 0
 
 
-def paced(source: Iterable[Audio]) -> Iterator[Audio]:
-    """Deliver a file's chunks in real time, as a microphone would (demos with --output speaker)."""
-    start, sent = time.monotonic(), 0.0
-    for chunk in source:
-        sent += chunk.seconds
-        delay = start + sent - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        yield chunk
+class paced:  # noqa: N801 - used like the generator function it replaces
+    """Deliver a file's chunks in real time, as a microphone would (demos with --output speaker).
+
+    ``close`` may come from another thread (the session ending): it only sets a flag, which
+    the iteration checks between chunks.
+    """
+
+    def __init__(self, source: Iterable[Audio]) -> None:
+        self.source = source
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __iter__(self) -> Iterator[Audio]:
+        start, sent = time.monotonic(), 0.0
+        for chunk in self.source:
+            if self._closed:
+                return
+            sent += chunk.seconds
+            delay = start + sent - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield chunk
 
 
 def run_live(
