@@ -71,10 +71,11 @@ _base = modal.Image.debian_slim(python_version=PYTHON).uv_pip_install(
 )
 
 stt_image = (
-    _base.uv_pip_install("faster-whisper>=1.1", "nvidia-cublas-cu12", "nvidia-cudnn-cu12==9.*")
+    _base.uv_pip_install("faster-whisper>=1.1", "nvidia-cublas-cu12", "nvidia-cudnn-cu12==9.*", "onnxruntime>=1.17")
+    .uv_pip_install("silero-vad>=5", extra_options="--no-deps")  # only for its silero_vad.onnx: no torch
     .env(_hub_env)
     .run_function(download_stt)
-    .add_local_python_source("cloud", "shared")
+    .add_local_python_source("cloud", "shared", "local")  # local.longform: the batch per-file work
 )
 llm_image = (
     _base.uv_pip_install("torch==2.13.0", "transformers>=4.45", "accelerate>=0.30")
@@ -119,8 +120,14 @@ _gpu_class = dict(
 class Transcriber:
     @modal.enter(snap=True)
     def load(self) -> None:
+        from local.longform import BatchModels
+        from local.vad import SileroVad
+        from shared.models import resolve
+
         self.runners = _runners()
         self.runners.warm(("stt",))
+        cfg = self.runners.cfg
+        self.batch = BatchModels(self.runners.stt, SileroVad(resolve("vad", cfg.vad.model).path), cfg.vad)
 
     @modal.method()
     def transcribe(
@@ -131,17 +138,12 @@ class Transcriber:
         return self.runners.stt.transcribe(audio, language=language, prompt=prompt, word_timestamps=word_timestamps)
 
     @modal.method()
-    def transcribe_file(self, name: str, data: bytes, language: str | None = None) -> dict:
-        """One whole file (any format) for batch fan-out; errors come back as values."""
-        from shared.audio import decode
-        from shared.errors import MoiError
+    def transcribe_file(self, name: str, data: bytes, options: dict | None = None) -> dict:
+        """One whole file for batch fan-out (`moi transcribe --remote`): VAD windows, timestamps
+        on the file's clock; a bad file comes back as {"name", "error": {...}}, not raised."""
+        from local.longform import transcribe_one
 
-        try:
-            audio = decode(data, name=name)
-            result = self.runners.stt.transcribe(audio, language=language, word_timestamps=True)
-        except MoiError as exc:
-            return {"name": name, "error": str(exc)}
-        return {"name": name, "result": result}
+        return transcribe_one(name, data, options, self.batch)
 
 
 @app.cls(image=llm_image, **_gpu_class)
@@ -248,19 +250,21 @@ def web():
 
 
 @app.local_entrypoint()
-def transcribe_folder(path: str, language: str = "") -> None:
-    """`modal run modal_app.py::transcribe_folder --path DIR`: each file's text next to it."""
+def transcribe_folder(
+    path: str, output_dir: str = "", formats: str = "txt,srt,vtt,json", language: str = "", force: bool = False
+) -> None:
+    """`modal run modal_app.py::transcribe_folder --path DIR`: `moi transcribe DIR -r --remote` on this run's app."""
     from pathlib import Path
 
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.endswith(".txt"))
-    transcriber = Transcriber()
-    inputs = [(str(p), p.read_bytes(), language or None) for p in files]
-    failed = 0
-    for out in transcriber.transcribe_file.starmap(inputs, order_outputs=False, return_exceptions=True):
-        if isinstance(out, BaseException) or "error" in out:
-            failed += 1
-            print(f"failed: {out if isinstance(out, BaseException) else out['name'] + ': ' + out['error']}")
-            continue
-        Path(out["name"]).with_suffix(".txt").write_text(out["result"].text + "\n")
-        print(f"done: {out['name']}")
-    print(f"{len(files) - failed} done, {failed} failed")
+    from local.batch import BatchOptions, FileOptions, modal_mapper, plan_batch, run_batch
+    from local.batch_cli import show_report
+    from local.transcripts import parse_formats
+
+    opts = BatchOptions(
+        parse_formats(formats), Path(output_dir) if output_dir else None, recursive=True, force=force,
+        file=FileOptions(language=language or None),
+    )
+    report = run_batch(plan_batch([Path(path)], opts), modal_mapper(Transcriber().transcribe_file))
+    show_report(report)
+    if report.exit_code:
+        raise SystemExit(report.exit_code)

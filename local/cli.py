@@ -29,6 +29,12 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 
+def _register_commands() -> None:
+    from local.batch_cli import register as register_transcribe
+
+    register_transcribe(app)  # `moi transcribe PATH...`
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[bold red]moi: error:[/] {message}", soft_wrap=True)
     return typer.Exit(code)
@@ -249,6 +255,9 @@ def devices() -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+_register_commands()
 
 
 def run() -> None:
