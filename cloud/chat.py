@@ -53,15 +53,17 @@ class LlamaCppChat:
             seed=cfg.seed,
             verbose=False,
         )
+        self.reuse_prefix = cfg.reuse_prefix
         self._lock = threading.Lock()  # one llama context: one generation at a time
 
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
         with self._lock:
-            # Re-evaluate the whole prompt: reusing a cached prefix changes the numerics enough
-            # to flip greedy choices, and the same thread must give the same reply every time.
-            self.llm.reset()
+            if not self.reuse_prefix:
+                # Evaluate the whole prompt: a reused prefix changes the numerics just enough
+                # to flip a greedy choice now and then.
+                self.llm.reset()
             chunks = self.llm.create_chat_completion(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
                 max_tokens=options.max_tokens,

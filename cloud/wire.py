@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from shared.messages import Message, Transcription
+from shared.text import timestamp
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 SPEECH_FORMATS = ("wav", "pcm")
@@ -180,15 +181,6 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 
 # --- transcription -------------------------------------------------------------------------
-
-
-def timestamp(seconds: float, decimal: str) -> str:
-    """``HH:MM:SS,mmm`` (SRT, ``decimal=","``) or ``HH:MM:SS.mmm`` (WebVTT, ``"."``)."""
-    ms = max(0, round(seconds * 1000))
-    h, ms = divmod(ms, 3_600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{decimal}{ms:03d}"
 
 
 def _cues(tr: Transcription) -> list[tuple[float, float, str]]:

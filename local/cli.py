@@ -29,6 +29,20 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 
+# Options that `moi` and `moi ui` share.
+LOCAL = typer.Option(
+    True, "--local/--remote", help="Models in this process (offline), or on a gateway (--url) with local fallback."
+)
+URL = typer.Option(
+    None, "--url", envvar="MOI_REMOTE_URL", help="--remote: gateway URL (Modal, `moi serve`), or 'modal' for the SDK."
+)
+API_KEY = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key.")
+FALLBACK = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails.")
+BARGE_IN = typer.Option(
+    "half", "--barge-in", help="half: ignore the mic while moi speaks (laptop speakers); full: speech cuts in (headset)."
+)
+
+
 def _register_commands() -> None:
     from local.batch_cli import register as register_transcribe
 
@@ -47,23 +61,17 @@ def _input_path(spec: str) -> Path:
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    local: bool = typer.Option(
-        True, "--local/--remote", help="Models in this process (offline), or on a gateway (--url) with local fallback."
-    ),
-    url: Optional[str] = typer.Option(
-        None, "--url", envvar="MOI_REMOTE_URL", help="--remote: gateway URL (Modal, `moi serve`), or 'modal' for the SDK."
-    ),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key."),
-    fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails."),
+    local: bool = LOCAL,
+    url: Optional[str] = URL,
+    api_key: Optional[str] = API_KEY,
+    fallback: bool = FALLBACK,
     input: str = typer.Option("mic", "--input", "-i", help="mic, an audio file, or 'sample' (bundled)."),
     output: Optional[str] = typer.Option(
         None, "--output", "-o", help="speaker or FILE.wav (default: speaker for mic input, none for files)."
     ),
     input_device: Optional[str] = typer.Option(None, "--input-device", help="Input device index or name."),
     output_device: Optional[str] = typer.Option(None, "--output-device", help="Output device index or name."),
-    barge_in: str = typer.Option(
-        "half", "--barge-in", help="half: ignore the mic while moi speaks (laptop speakers); full: speech cuts in (headset)."
-    ),
+    barge_in: str = BARGE_IN,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only you:/moi: lines, no live view."),
     seconds: Optional[float] = typer.Option(None, "--seconds", help="Stop listening to the mic after this long."),
     pipeline: str = typer.Option("chat", "--pipeline", "-p", help="transcribe | echo | chat"),
@@ -207,20 +215,14 @@ def serve(
 
 @app.command()
 def ui(
-    local: bool = typer.Option(
-        True, "--local/--remote", help="Models in this process (offline), or on a gateway (--url) with local fallback."
-    ),
-    url: Optional[str] = typer.Option(
-        None, "--url", envvar="MOI_REMOTE_URL", help="--remote: gateway URL (Modal, `moi serve`), or 'modal' for the SDK."
-    ),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key."),
-    fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails."),
+    local: bool = LOCAL,
+    url: Optional[str] = URL,
+    api_key: Optional[str] = API_KEY,
+    fallback: bool = FALLBACK,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (the page can start your microphone)."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
     input_device: Optional[str] = typer.Option(None, "--input-device", help="Microphone for the page's mic input."),
-    barge_in: str = typer.Option(
-        "half", "--barge-in", help="half: ignore the mic while moi speaks (laptop speakers); full: speech cuts in (headset)."
-    ),
+    barge_in: str = BARGE_IN,
     preload: bool = typer.Option(True, "--preload/--lazy", help="Load the models before serving the page."),
 ) -> None:
     """Serve the web live view: waveforms before/after VAD and of the reply, the chat, per-turn

@@ -19,20 +19,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from shared.text import timestamp
+
 FORMATS = ("txt", "srt", "vtt", "json")
 TEMP_SUFFIX = ".moi-tmp"
 MANIFEST_NAME = "moi-manifest.json"
 
 
 # --- formats ----------------------------------------------------------------------------------
-
-
-def _clock(seconds: float, sep: str) -> str:
-    ms = max(0, round(seconds * 1000))
-    h, rest = divmod(ms, 3_600_000)
-    m, rest = divmod(rest, 60_000)
-    s, ms = divmod(rest, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
 def _cues(result: Mapping[str, Any]) -> list[tuple[float, float, str]]:
@@ -52,7 +46,7 @@ def to_txt(result: Mapping[str, Any]) -> str:
 
 def to_srt(result: Mapping[str, Any]) -> str:
     blocks = [
-        f"{i}\n{_clock(a, ',')} --> {_clock(b, ',')}\n{text}\n"
+        f"{i}\n{timestamp(a, ',')} --> {timestamp(b, ',')}\n{text}\n"
         for i, (a, b, text) in enumerate(_cues(result), start=1)
     ]
     return "\n".join(blocks)
@@ -60,7 +54,7 @@ def to_srt(result: Mapping[str, Any]) -> str:
 
 def to_vtt(result: Mapping[str, Any]) -> str:
     blocks = [
-        f"{_clock(a, '.')} --> {_clock(b, '.')}\n{text.replace('-->', '->')}\n" for a, b, text in _cues(result)
+        f"{timestamp(a, '.')} --> {timestamp(b, '.')}\n{text.replace('-->', '->')}\n" for a, b, text in _cues(result)
     ]
     return "\n".join(["WEBVTT\n", *blocks])
 

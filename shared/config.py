@@ -58,6 +58,10 @@ class LlmConfig:
     max_turns: int = 6  # user+assistant pairs kept in the thread
     context: int = 2048
     threads: int = 0  # 0: all cores
+    # llama.cpp: keep the KV cache of the prompt prefix the last turn shared (a follow-up turn
+    # then evaluates only its new tokens: ~1 s less on a long thread on 2 cores). Off: every
+    # prompt is evaluated whole, so the same thread always gives the same greedy reply.
+    reuse_prefix: bool = True
     seed: int = 0
 
 

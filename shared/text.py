@@ -18,6 +18,15 @@ _CLAUSE = re.compile(r"(?<=[,;:—])\s+")
 _WORD = re.compile(r"\S+")
 
 
+def timestamp(seconds: float, decimal: str) -> str:
+    """``HH:MM:SS,mmm`` (SRT, ``decimal=","``) or ``HH:MM:SS.mmm`` (WebVTT, ``"."``)."""
+    ms = max(0, round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{decimal}{ms:03d}"
+
+
 def _sentence_cuts(text: str) -> list[int]:
     return [m.end() for m in _END.finditer(text) if not _ABBREV.search(text[: m.start()].rstrip("\"')]"))]
 

@@ -52,7 +52,8 @@ def vad_model():
 def runners():
     from cloud.runners import Runners
 
-    return Runners(Config())
+    # Whole-prompt evaluation: tests compare replies for equality across calls and engines.
+    return Runners(Config.load(env={}, llm__reuse_prefix=False))
 
 
 @pytest.fixture(scope="session")

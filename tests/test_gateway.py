@@ -18,10 +18,10 @@ from openai import OpenAI
 
 from cloud.http import Limits, RunnerBackend, create_app
 from cloud.runners import Runners
-from cloud.wire import timestamp
 from shared.audio import Audio, decode
 from shared.errors import EngineError
 from shared.messages import ChatOptions, Message
+from shared.text import timestamp
 from shared.wire import FrameReader, encode_frame, read_frames
 from tests.conftest import audio_file, serve, words
 
