@@ -69,6 +69,8 @@ def _open_rate(sd, device, kind: str) -> int:  # noqa: ANN001
     try:
         info = sd.query_devices(device, kind)
     except (ValueError, sd.PortAudioError) as exc:
+        if device is None:
+            raise AudioError(f"no default {kind} device: is one connected and allowed? (see `moi devices`)") from exc
         raise AudioError(f"no {kind} device {device!r}: {exc} (see `moi devices`)") from exc
     if kind == "input" and info["max_input_channels"] < 1 or kind == "output" and info["max_output_channels"] < 1:
         raise AudioError(f"device {info['name']!r} has no {kind} channels (see `moi devices`)")
