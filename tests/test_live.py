@@ -198,6 +198,10 @@ def test_no_input_device_is_a_clear_error():
     r = subprocess.run([sys.executable, "-m", "local.cli", "--input-device", "no-such-mic", "--quiet"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no input device" in r.stderr and "Traceback" not in r.stderr
+    no_server = {**os.environ, "PULSE_SERVER": "/nonexistent"}  # no sound server: no default device at all
+    r = subprocess.run([sys.executable, "-m", "local.cli", "--quiet", "--seconds", "2"],
+                       cwd=ROOT, env=no_server, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no default input device" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_terminal_view_in_tmux(question):
