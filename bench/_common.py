@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-AUDIO_DIR = Path(__file__).resolve().parents[2] / "shared" / "audio"
+AUDIO_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"  # real recordings, in the repository
 SPEECH = AUDIO_DIR / "speech_60s_16k.wav"
 
 console = Console(highlight=False)

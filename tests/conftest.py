@@ -17,13 +17,13 @@ from shared.config import Config
 from shared.models import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-AUDIO = ROOT.parent / "shared" / "audio"
+AUDIO = Path(__file__).resolve().parent / "data"  # real recordings, in the repository (data/README.md)
 
 
 def audio_file(name: str) -> Path:
     path = AUDIO / name
     if not path.exists():
-        pytest.fail(f"handout {path} is missing: tests need ../shared/audio beside the project")
+        pytest.fail(f"recording {path} is missing from the repository (see tests/data/README.md)")
     return path
 
 
@@ -43,7 +43,7 @@ def clatter() -> Audio:
 
 @pytest.fixture(scope="session")
 def vad_model():
-    from local.vad import SileroVad
+    from cloud.vad import SileroVad
 
     return SileroVad(resolve("vad").path)
 

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 
 from local.meter import FLOOR_DB, LevelMeter, measure
-from local.vad import WINDOW, Segmenter, SpeechEnd, SpeechStart
+from cloud.vad import WINDOW, Segmenter, SpeechEnd, SpeechStart
 from shared.audio import SPEECH_RATE, Audio
 from shared.config import VadConfig
 from shared.errors import AudioError, ConfigError
 from tests.conftest import noise, words
 
-CLATTER_SPEECH = [(3.0, 10.5), (13.0, 21.0)]  # from ../shared/audio/README.md
+CLATTER_SPEECH = [(3.0, 10.5), (13.0, 21.0)]  # from tests/data/README.md
 
 
 def run(seg: Segmenter, audio: Audio, chunk: int = 1600) -> list[SpeechStart | SpeechEnd]:
