@@ -108,8 +108,8 @@ class SpeechToText:
         no_speech_prob > 0.6 or avg_logprob < -1.
         """
         cfg = self.cfg
-        if not s.text.strip() or s.start >= duration - 0.1:
-            return True
+        if not any(c.isalnum() for c in s.text) or s.start >= duration - 0.1:
+            return True  # no words at all ("", ".", "...", "♪"): no transcript
         if s.avg_logprob < cfg.logprob_threshold:
             return True
         if s.no_speech_prob > cfg.no_speech_threshold and s.avg_logprob < cfg.logprob_threshold / 2:

@@ -263,8 +263,23 @@ def resolve(role: str, spec: str = "auto", *, download: bool = False) -> Resolve
     raise ModelNotFound(f"{role}: unknown model {spec!r}: give a path, a hub id, or one of: {known}")
 
 
+def voice_names(model: ResolvedModel) -> list[str]:
+    """The voices a TTS model has, read from its files without loading it: the names in a
+    voices ``.npz`` (Kokoro ONNX) or the ``voices/*.pt`` files (hub Kokoro)."""
+    if model.role != "tts":
+        return []
+    file = model.extras.get("voices")
+    if file is not None and file.suffix == ".npz":
+        import zipfile
+
+        with zipfile.ZipFile(file) as z:
+            return sorted(name.removesuffix(".npy") for name in z.namelist())
+    root = model.path if model.path.is_dir() else model.path.parent
+    return sorted(p.stem for p in (root / "voices").glob("*.pt"))
+
+
 def describe(model: ResolvedModel) -> dict[str, object]:
-    return {
+    out: dict[str, object] = {
         "role": model.role,
         "name": model.name,
         "source": model.source,
@@ -272,3 +287,6 @@ def describe(model: ResolvedModel) -> dict[str, object]:
         "path": str(model.path),
         "size_mb": round(model.size_bytes / 1e6, 1),
     }
+    if model.role == "tts":
+        out["voices"] = voice_names(model)
+    return out
