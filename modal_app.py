@@ -1,38 +1,46 @@
-"""moi on Modal: one GPU class per model, a CPU gateway, and batch transcription.
+"""moi on Modal: one GPU class per model, and the gateway that runs each turn over them.
 
 Thin on purpose: images, the secret, decorators. Each class builds a ``cloud/`` runner in
-``@modal.enter`` and forwards to it; everything worth testing lives in ``cloud/``.
+``@modal.enter`` and forwards to it; the gateway is ``cloud.http.create_app`` over
+:class:`ModalEngine`, so a turn runs :func:`cloud.turn.run_turn` next to the GPUs and the laptop
+pays one round trip per utterance. This file imports only ``cloud/`` and ``shared/`` (and
+``cloud/`` only inside functions, so a build step needs nothing but ``shared/``); nothing
+imports it: the laptop looks the deployed app up by name (``local/deployed.py``).
 
     modal secret create moi-api-key MOI_API_KEY=$(openssl rand -hex 24)
     MOI_MODAL_GPU=L4 modal deploy modal_app.py
-    modal run modal_app.py::transcribe_folder --path ./recordings
+    moi --remote --url modal               # the deployed gateway, found by name
+    moi transcribe ./recordings -r --remote # batch: .map over Transcriber.transcribe_file
 
 Deploy-time settings (environment of the `modal deploy` command): ``MOI_MODAL_GPU`` (default
 ``L4``; e.g. ``T4``, ``A10G``, ``L40S``, or a comma list to let Modal pick), ``MOI_MODAL_SCALEDOWN``
 (seconds a warm container waits for the next request before scaling to zero, default 300).
 """
 
-from __future__ import annotations
 
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import modal
 
-from shared.audio import Audio
+from shared.audio import SPEECH_RATE, Audio
+from shared.config import MODAL_APP
+from shared.engine import Clock, Speech, TurnRequest
 from shared.errors import EngineError
+from shared.events import Event
 from shared.messages import ChatOptions, Message, Transcription
 from shared.models import HUB_DEFAULTS
 
-APP_NAME = "moi"
+APP_NAME = MODAL_APP
 GPU: str | list[str] = [g.strip() for g in os.environ.get("MOI_MODAL_GPU", "L4").split(",")]
 GPU = GPU[0] if len(GPU) == 1 else GPU
 SCALEDOWN_S = int(os.environ.get("MOI_MODAL_SCALEDOWN", "300"))
 SECRET_NAME = "moi-api-key"  # holds MOI_API_KEY, the bearer key the gateway checks
 PYTHON = "3.11"
 HF_HOME = "/models"  # weights are baked into each image under here at build time
+SITE = f"/usr/local/lib/python{PYTHON}/site-packages"
 
 app = modal.App(APP_NAME)
 
@@ -66,22 +74,29 @@ _hub_env = {
     "MOI_LLM_BACKEND": "transformers",
     "MOI_TTS_BACKEND": "torch",
 }
-_base = modal.Image.debian_slim(python_version=PYTHON).uv_pip_install(
-    "numpy>=1.26", "soxr>=0.3", "av>=12", "huggingface-hub>=0.23"
+# `run_function` runs in a build container that holds only this file and the image so far:
+# everything this file imports at top level (modal, numpy, shared/) must be in the image first.
+# `shared` goes in as a copied layer (copy=True) before the download; `cloud` is added last, so a
+# change to it does not download the weights again.
+_base = (
+    modal.Image.debian_slim(python_version=PYTHON)
+    .uv_pip_install("numpy>=1.26", "soxr>=0.3", "av>=12", "huggingface-hub>=0.23")
+    .add_local_python_source("shared", copy=True)
 )
 
 stt_image = (
     _base.uv_pip_install("faster-whisper>=1.1", "nvidia-cublas-cu12", "nvidia-cudnn-cu12==9.*", "onnxruntime>=1.17")
     .uv_pip_install("silero-vad>=5", extra_options="--no-deps")  # only for its silero_vad.onnx: no torch
-    .env(_hub_env)
+    # CTranslate2 loads cuBLAS and cuDNN by name; the pip wheels put them here, off the loader's path.
+    .env({**_hub_env, "LD_LIBRARY_PATH": f"{SITE}/nvidia/cublas/lib:{SITE}/nvidia/cudnn/lib"})
     .run_function(download_stt)
-    .add_local_python_source("cloud", "shared", "local")  # local.longform: the batch per-file work
+    .add_local_python_source("cloud")
 )
 llm_image = (
     _base.uv_pip_install("torch==2.13.0", "transformers>=4.45", "accelerate>=0.30")
     .env(_hub_env)
     .run_function(download_llm)
-    .add_local_python_source("cloud", "shared")
+    .add_local_python_source("cloud")
 )
 tts_image = (
     _base.apt_install("espeak-ng")
@@ -89,18 +104,19 @@ tts_image = (
     .run_commands("python -m spacy download en_core_web_sm")  # misaki's English G2P
     .env(_hub_env)
     .run_function(download_tts)
-    .add_local_python_source("cloud", "shared")
+    .add_local_python_source("cloud")
 )
-gateway_image = _base.uv_pip_install("fastapi>=0.110", "python-multipart>=0.0.9").add_local_python_source(
-    "cloud", "shared"
-)
+gateway_image = _base.uv_pip_install("fastapi>=0.110", "python-multipart>=0.0.9").add_local_python_source("cloud")
+IMAGES = {"stt": stt_image, "llm": llm_image, "tts": tts_image, "gateway": gateway_image}
 
 
-def _runners():
+def _runners(device: str):
+    """This container's runners, refusing to serve from the wrong device (a GPU class whose
+    model landed on the CPU would bill the GPU and answer slowly: fail loudly instead)."""
     from cloud.runners import Runners
     from shared.config import Config
 
-    return Runners(Config.load())
+    return Runners(Config.load(), device=device)
 
 
 _gpu_class = dict(
@@ -110,6 +126,8 @@ _gpu_class = dict(
     enable_memory_snapshot=True,
     experimental_options={"enable_gpu_snapshot": True},  # alpha: snapshot GPU memory too
 )
+# What each GPU class must run on; `.local()` tests pass device="cpu" (a modal.parameter).
+DEVICE = modal.parameter(default="cuda")
 
 
 # --- one class per model ---------------------------------------------------------------------
@@ -118,20 +136,22 @@ _gpu_class = dict(
 @app.cls(image=stt_image, **_gpu_class)
 @modal.concurrent(max_inputs=4)  # CTranslate2 serves concurrent calls from one model
 class Transcriber:
+    device: str = DEVICE
+
     @modal.enter(snap=True)
     def load(self) -> None:
-        from local.longform import BatchModels
-        from local.vad import SileroVad
+        from cloud.longform import BatchModels
+        from cloud.vad import SileroVad
         from shared.models import resolve
 
-        self.runners = _runners()
+        self.runners = _runners(self.device)
         self.runners.warm(("stt",))
         cfg = self.runners.cfg
         self.batch = BatchModels(self.runners.stt, SileroVad(resolve("vad", cfg.vad.model).path), cfg.vad)
 
     @modal.method()
     def transcribe(
-        self, pcm16: bytes, sample_rate: int = 16_000, language: str | None = None,
+        self, pcm16: bytes, sample_rate: int = SPEECH_RATE, language: str | None = None,
         prompt: str | None = None, word_timestamps: bool = False,
     ) -> Transcription:
         audio = Audio.from_pcm16(pcm16, sample_rate)
@@ -141,31 +161,40 @@ class Transcriber:
     def transcribe_file(self, name: str, data: bytes, options: dict | None = None) -> dict:
         """One whole file for batch fan-out (`moi transcribe --remote`): VAD windows, timestamps
         on the file's clock; a bad file comes back as {"name", "error": {...}}, not raised."""
-        from local.longform import transcribe_one
+        from cloud.longform import transcribe_one
 
         return transcribe_one(name, data, options, self.batch)
 
 
 @app.cls(image=llm_image, **_gpu_class)
 class Chatter:
-    """One generation at a time per container (a single model context); Modal scales out."""
+    """One generation at a time per container (a single model context); Modal scales out.
+    Closing the stream (the gateway does when its client goes) ends generation at the next token."""
+
+    device: str = DEVICE
 
     @modal.enter(snap=True)
     def load(self) -> None:
-        self.runners = _runners()
+        self.runners = _runners(self.device)
         self.runners.warm(("llm",))
 
     @modal.method()
-    def chat(self, messages: list[tuple[str, str]], max_tokens: int = 64, temperature: float = 0.0) -> Iterator[str]:
+    def chat(
+        self, messages: list[tuple[str, str]], max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+        repeat_penalty: float = 1.2,
+    ) -> Iterator[str]:
         thread = [Message(role, content) for role, content in messages]  # type: ignore[arg-type]
-        yield from self.runners.chat.stream(thread, ChatOptions(max_tokens=max_tokens, temperature=temperature))
+        options = ChatOptions(max_tokens=max_tokens, temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
+        yield from self.runners.chat.stream(thread, options)
 
 
 @app.cls(image=tts_image, **_gpu_class)
 class Speaker:
+    device: str = DEVICE
+
     @modal.enter(snap=True)
     def load(self) -> None:
-        self.runners = _runners()
+        self.runners = _runners(self.device)
         self.runners.warm(("tts",))
 
     @modal.method()
@@ -173,68 +202,109 @@ class Speaker:
         return list(self.runners.tts.voices)
 
     @modal.method()
-    def speak(self, text: str, voice: str | None = None, speed: float | None = None) -> Iterator[tuple[str, bytes, int]]:
-        """(sentence, PCM16 bytes, sample rate) per sentence, first clause early."""
-        for piece, audio in self.runners.tts.speak(text, voice=voice, speed=speed):
+    def speak(
+        self, text: str, voice: str | None = None, speed: float | None = None, split: bool = True
+    ) -> Iterator[tuple[str, bytes, int]]:
+        """(piece, PCM16 bytes, sample rate) per piece: sentences, the first clause early, or
+        the text as one piece (``split=False``: a turn's pieces, already cut)."""
+        for piece, audio in self.runners.tts.speak(text, voice=voice, speed=speed, split=split):
             yield piece, audio.to_pcm16(), audio.sample_rate
 
 
-# --- the gateway: CPU only, each model behind it scales on its own ----------------------------
+# --- the engine over the GPU classes, and the gateway that serves it ------------------------
 
 
 @contextlib.contextmanager
 def _modal_errors(what: str) -> Iterator[None]:
-    """Modal's failures (auth, not deployed, container errors, timeouts) as EngineError, so a
-    client's FallbackEngine answers the utterance locally."""
+    """Modal's failures (auth, not deployed, container errors, timeouts) as EngineError: the
+    gateway answers them in OpenAI's shape, and a client's FallbackEngine answers locally."""
     try:
         yield
     except modal.exception.Error as exc:
         raise EngineError(f"{what} on Modal failed: {type(exc).__name__}: {exc}") from exc
 
 
-class ModalBackend:
-    """The HTTP app's backend over the GPU classes (``cloud.http.Backend``): in the deployed
-    gateway, and on a laptop with a Modal token through :meth:`deployed` (`moi --remote --url modal`)."""
+class ModalEngine:
+    """The Engine protocol over the GPU classes: what the deployed gateway serves, so each model
+    scales on its own and a turn (:func:`cloud.turn.run_turn`) runs next to them.
 
-    def __init__(self, transcriber=None, chatter=None, speaker=None) -> None:  # noqa: ANN001
+    ``local=True`` runs the classes in this process through Modal's ``.local()`` (their
+    ``@modal.enter`` included) instead of ``.remote()``: the tests' double of the Modal call, and
+    nothing else.
+    """
+
+    name = "modal"
+
+    def __init__(self, transcriber=None, chatter=None, speaker=None, *, local: bool = False) -> None:  # noqa: ANN001
         self.transcriber = transcriber or Transcriber()
         self.chatter = chatter or Chatter()
         self.speaker = speaker or Speaker()
+        self.local = local
         self._voices: list[str] | None = None
 
-    @classmethod
-    def deployed(cls, app_name: str = APP_NAME) -> ModalBackend:
-        """The classes of the deployed app, looked up by name (lazy: no network until a call)."""
-        return cls(*(modal.Cls.from_name(app_name, name)() for name in ("Transcriber", "Chatter", "Speaker")))
+    def _call(self, method):  # noqa: ANN001, ANN202 - a modal method
+        return method.local if self.local else method.remote
 
-    def transcribe(self, audio: Audio, *, language=None, prompt=None, word_timestamps=False) -> Transcription:  # noqa: ANN001
-        a = audio.resample(16_000)
+    def _stream(self, method):  # noqa: ANN001, ANN202 - a modal generator method
+        return method.local if self.local else method.remote_gen
+
+    def warm(self, roles: tuple[str, ...] = ("stt", "llm", "tts")) -> None:
+        """Nothing loads here: each class loads in its own container."""
+
+    def transcribe(
+        self, audio: Audio, *, language: str | None = None, prompt: str | None = None,
+        word_timestamps: bool = False,
+    ) -> Transcription:
+        pcm = audio.resample(SPEECH_RATE).to_pcm16()
         with _modal_errors("transcription"):
-            return self.transcriber.transcribe.remote(a.to_pcm16(), 16_000, language, prompt, word_timestamps)
+            return self._call(self.transcriber.transcribe)(pcm, SPEECH_RATE, language, prompt, word_timestamps)
 
-    def chat(self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None = None) -> Iterator[str]:
+    def chat(
+        self, messages: Sequence[Message], *, options: ChatOptions, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
         pairs = [(m.role, m.content) for m in messages]
+        args = (pairs, options.max_tokens, options.temperature, options.seed, options.repeat_penalty)
         with _modal_errors("chat"):
-            for piece in self.chatter.chat.remote_gen(pairs, options.max_tokens, options.temperature):
-                if cancel is not None and cancel.is_set():
-                    return
-                yield piece
+            pieces = self._stream(self.chatter.chat)(*args)
+            try:
+                for piece in pieces:
+                    yield piece
+                    if cancel is not None and cancel.is_set():
+                        return
+            finally:
+                pieces.close()  # ends the generator (and generation) in the container
 
-    def speak(self, text: str, *, voice=None, speed=None, cancel=None) -> Iterator[tuple[str, Audio]]:  # noqa: ANN001
+    def speak(
+        self, text: str, *, voice: str | None = None, speed: float | None = None,
+        cancel: threading.Event | None = None, split: bool = True,
+    ) -> Iterator[Speech]:
         with _modal_errors("speech"):
-            for piece, pcm, rate in self.speaker.speak.remote_gen(text, voice, speed):
-                if cancel is not None and cancel.is_set():
-                    return
-                yield piece, Audio.from_pcm16(pcm, rate)
+            pieces = self._stream(self.speaker.speak)(text, voice, speed, split)
+            try:
+                for piece, pcm, rate in pieces:
+                    yield Speech(piece, Audio.from_pcm16(pcm, rate))
+                    if cancel is not None and cancel.is_set():
+                        return
+            finally:
+                pieces.close()
+
+    def turn(
+        self, audio: Audio, request: TurnRequest, *, cancel: threading.Event, clock: Clock | None = None
+    ) -> Iterator[Event]:
+        from cloud.turn import run_turn
+
+        return run_turn(self, audio, request, cancel=cancel, clock=clock)
 
     def voices(self) -> list[str]:
         if self._voices is None:
             with _modal_errors("voices"):
-                self._voices = self.speaker.voices.remote()
+                self._voices = self._call(self.speaker.voices)()
         return self._voices
 
     def models(self) -> list[dict]:
-        return [{"id": HUB_DEFAULTS[r], "role": r, "owned_by": "moi"} for r in ("stt", "llm", "tts")]
+        out = [{"id": HUB_DEFAULTS[r], "role": r, "owned_by": "moi"} for r in ("stt", "llm", "tts")]
+        out[-1]["voices"] = self.voices()
+        return out
 
 
 @app.function(image=gateway_image, secrets=[modal.Secret.from_name(SECRET_NAME)], scaledown_window=SCALEDOWN_S)
@@ -243,28 +313,4 @@ class ModalBackend:
 def web():
     from cloud.http import create_app
 
-    return create_app(ModalBackend(), api_key=os.environ.get("MOI_API_KEY"))
-
-
-# --- batch: a folder fanned out over the GPU class with .map -------------------------------
-
-
-@app.local_entrypoint()
-def transcribe_folder(
-    path: str, output_dir: str = "", formats: str = "txt,srt,vtt,json", language: str = "", force: bool = False
-) -> None:
-    """`modal run modal_app.py::transcribe_folder --path DIR`: `moi transcribe DIR -r --remote` on this run's app."""
-    from pathlib import Path
-
-    from local.batch import BatchOptions, FileOptions, modal_mapper, plan_batch, run_batch
-    from local.batch_cli import show_report
-    from local.transcripts import parse_formats
-
-    opts = BatchOptions(
-        parse_formats(formats), Path(output_dir) if output_dir else None, recursive=True, force=force,
-        file=FileOptions(language=language or None),
-    )
-    report = run_batch(plan_batch([Path(path)], opts), modal_mapper(Transcriber().transcribe_file))
-    show_report(report)
-    if report.exit_code:
-        raise SystemExit(report.exit_code)
+    return create_app(ModalEngine(), api_key=os.environ.get("MOI_API_KEY"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from _common import AUDIO_DIR, SPEECH, console, show
 from local.batch import BatchOptions, Report, load_models, local_mapper, plan_batch, run_batch, worker_spec
-from local.longform import speech_windows
+from cloud.longform import speech_windows
 from shared.audio import decode
 from shared.config import Config
 

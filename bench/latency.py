@@ -13,7 +13,7 @@ from _common import SPEECH, console, median, show, verdict
 from local.pipeline import Pipeline, file_source
 from local.run import build
 from local.view import TIMING_LABELS
-from local.vad import SpeechEnd
+from cloud.vad import SpeechEnd
 from shared.audio import Audio
 from shared.config import Config
 from shared.events import ErrorEvent, Transcript, TurnDone

@@ -23,9 +23,9 @@ def child(audio: Path, turns: int) -> None:
     """Load the models one by one, run ``turns`` chat turns; one JSON line per step."""
     import psutil
 
-    from local.engine import LocalEngine
+    from cloud.engine import LocalEngine
     from local.pipeline import Pipeline, file_source
-    from local.vad import Segmenter, SileroVad, SpeechEnd
+    from cloud.vad import Segmenter, SileroVad, SpeechEnd
     from shared.config import Config
     from shared.models import resolve
 

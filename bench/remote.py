@@ -1,42 +1,75 @@
-"""Per-turn time through the gateway on loopback vs the in-process engine, same utterances.
+"""End of speech → first reply audio: in-process vs a `moi serve` gateway on loopback, one run.
 
-Both engines share one set of loaded models (the gateway runs in this process on uvicorn, as
-`moi serve` would), so the difference is what HTTP costs: PCM16 WAV upload, SSE tokens,
-streamed PCM back. Turns are interleaved (local, remote, local, …); each engine starts every
-turn from the same empty thread, so at temperature 0 both produce the same reply.
+The remote side is a real `moi serve` process (its own models, as a GPU box would have) and the
+client is the HttpEngine: one `/v1/turn` request per utterance, the reply's frames streamed back.
+Both start the clock when the utterance is handed to the engine (the VAD's cut) and stop it when
+the first reply audio is in this process, ready for the player. Turns are interleaved (local,
+remote, local, …) from the same empty thread, so at temperature 0 both say the same. What the
+difference measures is what one HTTP round trip costs: upload, framing, and the event loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import SPEECH, console, median, show, verdict  # noqa: E402
-from cloud.http import RunnerBackend, create_app  # noqa: E402
-from local.engine import LocalEngine  # noqa: E402
-from local.pipeline import Pipeline, file_source  # noqa: E402
-from local.remote import RemoteConfig, RemoteEngine  # noqa: E402
-from local.vad import Segmenter, SileroVad, SpeechEnd  # noqa: E402
+from _common import SPEECH, console, median, show  # noqa: E402
+from cloud.engine import LocalEngine  # noqa: E402
+from cloud.vad import Segmenter, SileroVad, SpeechEnd  # noqa: E402
+from local.pipeline import file_source  # noqa: E402
+from local.remote import HttpEngine, RemoteConfig  # noqa: E402
 from shared.config import Config  # noqa: E402
-from shared.events import ReplyText, TurnDone  # noqa: E402
+from shared.engine import TurnRequest  # noqa: E402
+from shared.events import ReplyAudio, ReplyText, TurnDone  # noqa: E402
+from shared.messages import ChatOptions, Thread  # noqa: E402
 from shared.models import resolve  # noqa: E402
-from tests.conftest import serve  # noqa: E402
 
-TARGET = 1.1
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_S = 0.1  # remote may add at most this to first audio
 
 
-def turn(engine, cfg: Config, utterance) -> tuple[dict[str, float], str]:  # noqa: ANN001
-    pipe = Pipeline(engine, Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "chat")
-    timings, reply = {}, ""
-    for ev in pipe.turn(utterance):
-        if isinstance(ev, TurnDone):
-            timings = ev.timings
+def turn(engine, cfg: Config, utterance) -> tuple[float, float, str]:  # noqa: ANN001
+    """(first audio, total, reply) of one turn from an empty thread, as the pipeline sends it."""
+    thread = Thread(cfg.llm.system_prompt, cfg.llm.max_turns)
+    llm = cfg.llm
+    request = TurnRequest(tuple(thread.messages()), ChatOptions(max_tokens=llm.max_tokens, temperature=llm.temperature,
+                                                                seed=llm.seed, repeat_penalty=llm.repeat_penalty), turn=1)
+    start = time.monotonic()
+    first, total, reply = float("nan"), float("nan"), ""
+    for ev in engine.turn(utterance, request, cancel=threading.Event()):
+        if isinstance(ev, ReplyAudio) and first != first:
+            first = time.monotonic() - start
         elif isinstance(ev, ReplyText):
             reply = ev.text
-    return timings, reply
+        elif isinstance(ev, TurnDone):
+            total = time.monotonic() - start
+    return first, total, reply
+
+
+def start_server(max_tokens: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MOI_LLM_MAX_TOKENS": str(max_tokens)}
+    proc = subprocess.Popen([sys.executable, "-m", "local.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    probe = HttpEngine(RemoteConfig(url))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not probe.health():
+        time.sleep(0.25)
+    if not probe.health():
+        proc.kill()
+        raise SystemExit("moi serve did not start")
+    return proc, url
 
 
 def main() -> None:
@@ -51,28 +84,37 @@ def main() -> None:
     utterances = [e.audio for e in events if isinstance(e, SpeechEnd) and e.audio is not None][: args.utterances]
 
     local = LocalEngine(cfg)
-    with console.status("loading models…"):
+    with console.status("loading models here and in `moi serve`…"):
         local.warm()
-    with serve(create_app(RunnerBackend(local.runners))) as url:
-        remote = RemoteEngine(RemoteConfig(url, read_timeout_s=120, first_byte_s=120))
+        proc, url = start_server(args.max_tokens)
+    try:
+        remote = HttpEngine(RemoteConfig(url, read_timeout_s=120, first_byte_s=120))
         turn(local, cfg, utterances[0])  # warm-up, both paths
         turn(remote, cfg, utterances[0])
-        rows, ratios, same = [], [], 0
+        rows, deltas, same = [], [], 0
         for i, utt in enumerate(utterances, 1):
-            lt, lreply = turn(local, cfg, utt)
-            rt, rreply = turn(remote, cfg, utt)
+            with console.status(f"utterance {i}/{len(utterances)}…"):
+                lf, lt, lreply = turn(local, cfg, utt)
+                rf, rt, rreply = turn(remote, cfg, utt)
             same += lreply == rreply
-            ratio = rt["total"] / lt["total"]
-            ratios.append(ratio)
-            rows.append([f"{i} ({utt.seconds:.1f} s)", f"{lt['total']:.2f} s", f"{rt['total']:.2f} s", f"{ratio:.2f}x",
-                         f"{lt.get('first_audio', 0):.2f} / {rt.get('first_audio', 0):.2f} s"])
+            deltas.append(rf - lf)
+            rows.append([f"{i} ({utt.seconds:.1f} s)", f"{lf:.2f} s", f"{rf:.2f} s", f"{rf - lf:+.3f} s",
+                         f"{lt:.2f} / {rt:.2f} s"])
         remote.close()
-    rows.append(["median", "", "", verdict(median(ratios), TARGET), ""])
+    finally:
+        proc.kill()
+        proc.wait()
+    d = median(deltas)
+    rows.append(["median", f"{median([float(r[1][:-2]) for r in rows]):.2f} s",
+                 f"{median([float(r[2][:-2]) for r in rows]):.2f} s",
+                 f"{d:+.3f} s " + ("[green]✓[/]" if d <= TARGET_S else "[red]✗[/]"), ""])
     show(
-        f"Turn time: in-process vs gateway on loopback ({len(utterances)} utterances, chat, max {args.max_tokens} tokens)",
-        ["utterance", "local", "remote", "remote/local", "first audio local / remote"],
+        f"End of speech → first audio: in-process vs `moi serve` on loopback ({len(utterances)} utterances, "
+        f"chat, max {args.max_tokens} tokens)",
+        ["utterance", "local", "remote", "remote − local", "whole turn local / remote"],
         rows,
-        caption=f"target: remote/local ≤ {TARGET}x · same reply text in {same}/{len(utterances)} turns",
+        caption=f"target: remote adds ≤ {TARGET_S:g} s · one HTTP request per turn · same reply in "
+        f"{same}/{len(utterances)} turns",
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from _common import SPEECH, median, show, timed, verdict
-from local.vad import CONTEXT, WINDOW, Segmenter, SileroVad
+from cloud.vad import CONTEXT, WINDOW, Segmenter, SileroVad
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import VadConfig
 from shared.models import resolve

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
+import numpy as np
+
 from shared.config import LlmConfig
 from shared.errors import ConfigError, ModelNotFound
 from shared.messages import ChatOptions, Message
@@ -24,6 +26,7 @@ from shared.models import ResolvedModel
 
 class ChatBackend(Protocol):
     name: str
+    device: str
 
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
@@ -34,8 +37,36 @@ def _threads(n: int) -> int:
     return n if n > 0 else max(1, os.cpu_count() or 1)
 
 
+class RepeatGuard:
+    """Bans the token that would make the reply repeat ``n`` tokens in a row of an earlier reply.
+
+    Why: both backends' repeat penalty sees only the tokens generated in this call, never the
+    earlier replies in the prompt, so at temperature 0 a small model answers a follow-up that is
+    not a question ("Tell me more.", the rest of a sentence) by copying its last answer word for
+    word. Blocking n-grams of earlier replies (``LlmConfig.no_repeat_ngram``; 0 = off) leaves
+    fresh answers alone and makes such copies impossible.
+    """
+
+    def __init__(self, earlier: Sequence[Sequence[int]], n: int) -> None:
+        self.n = n
+        self.table: dict[tuple[int, ...], set[int]] = {}
+        for toks in earlier:
+            for i in range(len(toks) - n + 1):
+                self.table.setdefault(tuple(toks[i : i + n - 1]), set()).add(toks[i + n - 1])
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+    def banned(self, generated: Sequence[int]) -> set[int]:
+        """Tokens that may not come next after ``generated`` (this reply's tokens so far)."""
+        if len(generated) < self.n - 1:
+            return set()
+        return self.table.get(tuple(int(t) for t in generated[len(generated) - self.n + 1 :]), set())
+
+
 class LlamaCppChat:
     name = "llama_cpp"
+    device = "cpu"  # this wheel's build; Metal or CUDA builds offload layers on their own
 
     def __init__(self, model: ResolvedModel, cfg: LlmConfig = LlmConfig()) -> None:
         if model.format != "gguf":
@@ -54,7 +85,28 @@ class LlamaCppChat:
             verbose=False,
         )
         self.reuse_prefix = cfg.reuse_prefix
+        self.no_repeat_ngram = cfg.no_repeat_ngram
         self._lock = threading.Lock()  # one llama context: one generation at a time
+
+    def _guard(self, messages: Sequence[Message]):  # noqa: ANN202 - a llama_cpp LogitsProcessorList or None
+        earlier = [m.content for m in messages if m.role == "assistant" and m.content]
+        if not self.no_repeat_ngram or not earlier:
+            return None
+        from llama_cpp import LogitsProcessorList
+
+        guard = RepeatGuard(
+            [self.llm.tokenize(t.encode(), add_bos=False, special=False) for t in earlier], self.no_repeat_ngram
+        )
+        start: list[int] = []
+
+        def block(input_ids, scores):  # noqa: ANN001, ANN202 - numpy arrays from llama_cpp
+            if not start:
+                start.append(len(input_ids))  # the prompt's length: what follows is this reply
+            for token in guard.banned(input_ids[start[0] :]):
+                scores[token] = -np.inf
+            return scores
+
+        return LogitsProcessorList([block]) if guard else None
 
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
@@ -71,6 +123,7 @@ class LlamaCppChat:
                 seed=options.seed,
                 repeat_penalty=options.repeat_penalty,
                 stop=list(options.stop) or None,
+                logits_processor=self._guard(messages),
                 stream=True,
             )
             try:
@@ -109,11 +162,12 @@ class TransformersChat:
         self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).to(self.device)
         self.model.eval()
+        self.no_repeat_ngram = cfg.no_repeat_ngram
 
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         cancel = cancel or threading.Event()
         done = threading.Event()  # set when our consumer leaves early: stops generate()
@@ -129,6 +183,19 @@ class TransformersChat:
             return_dict=True,
         ).to(self.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        earlier = [m.content for m in messages if m.role == "assistant" and m.content]
+        guard = RepeatGuard(
+            [self.tokenizer.encode(t, add_special_tokens=False) for t in earlier], self.no_repeat_ngram
+        ) if self.no_repeat_ngram else RepeatGuard([], 1)
+        prompt_len = prompt["input_ids"].shape[1]
+
+        class _NoCopies(LogitsProcessor):
+            def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204
+                for row in range(input_ids.shape[0]):
+                    for token in guard.banned(input_ids[row, prompt_len:].tolist()):
+                        scores[row, token] = -float("inf")
+                return scores
+
         sampling = options.temperature > 0
         kwargs = dict(
             **prompt,
@@ -137,6 +204,7 @@ class TransformersChat:
             do_sample=sampling,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+            logits_processor=LogitsProcessorList([_NoCopies()] if guard else []),
             pad_token_id=self.tokenizer.eos_token_id,
         )
         if sampling:

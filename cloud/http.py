@@ -1,9 +1,10 @@
-"""The HTTP gateway: OpenAI-compatible endpoints plus ``/v1/turn``, over any :class:`Backend`.
+"""The HTTP gateway: OpenAI-compatible endpoints plus ``/v1/turn``, over any engine.
 
-Stateless (the client owns the conversation) and Modal-free: ``create_app(RunnerBackend(
-runners))`` serves the in-process models; Modal wraps the same app around its own backend.
+Stateless (the client owns the conversation) and Modal-free: ``create_app(LocalEngine(cfg))``
+serves the in-process models (``moi serve``); Modal serves the same app over its GPU classes
+(``modal_app.ModalEngine``). ``/v1/turn`` streams ``engine.turn``: one request per utterance.
 
-The backend is blocking, so every call runs in a worker thread (:mod:`cloud.streams`). A
+The engine is blocking, so every call runs in a worker thread (:mod:`cloud.streams`). A
 stream's first item is awaited before the response starts, so failures up to then get a real
 status code; later ones are reported in-stream. A client that goes away mid-stream sets the
 request's cancel event, which stops generation between tokens and synthesis between sentences.
@@ -14,10 +15,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,13 +29,14 @@ from starlette.exceptions import HTTPException
 
 from cloud.gate import Gate, any_error_handler, as_api_error, log
 from cloud.streams import END, Deadline, ThreadStream, in_thread, iterate
-from cloud.turn import SPEECH_OUT_RATE, TurnBody, TurnRequest, run_turn
 from cloud.wire import (
     SPEECH_FORMATS,
+    SPEECH_OUT_RATE,
     TRANSCRIPTION_FORMATS,
     ApiError,
     ChatBody,
     SpeechBody,
+    TurnBody,
     chat_chunk,
     chat_completion,
     message_from_openai,
@@ -47,66 +49,16 @@ from cloud.wire import (
     wav_stream_header,
 )
 from shared.audio import Audio, decode
+from shared.engine import Speech, TurnRequest
 from shared.errors import MoiError
-from shared.messages import ChatOptions, Message, Transcription
+from shared.events import ErrorEvent, Event, ReplyAudio, to_wire
+from shared.messages import ChatOptions
 from shared.wire import encode_frame
 
 if TYPE_CHECKING:
-    from cloud.runners import Runners
+    from shared.engine import Engine
 
 DEFAULTS = ChatOptions()
-
-
-class Backend(Protocol):
-    """What the gateway serves. Blocking calls: the gateway runs them in threads."""
-
-    def transcribe(
-        self, audio: Audio, *, language: str | None, prompt: str | None, word_timestamps: bool
-    ) -> Transcription: ...
-
-    def chat(
-        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
-    ) -> Iterator[str]: ...
-
-    def speak(
-        self, text: str, *, voice: str | None, speed: float | None, cancel: threading.Event | None
-    ) -> Iterator[tuple[str, Audio]]: ...
-
-    def models(self) -> list[dict]: ...
-
-    def voices(self) -> list[str]: ...
-
-
-class RunnerBackend:
-    """The in-process models of one :class:`cloud.runners.Runners` as a :class:`Backend`."""
-
-    def __init__(self, runners: Runners) -> None:
-        self.runners = runners
-
-    def transcribe(
-        self, audio: Audio, *, language: str | None, prompt: str | None, word_timestamps: bool
-    ) -> Transcription:
-        return self.runners.stt.transcribe(
-            audio, language=language, prompt=prompt, word_timestamps=word_timestamps
-        )
-
-    def chat(
-        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
-    ) -> Iterator[str]:
-        return self.runners.chat.stream(messages, options, cancel)
-
-    def speak(
-        self, text: str, *, voice: str | None, speed: float | None, cancel: threading.Event | None
-    ) -> Iterator[tuple[str, Audio]]:
-        return self.runners.tts.speak(text, voice=voice, speed=speed, cancel=cancel)
-
-    def models(self) -> list[dict]:
-        return [
-            {"id": self.runners.model(r).name, "role": r, "owned_by": "moi"} for r in ("stt", "llm", "tts")
-        ]
-
-    def voices(self) -> list[str]:
-        return list(self.runners.tts.voices)
 
 
 @dataclass(frozen=True)
@@ -117,8 +69,8 @@ class Limits:
     request_timeout_s: float = 120.0  # the whole request, streams included → 504
 
 
-def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
-    """The gateway over ``backend``; with ``api_key`` set, every route but /health needs it."""
+def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The gateway over ``engine``; with ``api_key`` set, every route but /health needs it."""
     app = FastAPI(title="moi gateway", version="0.1.0")
     app.add_middleware(Gate, api_key=api_key, max_body=limits.max_upload_bytes)
     for exc_class in (HTTPException, MoiError, RequestValidationError):
@@ -131,7 +83,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits =
     async def voice_or_default(until: Deadline, voice: str | None, param: str) -> str | None:
         if not voice or voice == "auto":
             return None
-        voices = await in_thread(until, backend.voices)
+        voices = await in_thread(until, engine.voices)
         if voice not in voices:
             raise ApiError(
                 400,
@@ -147,7 +99,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits =
 
     @router.get("/models")
     async def models() -> dict[str, Any]:
-        found = await in_thread(deadline(), backend.models)
+        found = await in_thread(deadline(), engine.models)
         return {"object": "list", "data": [{"object": "model", "created": 0, **m} for m in found]}
 
     @router.post("/audio/transcriptions")
@@ -181,7 +133,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits =
         _check_length(audio, limits.max_audio_seconds, "the audio", "file")
         tr = await in_thread(
             until,
-            backend.transcribe,
+            engine.transcribe,
             audio,
             language=_field(form, "language"),
             prompt=_field(form, "prompt"),
@@ -210,7 +162,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits =
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
         )
         cid, created, cancel = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), threading.Event()
-        stream = ThreadStream(iterate(lambda: backend.chat(messages, options, cancel)), cancel)
+        stream = ThreadStream(iterate(lambda: engine.chat(messages, options=options, cancel=cancel)), cancel)
         piece = await stream.first(until)
 
         def finish(n: int) -> str:
@@ -268,10 +220,10 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits =
         voice = await voice_or_default(until, body.voice, "voice")
         cancel = threading.Event()
 
-        def pcm(item: tuple[str, Audio]) -> bytes:  # in the stream's thread, off the event loop
-            return item[1].resample(SPEECH_OUT_RATE).to_pcm16()
+        def pcm(item: Speech) -> bytes:  # in the stream's thread, off the event loop
+            return item.audio.resample(SPEECH_OUT_RATE).to_pcm16()
 
-        make = partial(backend.speak, body.input, voice=voice, speed=body.speed, cancel=cancel)
+        make = partial(engine.speak, body.input, voice=voice, speed=body.speed, cancel=cancel)
         stream = ThreadStream(iterate(make, pcm), cancel)
         chunk = await stream.first(until)
 
@@ -295,7 +247,6 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits =
     async def turn(request: Request) -> Response:
         until = deadline()
         form = await _form(request)
-        arrived = time.monotonic()  # the utterance is here: the turn's timings count from now
         req = await _turn_request(form)
         upload = _upload(form, "audio")
         data = await upload.read()
@@ -307,25 +258,29 @@ def create_app(backend: Backend, *, api_key: str | None = None, limits: Limits =
         _check_length(audio, limits.max_turn_seconds, "the utterance", "audio")
         if req.variant != "transcribe":
             voice = await voice_or_default(until, req.voice, "request.voice")
-            req = TurnRequest(req.messages, req.options, voice, req.language, req.variant)
+            req = replace(req, voice=voice)
         cancel = threading.Event()
-        stream = ThreadStream(
-            lambda emit: run_turn(backend, audio, req, lambda h, p: emit((h, p)), cancel, arrived), cancel
-        )
-        frame = await stream.first(until)  # the transcript: an STT failure still gets a status code
 
-        async def frames(frame: Any) -> AsyncIterator[bytes]:
+        def frame(event: Event) -> bytes:  # in the stream's thread
+            if isinstance(event, ReplyAudio) and event.audio.sample_rate != SPEECH_OUT_RATE:
+                event = replace(event, audio=event.audio.resample(SPEECH_OUT_RATE))
+            return encode_frame(*to_wire(event))
+
+        stream = ThreadStream(iterate(lambda: engine.turn(audio, req, cancel=cancel), frame), cancel)
+        first = await stream.first(until)  # the transcript: an STT failure still gets a status code
+
+        async def frames(item: Any) -> AsyncIterator[bytes]:
             try:
-                while frame is not END:
-                    yield encode_frame(*frame)
-                    frame = await stream.next(until)
+                while item is not END:
+                    yield item
+                    item = await stream.next(until)
             except Exception as exc:  # noqa: BLE001 - headers are out: an error frame ends the turn
                 err = as_api_error(exc)
-                yield encode_frame({"type": "error", "message": err.message, "code": err.code})
+                yield encode_frame(*to_wire(ErrorEvent(0.0, err.message, req.turn)))
             finally:
-                cancel.set()
+                cancel.set()  # also on disconnect (Stop on the client): generation ends
 
-        return StreamingResponse(frames(frame), media_type="application/x-moi-frames")
+        return StreamingResponse(frames(first), media_type="application/x-moi-frames")
 
     app.include_router(router)
     return app
@@ -376,9 +331,11 @@ async def _turn_request(form: FormData) -> TurnRequest:
     options = ChatOptions(
         max_tokens=body.max_tokens or DEFAULTS.max_tokens,
         temperature=DEFAULTS.temperature if body.temperature is None else body.temperature,
+        seed=DEFAULTS.seed if body.seed is None else body.seed,
+        repeat_penalty=DEFAULTS.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
     )
     messages = tuple(message_from_openai(i, m) for i, m in enumerate(body.messages))
-    return TurnRequest(messages, options, body.voice, body.language, body.variant)
+    return TurnRequest(messages, options, body.variant, body.voice, body.language, body.turn)
 
 
-__all__ = ["Backend", "Limits", "RunnerBackend", "create_app"]
+__all__ = ["Limits", "create_app"]

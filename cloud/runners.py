@@ -7,9 +7,10 @@ runner loads once (thread-safe) and is shared by everyone in the process.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from shared.config import Config
+from shared.errors import EngineError
 from shared.models import ResolvedModel, resolve
 
 if TYPE_CHECKING:
@@ -18,9 +19,20 @@ if TYPE_CHECKING:
     from cloud.tts import TextToSpeech
 
 
+class _Placed(Protocol):
+    device: str  # "cpu", "cuda", ...
+
+
+R = TypeVar("R", bound=_Placed)
+
+
 class Runners:
-    def __init__(self, cfg: Config = Config()) -> None:
+    """``device``: where every model must end up (``"cuda"`` in the GPU classes); a model that
+    loads anywhere else raises instead of quietly serving from the CPU. None: wherever it lands."""
+
+    def __init__(self, cfg: Config = Config(), device: str | None = None) -> None:
         self.cfg = cfg
+        self.device = device
         self._lock = threading.Lock()
         self._stt: SpeechToText | None = None
         self._chat: ChatBackend | None = None
@@ -36,7 +48,7 @@ class Runners:
             if self._stt is None:
                 from cloud.stt import SpeechToText
 
-                self._stt = SpeechToText(self.model("stt"), self.cfg.stt)
+                self._stt = self._on_device("stt", SpeechToText(self.model("stt"), self.cfg.stt))
             return self._stt
 
     @property
@@ -45,7 +57,7 @@ class Runners:
             if self._chat is None:
                 from cloud.chat import load_chat
 
-                self._chat = load_chat(self.model("llm"), self.cfg.llm)
+                self._chat = self._on_device("llm", load_chat(self.model("llm"), self.cfg.llm))
             return self._chat
 
     @property
@@ -54,8 +66,16 @@ class Runners:
             if self._tts is None:
                 from cloud.tts import TextToSpeech
 
-                self._tts = TextToSpeech(self.model("tts"), self.cfg.tts)
+                self._tts = self._on_device("tts", TextToSpeech(self.model("tts"), self.cfg.tts))
             return self._tts
+
+    def _on_device(self, role: str, runner: R) -> R:
+        if self.device is not None and runner.device != self.device:
+            raise EngineError(
+                f"{role}: the model loaded on {runner.device}, but this runner must use {self.device} "
+                "(no GPU visible to the process? check the container's GPU and its CUDA libraries)"
+            )
+        return runner
 
     def warm(self, roles: tuple[str, ...] = ("stt", "llm", "tts")) -> None:
         """Load the runners for ``roles`` now rather than on the first request."""

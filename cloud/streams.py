@@ -118,7 +118,8 @@ def iterate(
     return produce
 
 
-def close_iterator(it: Iterator[Any]) -> None:
+def close_iterator(it: Iterator[Any] | None) -> None:
+    """Close a generator (runs its ``finally`` now, in this thread); anything else is left alone."""
     close = getattr(it, "close", None)
     if close is not None:
         close()

@@ -19,6 +19,7 @@ import numpy as np
 
 from shared.audio import Audio
 from shared.config import TtsConfig
+from shared.engine import Speech
 from shared.errors import ConfigError, ModelNotFound
 from shared.models import ResolvedModel
 from shared.text import split_sentences
@@ -30,6 +31,7 @@ PACK_VOICE = "jf_alpha"
 
 class TtsBackend(Protocol):
     name: str
+    device: str
     voices: tuple[str, ...]
 
     def synthesize(self, text: str, voice: str, speed: float, lang: str) -> np.ndarray: ...
@@ -37,6 +39,7 @@ class TtsBackend(Protocol):
 
 class KokoroOnnx:
     name = "onnx"
+    device = "cpu"  # CPUExecutionProvider
 
     def __init__(self, model: ResolvedModel, cfg: TtsConfig) -> None:
         try:
@@ -48,7 +51,7 @@ class KokoroOnnx:
         if voices is None:
             raise ModelNotFound(f"tts: {model.name} has no voices file; put voices*.npz beside the model")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, os.cpu_count() or 1)
+        opts.intra_op_num_threads = cfg.threads if cfg.threads > 0 else max(1, os.cpu_count() or 1)
         session = ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.kokoro = Kokoro.from_session(session, str(voices))
         self.voices = tuple(sorted(self.kokoro.get_voices()))
@@ -75,7 +78,7 @@ class KokoroTorch:
         weights = sorted(root.glob("*.pth"))
         if not weights or not (root / "config.json").exists():
             raise ModelNotFound(f"tts: {root} lacks Kokoro's config.json and *.pth weights")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = KModel(repo_id="hexgrad/Kokoro-82M", config=str(root / "config.json"), model=str(weights[0]))
         self.model = self.model.to(device).eval()
         self.voice_dir = root / "voices"
@@ -114,6 +117,7 @@ class TextToSpeech:
             raise ConfigError(f"unknown tts backend {cfg.backend!r}: use onnx, torch or auto")
         self.cfg = cfg
         self.model_info = model
+        self.device = self.backend.device
         self.default_voice = self.resolve_voice(cfg.voice)
 
     @property
@@ -144,9 +148,12 @@ class TextToSpeech:
         voice: str | None = None,
         speed: float | None = None,
         cancel: threading.Event | None = None,
-    ) -> Iterator[tuple[str, Audio]]:
-        """(piece, audio) for each sentence of ``text``; the first clause comes first."""
-        for piece in split_sentences(text, self.cfg.first_clause_chars, self.cfg.first_words):
+        split: bool = True,
+    ) -> Iterator[Speech]:
+        """(piece, audio) for each sentence of ``text``, the first clause first; with
+        ``split=False`` the text is one piece (a turn cuts its reply once, itself)."""
+        pieces = split_sentences(text, self.cfg.first_clause_chars, self.cfg.first_words) if split else [text]
+        for piece in pieces:
             if cancel is not None and cancel.is_set():
                 return
-            yield piece, self.synthesize(piece, voice=voice, speed=speed)
+            yield Speech(piece, self.synthesize(piece, voice=voice, speed=speed))

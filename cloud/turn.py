@@ -1,156 +1,183 @@
-"""One voice turn on the server: audio in → transcript → reply tokens → spoken sentences.
+"""One voice turn, pipelined: audio in → transcript → reply tokens → spoken pieces, as events.
 
-:func:`run_turn` is blocking and knows nothing about HTTP: it calls ``emit(header, payload)``
-for each frame of the ``/v1/turn`` stream (see :mod:`shared.wire`), in order::
+:func:`run_turn` is the only implementation of a turn. The in-process engine uses it, the
+gateway's ``/v1/turn`` streams it (so ``moi serve`` and Modal's gateway run it too), and the
+Modal engine runs it over the GPU classes. It yields::
 
-    transcript · token* · audio* · done
+    Transcript · (ReplyToken | ReplyAudio)* · ReplyText · TurnDone
 
-The reply is pipelined: the LLM runs in its own thread and hands finished sentences to the
-caller's thread, which speaks them while the next sentence is still being generated.
+Three threads share the work so nothing waits on anything it need not: the LLM runs in its
+own thread and cuts its tokens into pieces (:class:`shared.text.SentenceStream`: the first
+clause early, then sentences, the only place a reply is split); a speaking thread synthesizes
+each piece as it comes (``engine.speak(piece, split=False)``), while the LLM goes on with the
+next; the caller's thread yields events in the order they happen. Setting ``cancel`` (Stop,
+barge-in, a client gone) ends generation at the next token and synthesis at the next piece.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from cloud.streams import close_iterator
-from shared.audio import Audio
-from shared.messages import ChatOptions, Message
+from shared.config import TtsConfig
+from shared.engine import Clock, TurnRequest, monotonic_clock
+from shared.events import Event, ReplyAudio, ReplyText, ReplyToken, Transcript, TurnDone
+from shared.messages import Message
 from shared.text import SentenceStream
 
 if TYPE_CHECKING:
-    from cloud.http import Backend
+    from shared.audio import Audio
+    from shared.engine import Engine
 
-SPEECH_OUT_RATE = 24_000  # Kokoro's rate; every audio frame and /v1/audio/speech use it
-Emit = Callable[[dict[str, Any], bytes], None]
-
-
-class TurnBody(BaseModel):
-    """The ``request`` part of a ``/v1/turn`` upload (JSON)."""
-
-    model_config = ConfigDict(extra="ignore")
-    messages: list[dict[str, Any]] = Field(default_factory=list)  # prior conversation, system first
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    voice: str | None = None
-    language: str | None = None
-    variant: Literal["chat", "echo", "transcribe"] = "chat"
-
-
-@dataclass(frozen=True)
-class TurnRequest:
-    messages: tuple[Message, ...]
-    options: ChatOptions
-    voice: str | None  # None: the backend's default
-    language: str | None
-    variant: str
-
-
-class _Clock:
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.timings: dict[str, float | None] = dict.fromkeys(
-            ("stt", "llm_first_token", "llm", "tts_first", "first_audio", "total")
-        )
-
-    def since(self, t: float) -> float:
-        return round(time.monotonic() - t, 3)
-
-    def mark(self, key: str, t: float) -> None:
-        if self.timings[key] is None:
-            self.timings[key] = self.since(t)
+_END = object()
 
 
 def run_turn(
-    backend: Backend,
+    engine: Engine,
     audio: Audio,
     req: TurnRequest,
-    emit: Emit,
+    *,
     cancel: threading.Event,
-    started: float | None = None,
-) -> None:
-    """Answer one utterance, emitting frames; ``started`` is when the audio arrived (monotonic)."""
-    clock = _Clock(time.monotonic() if started is None else started)
-    t = time.monotonic()
-    tr = backend.transcribe(audio, language=req.language, prompt=None, word_timestamps=False)
-    clock.timings["stt"] = clock.since(t)
-    emit({"type": "transcript", "text": tr.text, "language": tr.language, "stt_s": clock.timings["stt"]}, b"")
+    clock: Clock | None = None,
+    tts: TtsConfig = TtsConfig(),
+) -> Iterator[Event]:
+    """Answer ``audio`` with ``engine``'s transcribe/chat/speak, as events stamped by ``clock``.
 
-    reply = ""
-    if tr.text and req.variant == "echo":
-        reply = tr.text
-        _speak(backend, reply, req, emit, cancel, clock)
-    elif tr.text and req.variant == "chat":
-        reply = _chat_and_speak(backend, [*req.messages, Message("user", tr.text)], req, emit, cancel, clock)
-    clock.timings["total"] = clock.since(clock.started)
-    emit({"type": "done", "reply": reply, "timings": clock.timings}, b"")
+    Errors propagate (the caller reports them); closing the generator early cancels the turn.
+    ``tts`` says how the reply is cut into pieces (the first one short).
+    """
+    clock = clock or monotonic_clock()
+    n, t0 = req.turn, clock()
+    timings: dict[str, float] = {}
+    text = req.text
+    if text is None:
+        tr = engine.transcribe(audio, language=req.language)
+        timings["stt"] = clock() - t0
+        text = tr.text
+        yield Transcript(clock(), n, text, tr.language)
+    if text and req.variant != "transcribe":
+        if req.variant == "echo":
+            reply = yield from _speak_text(engine, text, req, cancel, clock, t0, timings)
+        else:
+            messages = [*req.messages, Message("user", text)]
+            reply = yield from _chat_and_speak(engine, messages, req, cancel, clock, t0, timings, tts)
+        yield ReplyText(clock(), n, reply, cancelled=cancel.is_set())
+    timings["total"] = clock() - t0
+    yield TurnDone(clock(), n, engine.name, {k: round(v, 3) for k, v in timings.items()})
 
 
-def _speak(
-    backend: Backend, text: str, req: TurnRequest, emit: Emit, cancel: threading.Event, clock: _Clock
-) -> None:
-    t = time.monotonic()
-    pieces = backend.speak(text, voice=req.voice, speed=None, cancel=cancel)
+def _speak_text(
+    engine: Engine, text: str, req: TurnRequest, cancel: threading.Event, clock: Clock, t0: float,
+    timings: dict[str, float],
+) -> Iterator[Event]:
+    """Echo: the transcript spoken back, split as any text is."""
+    t = clock()
+    pieces = engine.speak(text, voice=req.voice, cancel=cancel)
     try:
-        for piece, audio in pieces:
-            clock.mark("tts_first", t)
-            pcm = audio.resample(SPEECH_OUT_RATE).to_pcm16()
-            header = {"type": "audio", "text": piece, "sample_rate": SPEECH_OUT_RATE, "format": "pcm16"}
-            emit(header, pcm)
-            clock.mark("first_audio", clock.started)
+        for piece in pieces:
+            now = clock()
+            timings.setdefault("tts_first", now - t)
+            timings.setdefault("first_audio", now - t0)
+            timings["tts"] = timings.get("tts", 0.0) + now - t
+            yield ReplyAudio(now, req.turn, piece.text, piece.audio)
+            if cancel.is_set():
+                break
+            t = clock()
     finally:
         close_iterator(pieces)
+    return text
 
 
 def _chat_and_speak(
-    backend: Backend,
+    engine: Engine,
     messages: list[Message],
     req: TurnRequest,
-    emit: Emit,
     cancel: threading.Event,
-    clock: _Clock,
-) -> str:
-    """Tokens are emitted as they come (LLM thread); sentences are spoken here meanwhile."""
-    sentences: queue.Queue[str | BaseException | None] = queue.Queue()
-    parts: list[str] = []
+    clock: Clock,
+    t0: float,
+    timings: dict[str, float],
+    tts: TtsConfig,
+) -> Iterator[Event]:
+    out: queue.Queue[Any] = queue.Queue()  # events, an exception, or _END from each worker
+    pieces: queue.Queue[str | None] = queue.Queue()
+    tokens: list[str] = []
+    n = req.turn
 
     def generate() -> None:
-        splitter = SentenceStream()
-        t = time.monotonic()
-        tokens = backend.chat(messages, req.options, cancel)
+        splitter = SentenceStream(tts.first_clause_chars, tts.first_words)
+        t = clock()
+        stream = None
         try:
-            for token in tokens:
-                clock.mark("llm_first_token", t)
-                parts.append(token)
-                emit({"type": "token", "text": token}, b"")
-                for sentence in splitter.feed(token):
-                    sentences.put(sentence)
-            for sentence in splitter.flush():
-                sentences.put(sentence)
-            clock.timings["llm"] = clock.since(t)
-            sentences.put(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the speaking thread, which raises it
-            sentences.put(exc)
+            stream = engine.chat(messages, options=req.options, cancel=cancel)
+            for token in stream:
+                timings.setdefault("llm_first_token", clock() - t)
+                tokens.append(token)
+                out.put(ReplyToken(clock(), n, token))
+                for piece in splitter.feed(token):
+                    pieces.put(piece)
+                if cancel.is_set():
+                    break
+            if not cancel.is_set():
+                for piece in splitter.flush():
+                    pieces.put(piece)
+            timings["llm"] = clock() - t
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            out.put(exc)
         finally:
-            close_iterator(tokens)
+            close_iterator(stream)
+            pieces.put(None)
+            out.put(_END)
 
-    llm = threading.Thread(target=generate, name="moi-turn-llm", daemon=True)
-    llm.start()
+    def speak() -> None:
+        try:
+            while (piece := pieces.get()) is not None:
+                if cancel.is_set():
+                    continue  # drain: the LLM thread still puts its end marker
+                t = clock()
+                spoken = engine.speak(piece, voice=req.voice, split=False, cancel=cancel)
+                try:
+                    for s in spoken:
+                        now = clock()
+                        timings.setdefault("tts_first", now - t)
+                        timings.setdefault("first_audio", now - t0)
+                        timings["tts"] = timings.get("tts", 0.0) + now - t
+                        out.put(ReplyAudio(now, n, s.text, s.audio))
+                        t = clock()
+                finally:
+                    close_iterator(spoken)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            out.put(exc)
+            cancel.set()  # the reply cannot be spoken: stop generating it
+            while pieces.get() is not None:
+                pass
+        finally:
+            out.put(_END)
+
+    workers = [
+        threading.Thread(target=generate, name="moi-turn-llm", daemon=True),
+        threading.Thread(target=speak, name="moi-turn-tts", daemon=True),
+    ]
+    for w in workers:
+        w.start()
+    running = len(workers)
     try:
-        while (item := sentences.get()) is not None:
-            if isinstance(item, BaseException):
+        while running:
+            item = out.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, BaseException):
                 raise item
-            _speak(backend, item, req, emit, cancel, clock)
-    except BaseException:
-        cancel.set()  # stop the LLM too: this turn is over
-        raise
+            else:
+                yield item
     finally:
-        llm.join()
-    return "".join(parts).strip()
+        if running:  # closed early or failed: this turn is over, stop both workers
+            cancel.set()
+        for w in workers:
+            w.join()
+    return "".join(tokens).strip()
+
+
+__all__ = ["run_turn"]

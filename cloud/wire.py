@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -18,6 +18,7 @@ from shared.text import timestamp
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 SPEECH_FORMATS = ("wav", "pcm")
+SPEECH_OUT_RATE = 24_000  # Kokoro's rate: /v1/audio/speech and /v1/turn audio frames use it
 PCM_TYPES = frozenset({"audio/l16", "audio/pcm"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -67,6 +68,22 @@ class ChatBody(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)
     stream_options: dict[str, Any] | None = None
+
+
+class TurnBody(BaseModel):
+    """The ``request`` part of a ``/v1/turn`` upload (JSON): the conversation so far (the system
+    prompt first, once), the reply options, and the client's turn number."""
+
+    model_config = ConfigDict(extra="ignore")
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    seed: int | None = None
+    repeat_penalty: float | None = Field(None, ge=0.5, le=2.0)
+    voice: str | None = None
+    language: str | None = None
+    variant: Literal["chat", "echo", "transcribe"] = "chat"
+    turn: int = Field(0, ge=0)
 
 
 class SpeechBody(BaseModel):

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from cloud.stt import SpeechToText
-from local.longform import BatchModels, FileOptions, Result, error_result, transcribe_one
+from cloud.longform import BatchModels, FileOptions, Result, error_result, transcribe_one
 from local.transcripts import FORMATS, MANIFEST_NAME, RENDER, Manifest, clean_stale_temps, write_atomic
-from local.vad import SileroVad
+from cloud.vad import SileroVad
 from shared.config import Config, SttConfig, VadConfig
 from shared.errors import AudioError, ConfigError, EngineError
 from shared.models import ResolvedModel, resolve

@@ -10,12 +10,12 @@ path, unknown format, no Modal token for ``--remote``, no model installed).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -34,20 +34,16 @@ from local.batch import (
     worker_spec,
 )
 from local.transcripts import parse_formats
-from shared.config import Config
+from shared.config import MODAL_APP, Config
 from shared.errors import MoiError
 
 err = Console(stderr=True, highlight=False)
 
-MODAL_APP, MODAL_CLASS = "moi", "Transcriber"
-NO_TOKEN = (
-    "--remote needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET), "
-    "deploy once with `modal deploy modal_app.py`, then run this again"
-)
+MODAL_CLASS = "Transcriber"
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]moi: error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]moi: error:[/] {escape(message)}", soft_wrap=True)  # library text is not markup
     return typer.Exit(code)
 
 
@@ -96,17 +92,14 @@ def transcribe(
 
 def _modal() -> tuple[Mapper, tuple[type[BaseException], ...]]:
     """The deployed Transcriber's ``transcribe_file`` as a mapper, and the errors Modal raises;
-    one clear line when Modal is not set up. (The one place outside modal_app.py that imports
-    modal: the CLI looks the deployed class up by name and needs nothing else of it.)"""
+    one clear line when Modal is not set up."""
+    from local.deployed import transcriber
+
     try:
-        import modal
-        from modal.config import config
-    except ImportError:
-        raise _fail("--remote needs the Modal client: pip install 'moi[modal]'") from None
-    if not (config.get("token_id") or os.environ.get("MODAL_TOKEN_ID")):
-        raise _fail(NO_TOKEN)
-    transcriber = modal.Cls.from_name(MODAL_APP, MODAL_CLASS)()
-    return modal_mapper(transcriber.transcribe_file), (ConnectionError, modal.exception.Error)
+        found, errors = transcriber("--remote")
+    except MoiError as exc:
+        raise _fail(str(exc)) from None
+    return modal_mapper(found.transcribe_file), errors
 
 
 def _minutes(seconds: float) -> str:

@@ -13,9 +13,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.config import Config
+from shared.engine import Engine
 from shared.errors import MoiError
 
 SAMPLE = Path(__file__).parent / "assets" / "sample.flac"
@@ -50,7 +52,7 @@ def _register_commands() -> None:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]moi: error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]moi: error:[/] {escape(message)}", soft_wrap=True)  # library text is not markup
     return typer.Exit(code)
 
 
@@ -78,7 +80,7 @@ def main(
     save_reply: Optional[Path] = typer.Option(None, "--save-reply", help="Write the spoken reply to this WAV."),
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     meters: bool = typer.Option(True, "--meters/--no-meters", help="Include meter ticks in --json output."),
-    voice: Optional[str] = typer.Option(None, "--voice", help="Kokoro voice (see `moi models`)."),
+    voice: Optional[str] = typer.Option(None, "--voice", help="Kokoro voice: `moi models` lists the installed ones."),
     language: Optional[str] = typer.Option(None, "--language", help="Spoken language (Whisper code)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest reply in tokens."),
     llm_backend: Optional[str] = typer.Option(None, "--llm-backend", help="llama_cpp | transformers | auto"),
@@ -116,7 +118,8 @@ def main(
             player = Player(output_device) if output in (None, "speaker") else None
             mode = "json" if as_json else "quiet" if quiet else "view"
             code = run_live(
-                cfg, source, player, variant=pipeline, barge_in=barge_in, mode=mode, save_reply=save_reply, engine=engine
+                cfg, source, player, variant=pipeline, barge_in=barge_in, mode=mode, save_reply=save_reply,
+                engine=engine, hears_player=input == "mic",
             )
     except MoiError as exc:
         raise fail(str(exc)) from None
@@ -160,31 +163,36 @@ def models(
         print(json.dumps(rows, indent=2))
     else:
         table = Table("role", "model", "source", "format", "size", "path")
+        table.columns[-1].overflow = "fold"  # a path wraps onto the next line, never cut to "…"
         for r in rows:
             if "error" in r:
-                table.add_row(r["role"], f"[red]{r['error']}[/]", "", "", "", "")
+                table.add_row(r["role"], f"[red]{escape(r['error'])}[/]", "", "", "", "")
             else:
-                table.add_row(r["role"], r["name"], r["source"], r["format"], f"{r['size_mb']} MB", r["path"])
-        Console().print(table)
+                table.add_row(r["role"], escape(r["name"]), r["source"], r["format"], f"{r['size_mb']} MB",
+                              escape(r["path"]))
+        out = Console()
+        out.print(table)
+        for r in rows:
+            if r.get("voices"):
+                out.print(f"tts voices (--voice, MOI_TTS_VOICE): {', '.join(r['voices'])}", soft_wrap=True)
     raise typer.Exit(1 if missing else 0)
 
 
-def _remote_engine(cfg: Config, url: str | None, api_key: str | None, fallback: bool):  # noqa: ANN202
-    from local.engine import BackendEngine, LocalEngine
-    from local.remote import FallbackEngine, RemoteConfig, RemoteEngine
+def _remote_engine(cfg: Config, url: str | None, api_key: str | None, fallback: bool) -> Engine:
+    """The engine for --remote: HTTP to a gateway (one request per turn), local fallback unless
+    --no-fallback. ``--url modal`` finds the deployed Modal gateway's URL by name."""
+    from cloud.engine import LocalEngine
+    from local.remote import FallbackEngine, HttpEngine, RemoteConfig
 
     if not url:
         raise MoiError("--remote needs a gateway: --url URL (or MOI_REMOTE_URL), or --url modal")
     if url == "modal":
-        try:
-            from modal_app import ModalBackend
-        except ImportError as exc:
-            raise MoiError(f"--url modal needs the Modal SDK: pip install 'moi[modal]' ({exc})") from exc
-        primary = BackendEngine(ModalBackend.deployed(), "modal")
-    else:
-        if not url.startswith(("http://", "https://")):
-            raise MoiError(f"--url must be http(s)://… or 'modal', not {url!r}")
-        primary = RemoteEngine(RemoteConfig(url, api_key))
+        from local.deployed import gateway_url
+
+        url = gateway_url("--url modal")
+    elif not url.startswith(("http://", "https://")):
+        raise MoiError(f"--url must be http(s)://… or 'modal', not {url!r}")
+    primary = HttpEngine(RemoteConfig(url, api_key))
     return FallbackEngine(primary, LocalEngine(cfg)) if fallback else primary
 
 
@@ -198,19 +206,19 @@ def serve(
     """Serve the OpenAI-compatible gateway over the in-process models (a home GPU box, a laptop)."""
     import uvicorn
 
-    from cloud.http import RunnerBackend, create_app
-    from cloud.runners import Runners
+    from cloud.engine import LocalEngine
+    from cloud.http import create_app
 
     try:
-        runners = Runners(Config.load())
+        engine = LocalEngine(Config.load())
         if preload:
             with err.status("loading stt, llm, tts models…"):
-                runners.warm()
+                engine.warm()
     except MoiError as exc:
         raise fail(str(exc)) from None
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         err.print("[yellow]warning:[/] serving beyond loopback with no --api-key: anyone who can reach it can use it")
-    uvicorn.run(create_app(RunnerBackend(runners), api_key=api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")
 
 
 @app.command()

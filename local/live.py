@@ -7,13 +7,16 @@ caller's, which reads :attr:`LiveSession.events` to draw a view.
 Barge-in modes, because a laptop's microphone hears its own speaker:
 - ``half`` (default, safe on laptop speakers): half-duplex. While moi is answering, the
   microphone's speech is shown but not acted on, so moi's own voice never starts a turn or
-  cuts itself off. Stop (key or button) still cuts the reply.
+  cuts itself off. Stop (key or button) still cuts the reply. A source that cannot hear the
+  speaker (a file played in real time, ``hears_player=False``) is not muted: its utterances
+  wait their turn instead.
 - ``full`` (headsets): speech from the user while moi answers stops playback at once, cancels
   the rest of the reply (LLM generation and pending TTS), and becomes the next turn.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -26,6 +29,7 @@ from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechStarted, Status
 
 BARGE_IN_MODES = ("half", "full")
+log = logging.getLogger("moi.live")
 
 
 class LiveSession:
@@ -36,6 +40,7 @@ class LiveSession:
         player: Player | None = None,
         *,
         barge_in: str = "half",
+        hears_player: bool = True,
         status_every_s: float = 0.1,
     ) -> None:
         if barge_in not in BARGE_IN_MODES:
@@ -44,6 +49,7 @@ class LiveSession:
         self.source = source
         self.player = player
         self.barge_in = barge_in
+        self.hears_player = hears_player  # a microphone near the speaker: half-duplex mutes it
         self.status_every_s = status_every_s
         self.events: queue.Queue[Event | None] = queue.Queue()  # None: the session ended
         self.clock = Clock(time.monotonic())
@@ -101,7 +107,7 @@ class LiveSession:
                 if self._done.is_set():
                     break
                 if isinstance(item, Audio):
-                    if self.answering and self.barge_in == "half":
+                    if self.answering and self.barge_in == "half" and self.hears_player:
                         continue  # moi's own voice, or speech over it: shown, not acted on
                     self._utterances.put(item)
                     continue
@@ -111,31 +117,39 @@ class LiveSession:
                 if self.clock() >= next_status:
                     next_status = self.clock() + self.status_every_s
                     self.events.put(self._status())
-        except MoiError as exc:  # the device went away, or similar: say so and end
-            self.events.put(ErrorEvent(self.clock(), str(exc)))
+        except Exception as exc:  # noqa: BLE001 - the device went away, or worse: say so and end
+            log.debug("listening failed", exc_info=exc)
+            self.events.put(ErrorEvent(self.clock(), str(exc) if isinstance(exc, MoiError) else f"listening failed: {exc!r}"))
         finally:
             self._done.set()
             self._utterances.put(None)
 
     def _answer(self) -> None:
-        while True:
-            utterance = self._utterances.get()
-            if utterance is None:
-                break
-            self._busy.set()
-            try:
-                self._turn = self.pipeline.turns + 1
-                for ev in self.pipeline.turn(utterance, self.clock):
-                    if isinstance(ev, ReplyAudio):
-                        self.reply_audio.append(ev)
-                        if self.player is not None and not self.pipeline.cancel.is_set():
-                            self.player.play(ev.audio)
-                    self.events.put(ev)
-                    if self._done.is_set():
-                        break
-            finally:
-                self._busy.clear()
-        self.events.put(None)
+        """The turn worker: one utterance after another. Nothing ends it but the session: a turn
+        that fails becomes an error event, and the end-of-session signal always goes out."""
+        try:
+            while True:
+                utterance = self._utterances.get()
+                if utterance is None:
+                    break
+                self._busy.set()
+                try:
+                    self._turn = self.pipeline.turns + 1
+                    for ev in self.pipeline.turn(utterance, self.clock):
+                        if isinstance(ev, ReplyAudio):
+                            self.reply_audio.append(ev)
+                            if self.player is not None and not self.pipeline.cancel.is_set():
+                                self.player.play(ev.audio)
+                        self.events.put(ev)
+                        if self._done.is_set():
+                            break
+                except Exception as exc:  # noqa: BLE001 - e.g. the player failed: report it, take the next turn
+                    log.debug("turn %d failed", self._turn, exc_info=exc)
+                    self.events.put(ErrorEvent(self.clock(), f"turn failed: {exc!r}", self._turn))
+                finally:
+                    self._busy.clear()
+        finally:
+            self.events.put(None)
 
     def _status(self) -> Status:
         overflows = getattr(self.source, "overflows", 0)

@@ -1,12 +1,16 @@
-"""The pipeline: source → meter → VAD → meter → STT → LLM → TTS → sink, as one event stream.
+"""The pipeline: source → meter → VAD → meter → utterance → ``engine.turn`` → events.
 
-Variants (the seed talk's build-up): ``transcribe`` stops at the transcript, ``echo`` has
-Kokoro speak back what Whisper heard, ``chat`` answers through SmolLM2 in a running thread.
-Every event carries ``t``, seconds on a monotonic clock since the run started.
+The listening half (meters before and after the VAD, the Silero segmenter cutting utterances)
+runs here; each utterance is handed to the engine's turn (:mod:`cloud.turn`, wherever the
+engine runs) with the conversation so far, and the thread learns each exchange. Variants (the
+seed talk's build-up): ``transcribe`` stops at the transcript, ``echo`` has Kokoro speak back
+what Whisper heard, ``chat`` answers through SmolLM2. Every event carries ``t``, seconds on a
+monotonic clock since the run started.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -15,29 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from local.engine import Engine
+from cloud.vad import Segmenter, SpeechEnd, SpeechStart
 from local.meter import LevelMeter
-from local.vad import Segmenter, SpeechEnd, SpeechStart
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
+from shared.engine import VARIANTS, Engine, TurnRequest
 from shared.errors import MoiError
-from shared.events import (
-    ErrorEvent,
-    Event,
-    FallbackUsed,
-    MeterTick,
-    ReplyAudio,
-    ReplyText,
-    ReplyToken,
-    SpeechEnded,
-    SpeechStarted,
-    Transcript,
-    TurnDone,
-)
+from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio, ReplyText, SpeechEnded, SpeechStarted, Transcript
 from shared.messages import ChatOptions, Thread
-from shared.text import SentenceStream
 
-VARIANTS = ("transcribe", "echo", "chat")
+log = logging.getLogger("moi.pipeline")
 
 
 def file_source(path: str | Path, chunk_s: float = 0.1) -> Iterator[Audio]:
@@ -115,75 +106,49 @@ class Pipeline:
                 yield ev.audio
 
     def turn(self, utterance: Audio, clock: Clock | None = None) -> Iterator[Event]:
-        """One utterance through STT (→ LLM) (→ TTS); errors end the turn, not the run."""
+        """One utterance through ``engine.turn``; the thread learns the exchange. Any failure,
+        whatever raised it, ends this turn with an ``ErrorEvent``, never the run."""
         clock = clock or Clock(time.monotonic())
         self.turns += 1
-        n, t0 = self.turns, clock()
-        timings: dict[str, float] = {}
+        n = self.turns
         self.cancel.clear()
-        if hasattr(self.engine, "begin_turn"):
-            self.engine.begin_turn()
-        try:
-            transcription = self.engine.transcribe(utterance, language=self.cfg.stt.language)
-            timings["stt"] = clock() - t0
-            yield Transcript(clock(), n, transcription.text, transcription.language)
-            if transcription.text and self.variant == "echo":
-                yield ReplyText(clock(), n, transcription.text)
-                yield from self._speak_all([transcription.text], n, t0, timings, clock)
-            elif transcription.text and self.variant == "chat":
-                yield from self._chat(transcription.text, n, t0, timings, clock)
-            timings["total"] = clock() - t0
-            yield from self._fallback_notice(n, clock)
-            yield TurnDone(clock(), n, self.engine.name, timings)
-        except MoiError as exc:
-            self.failures += 1
-            self.thread.drop_last_user()
-            yield from self._fallback_notice(n, clock)
-            yield ErrorEvent(clock(), str(exc), n)
-
-    def _fallback_notice(self, n: int, clock: Clock) -> Iterator[Event]:
-        reasons = getattr(self.engine, "reasons", None)
-        if reasons:
-            yield FallbackUsed(clock(), n, self.engine.name, reasons[0])
-
-    def _chat(self, text: str, n: int, t0: float, timings: dict[str, float], clock: Clock) -> Iterator[Event]:
         llm = self.cfg.llm
-        self.thread.add_user(text)
-        options = ChatOptions(
-            max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed, repeat_penalty=llm.repeat_penalty
+        request = TurnRequest(
+            messages=tuple(self.thread.messages()),
+            options=ChatOptions(
+                max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed,
+                repeat_penalty=llm.repeat_penalty,
+            ),
+            variant=self.variant,
+            voice=None if self.cfg.tts.voice == "auto" else self.cfg.tts.voice,
+            language=self.cfg.stt.language,
+            turn=n,
         )
-        sentences = SentenceStream(self.cfg.tts.first_clause_chars, self.cfg.tts.first_words)
-        reply: list[str] = []
-        t_llm = clock()
-        for token in self.engine.chat(self.thread.messages(), options=options, cancel=self.cancel):
-            timings.setdefault("llm_first_token", clock() - t_llm)
-            reply.append(token)
-            yield ReplyToken(clock(), n, token)
-            for piece in sentences.feed(token):
-                yield from self._speak_all([piece], n, t0, timings, clock)
-            if self.cancel.is_set():
-                break
-        timings["llm"] = clock() - t_llm - timings.get("tts", 0.0)
-        text_out = "".join(reply).strip()
-        if not self.cancel.is_set():
-            yield from self._speak_all(sentences.flush(), n, t0, timings, clock)
-        self.thread.add_assistant(text_out)
-        yield ReplyText(clock(), n, text_out, cancelled=self.cancel.is_set())
+        heard = ""
+        events = self.engine.turn(utterance, request, cancel=self.cancel, clock=clock)
+        try:
+            for ev in events:
+                if isinstance(ev, Transcript):
+                    heard = ev.text
+                elif isinstance(ev, ReplyText) and heard and self.variant == "chat" and ev.text:
+                    self.thread.add_exchange(heard, ev.text)
+                yield ev
+        except Exception as exc:  # noqa: BLE001 - the stage boundary: report it, go on with the next turn
+            self.failures += 1
+            log.debug("turn %d failed", n, exc_info=exc)  # the traceback, for whoever turns logging on
+            yield ErrorEvent(clock(), _describe(exc), n)
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
 
-    def _speak_all(
-        self, pieces: list[str], n: int, t0: float, timings: dict[str, float], clock: Clock
-    ) -> Iterator[Event]:
-        for piece in pieces:
-            t = clock()
-            for audio in self.engine.speak(piece, voice=self.cfg.tts.voice, cancel=self.cancel):
-                now = clock()
-                timings.setdefault("tts_first", now - t)
-                timings.setdefault("first_audio", now - t0)
-                timings["tts"] = timings.get("tts", 0.0) + (now - t)
-                yield ReplyAudio(now, n, piece, audio)
-                t = clock()
-            if self.cancel.is_set():
-                return
+
+def _describe(exc: BaseException) -> str:
+    """One line for people: a MoiError's own message, else the exception's kind and text."""
+    if isinstance(exc, MoiError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def reply_audio(events: Iterable[Event], gap_s: float = 0.3) -> Audio | None:

@@ -1,31 +1,45 @@
-"""Engines that run somewhere else: any OpenAI-compatible gateway over HTTP, with failover.
+"""Engines that run somewhere else: our gateway (or any OpenAI-compatible one) over HTTP, and failover.
 
-:class:`RemoteEngine` speaks the plain OpenAI audio/chat API (``/v1/audio/transcriptions``,
-``/v1/chat/completions`` streamed over SSE, ``/v1/audio/speech`` streamed as PCM), so it works
-against our gateway (on Modal or ``moi serve``) and against any server that speaks that API.
-Segments travel as compact PCM16 WAV.
+:class:`HttpEngine` answers a turn with **one** request to ``/v1/turn``: the utterance goes up
+as PCM16 with the conversation, and the turn's events (transcript, tokens, reply audio,
+timings) stream back as frames (:mod:`shared.wire`) as soon as the server has them, so the
+first reply audio leaves the server the moment it is synthesized. Its single calls use the
+plain OpenAI endpoints (``/v1/audio/transcriptions``, ``/v1/chat/completions`` over SSE,
+``/v1/audio/speech``), so they work against any server that speaks that API.
 
-:class:`FallbackEngine` wraps two engines: the utterance is the unit of work. A primary that
-fails before its first byte (connect error, 5xx, timeout, a cold start past the deadline) is
-retried on the fallback with the same input; a failure after the first byte of a streamed
-answer ends the turn with a clear message (no half-reply spoken twice). A breaker keeps the
-primary out for ``cooldown_s`` after a failure, then lets one call probe it again.
+:class:`FallbackEngine` wraps two engines: the utterance is the unit of work (see its doc). A
+:class:`Breaker` keeps a failed primary out for ``cooldown_s``, then lets one turn probe it.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import httpx
 
 from shared.audio import SPEECH_RATE, Audio
+from shared.engine import Clock, Engine, Speech, TurnRequest, monotonic_clock
 from shared.errors import EngineError
-from shared.messages import ChatOptions, Message, Segment, Transcription
+from shared.events import (
+    ErrorEvent,
+    Event,
+    FallbackUsed,
+    ReplyAudio,
+    ReplyText,
+    ReplyToken,
+    Transcript,
+    TurnDone,
+    from_wire,
+)
+from shared.messages import ChatOptions, Message, Segment, Transcription, Word
+from shared.wire import FrameReader
 
 KOKORO_RATE = 24_000
 T = TypeVar("T")
@@ -40,8 +54,9 @@ class RemoteConfig:
     read_timeout_s: float = 30.0
 
 
-class RemoteEngine:
-    """The Engine protocol over an OpenAI-compatible HTTP gateway."""
+class HttpEngine:
+    """The Engine protocol over HTTP: a turn is one ``/v1/turn`` request; transcribe, chat and
+    speak use the standard OpenAI endpoints (so they work against any such server)."""
 
     name = "remote"
 
@@ -53,16 +68,20 @@ class RemoteEngine:
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         timeout = httpx.Timeout(cfg.first_byte_s, connect=cfg.connect_timeout_s)
         self.client = client or httpx.Client(base_url=base, headers=headers, timeout=timeout)
+        self._models: list[dict] | None = None
 
     def close(self) -> None:
         self.client.close()
+
+    def warm(self, roles: tuple[str, ...] = ("stt", "llm", "tts")) -> None:
+        """Nothing loads here: the server holds the models."""
 
     def _fail(self, what: str, exc: Exception) -> EngineError:
         if isinstance(exc, httpx.HTTPStatusError):
             try:
                 message = exc.response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = exc.response.text[:200]
+            except (ValueError, KeyError, TypeError, httpx.ResponseNotRead):
+                message = exc.response.text[:200] if exc.response.is_stream_consumed else ""
             return EngineError(f"{what}: HTTP {exc.response.status_code} from {self.cfg.url}: {message}")
         return EngineError(f"{what}: {type(exc).__name__} talking to {self.cfg.url}: {exc}")
 
@@ -73,29 +92,122 @@ class RemoteEngine:
         except httpx.HTTPError:
             return False
 
-    def transcribe(self, audio: Audio, *, language: str | None = None) -> Transcription:
+    # --- a turn: one request, frames streamed back ---------------------------------------
+
+    def turn(
+        self, audio: Audio, request: TurnRequest, *, cancel: threading.Event, clock: Clock | None = None
+    ) -> Iterator[Event]:
+        """POST the utterance (PCM16) with the conversation; yield each frame's event as it
+        arrives. Stop (``cancel``) shuts the connection at once, and the server, seeing the
+        client gone, stops generating; this side then ends the turn as cancelled."""
+        clock = clock or monotonic_clock()
+        t0 = clock()
+        body = {
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": request.options.max_tokens,
+            "temperature": request.options.temperature,
+            "seed": request.options.seed,
+            "repeat_penalty": request.options.repeat_penalty,
+            "voice": request.voice,
+            "language": request.language,
+            "variant": request.variant,
+            "turn": request.turn,
+        }
+        pcm = audio.resample(SPEECH_RATE).to_pcm16()
+        files = {"audio": ("utterance.pcm", pcm, f"audio/L16;rate={SPEECH_RATE}")}
+        tokens: list[str] = []
+        first_audio: float | None = None
+        ended = False
+        try:
+            with self.client.stream("POST", "/turn", data={"request": json.dumps(body)}, files=files) as r:
+                if r.is_error:
+                    r.read()
+                    r.raise_for_status()
+                with _shut_on(cancel, r):
+                    reader = FrameReader()
+                    for chunk in r.iter_bytes():
+                        for header, payload in reader.feed(chunk):
+                            ev = from_wire(header, payload, clock())
+                            if isinstance(ev, ErrorEvent):
+                                raise EngineError(f"turn: {ev.message} (from {self.cfg.url})")
+                            if isinstance(ev, ReplyToken):
+                                tokens.append(ev.text)
+                            elif isinstance(ev, ReplyAudio) and first_audio is None:
+                                first_audio = clock() - t0
+                            elif isinstance(ev, TurnDone):  # as this side saw it, not the server
+                                timings = {**ev.timings, "total": round(clock() - t0, 3)}
+                                if first_audio is not None:
+                                    timings["first_audio"] = round(first_audio, 3)
+                                ev = replace(ev, engine=self.name, timings=timings)
+                                ended = True
+                            yield ev
+                    reader.close()
+        except (httpx.HTTPError, ValueError, EngineError) as exc:
+            if not cancel.is_set():
+                raise exc if isinstance(exc, EngineError) else self._fail("turn", exc) from exc
+        if not ended:
+            if not cancel.is_set():
+                raise EngineError(f"turn: the stream from {self.cfg.url} ended before the turn did")
+            if request.variant == "chat" and tokens:  # Stop: the turn ends here, as a local one would
+                yield ReplyText(clock(), request.turn, "".join(tokens).strip(), cancelled=True)
+            yield TurnDone(clock(), request.turn, self.name, {"total": round(clock() - t0, 3)})
+
+    # --- the OpenAI endpoints ------------------------------------------------------------
+
+    def models(self) -> list[dict]:
+        if self._models is None:
+            try:
+                r = self.client.get("/models", timeout=self.cfg.connect_timeout_s + self.cfg.first_byte_s)
+                r.raise_for_status()
+                self._models = list(r.json()["data"])
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                raise self._fail("models", exc) from exc
+        return self._models
+
+    def voices(self) -> list[str]:
+        return [v for m in self.models() if m.get("role") == "tts" for v in m.get("voices", ())]
+
+    def transcribe(
+        self, audio: Audio, *, language: str | None = None, prompt: str | None = None,
+        word_timestamps: bool = False,
+    ) -> Transcription:
         wav = audio.resample(SPEECH_RATE).to_wav()
-        data = {"model": "whisper-1", "response_format": "verbose_json"}
+        data: dict[str, Any] = {"model": "whisper-1", "response_format": "verbose_json"}
         if language:
             data["language"] = language
+        if prompt:
+            data["prompt"] = prompt
+        if word_timestamps:
+            data["timestamp_granularities[]"] = ["segment", "word"]
         try:
             r = self.client.post("/audio/transcriptions", files={"file": ("utterance.wav", wav, "audio/wav")}, data=data)
             r.raise_for_status()
             body = r.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise self._fail("transcription", exc) from exc
-        segments = tuple(
-            Segment(s["start"], s["end"], s["text"].strip(), s.get("avg_logprob", 0.0), s.get("no_speech_prob", 0.0))
-            for s in body.get("segments") or ()
-        )
-        return Transcription(body.get("text", "").strip(), segments, body.get("language"), body.get("duration", audio.seconds))
+        try:
+            segments = tuple(
+                Segment(
+                    s["start"], s["end"], s["text"].strip(), s.get("avg_logprob", 0.0), s.get("no_speech_prob", 0.0),
+                    words=tuple(
+                        Word(w["start"], w["end"], w["word"], w.get("probability", 1.0))
+                        for w in body.get("words") or () if s["start"] <= w["start"] < s["end"]
+                    ),
+                )
+                for s in body.get("segments") or ()
+            )
+            return Transcription(
+                str(body.get("text", "")).strip(), segments, body.get("language"), body.get("duration", audio.seconds)
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"transcription: an answer of an unexpected shape from {self.cfg.url}: {exc!r}") from exc
 
     def chat(
-        self, thread: Sequence[Message], *, options: ChatOptions, cancel: threading.Event | None = None
+        self, messages: Sequence[Message], *, options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
         payload = {
             "model": "smollm2",
-            "messages": [{"role": m.role, "content": m.content} for m in thread],
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
             "stream": True,
             "max_tokens": options.max_tokens,
             "temperature": options.temperature,
@@ -118,12 +230,19 @@ class RemoteEngine:
                     piece = (chunk["choices"][0].get("delta") or {}).get("content")
                     if piece:
                         yield piece
-        except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise self._fail("chat", exc) from exc
 
-    def speak(self, text: str, *, voice: str | None = None, cancel: threading.Event | None = None) -> Iterator[Audio]:
+    def speak(
+        self, text: str, *, voice: str | None = None, speed: float | None = None,
+        cancel: threading.Event | None = None, split: bool = True,
+    ) -> Iterator[Speech]:
+        """The speech of ``text`` in pieces of at least 100 ms as they stream in (OpenAI's
+        endpoint splits as it likes: ``split`` has no say over HTTP)."""
         payload = {"model": "kokoro", "input": text, "voice": voice or "auto", "response_format": "pcm"}
-        min_bytes = KOKORO_RATE // 10 * 2  # hand on audio in pieces of at least 100 ms
+        if speed is not None:
+            payload["speed"] = speed
+        min_bytes = KOKORO_RATE // 10 * 2
         try:
             with self.client.stream("POST", "/audio/speech", json=payload) as r:
                 r.raise_for_status()
@@ -134,10 +253,10 @@ class RemoteEngine:
                     pending += chunk
                     if len(pending) >= min_bytes:
                         cut = len(pending) - len(pending) % 2
-                        yield Audio.from_pcm16(pending[:cut], KOKORO_RATE)
+                        yield Speech(text, Audio.from_pcm16(pending[:cut], KOKORO_RATE))
                         pending = pending[cut:]
                 if len(pending) >= 2:
-                    yield Audio.from_pcm16(pending[: len(pending) - len(pending) % 2], KOKORO_RATE)
+                    yield Speech(text, Audio.from_pcm16(pending[: len(pending) - len(pending) % 2], KOKORO_RATE))
         except httpx.HTTPError as exc:
             raise self._fail("speech", exc) from exc
 
@@ -169,29 +288,66 @@ class Breaker:
 
 
 class FallbackEngine:
-    """``primary`` (e.g. remote) with ``fallback`` (e.g. local) taking over failed calls."""
+    """``primary`` (e.g. remote) with ``fallback`` (e.g. local) taking over failed work.
 
-    def __init__(self, primary, fallback, breaker: Breaker | None = None) -> None:  # noqa: ANN001 - Engines
+    The utterance is the unit of work. A turn whose primary fails before any of the reply
+    (connect error, HTTP error, a cold start past the first-byte deadline, the server dying
+    after the transcript) is answered by the fallback with the same audio, or from the
+    transcript the primary already gave; a failure after reply tokens or audio went out ends
+    the turn with one clear error (no half-reply spoken twice). Each turn's ``TurnDone`` names
+    who answered it: ``remote``, ``remote → local`` (fell back in this turn) or ``local (remote
+    down)`` (the breaker kept the primary out).
+    """
+
+    def __init__(self, primary: Engine, fallback: Engine, breaker: Breaker | None = None) -> None:
         self.primary = primary
         self.fallback = fallback
         self.breaker = breaker or Breaker()
-        self.fell_back = False  # within the current turn
-        self.reasons: list[str] = []
 
     @property
     def name(self) -> str:
-        if self.fell_back:
-            return f"{self.primary.name} → {self.fallback.name}"
-        return self.primary.name if self.breaker.allows else f"{self.fallback.name} ({self.primary.name} down)"
+        """Who would answer now (for a status badge); each turn says who actually did."""
+        return self.primary.name if self.breaker.allows else self._down
 
-    def begin_turn(self) -> None:
-        self.fell_back = False
-        self.reasons = []
+    @property
+    def _down(self) -> str:
+        return f"{self.fallback.name} ({self.primary.name} down)"
 
-    def _switch(self, exc: Exception) -> None:
-        self.breaker.failure()
-        self.fell_back = True
-        self.reasons.append(str(exc))
+    @property
+    def _switched(self) -> str:
+        return f"{self.primary.name} → {self.fallback.name}"
+
+    def warm(self, roles: tuple[str, ...] = ("stt", "llm", "tts")) -> None:
+        self.primary.warm(roles)
+        self.fallback.warm(roles)
+
+    def turn(
+        self, audio: Audio, request: TurnRequest, *, cancel: threading.Event, clock: Clock | None = None
+    ) -> Iterator[Event]:
+        clock = clock or monotonic_clock()
+        if not self.breaker.allows:
+            yield from _labelled(self.fallback.turn(audio, request, cancel=cancel, clock=clock), self._down)
+            return
+        heard: str | None = None
+        replied = False
+        try:
+            for ev in self.primary.turn(audio, request, cancel=cancel, clock=clock):
+                if isinstance(ev, Transcript):
+                    heard = ev.text
+                elif isinstance(ev, (ReplyToken, ReplyAudio, ReplyText)):
+                    replied = True
+                yield ev
+        except Exception as exc:  # noqa: BLE001 - any failure of the primary is the fallback's cue
+            self.breaker.failure()
+            if replied:  # the reply is half out: end the turn rather than say it twice
+                raise EngineError(f"the reply failed mid-way on {self.primary.name}: {exc}") from exc
+            yield FallbackUsed(clock(), request.turn, self._switched, str(exc))
+            rest = request if heard is None else replace(request, text=heard)
+            yield from _labelled(self.fallback.turn(audio, rest, cancel=cancel, clock=clock), self._switched)
+            return
+        self.breaker.success()
+
+    # --- single calls (the gateway's endpoints over a failover pair) ---------------------
 
     def _call(self, primary: Callable[[], T], fallback: Callable[[], T]) -> T:
         if self.breaker.allows:
@@ -199,8 +355,8 @@ class FallbackEngine:
                 result = primary()
                 self.breaker.success()
                 return result
-            except EngineError as exc:
-                self._switch(exc)
+            except EngineError:
+                self.breaker.failure()
         return fallback()
 
     def _stream(self, primary: Callable[[], Iterator[T]], fallback: Callable[[], Iterator[T]], what: str) -> Iterator[T]:
@@ -213,28 +369,67 @@ class FallbackEngine:
                 self.breaker.success()
                 return
             except EngineError as exc:
-                if started:  # the reply is half out: end the turn rather than say it twice
-                    self.breaker.failure()
-                    raise EngineError(f"{what} failed mid-reply on {self.primary.name}: {exc}") from exc
-                self._switch(exc)
+                self.breaker.failure()
+                if started:
+                    raise EngineError(f"{what} failed mid-way on {self.primary.name}: {exc}") from exc
         yield from fallback()
 
-    def transcribe(self, audio: Audio, *, language: str | None = None) -> Transcription:
-        return self._call(
-            lambda: self.primary.transcribe(audio, language=language),
-            lambda: self.fallback.transcribe(audio, language=language),
-        )
+    def transcribe(
+        self, audio: Audio, *, language: str | None = None, prompt: str | None = None,
+        word_timestamps: bool = False,
+    ) -> Transcription:
+        kw = dict(language=language, prompt=prompt, word_timestamps=word_timestamps)
+        return self._call(lambda: self.primary.transcribe(audio, **kw), lambda: self.fallback.transcribe(audio, **kw))
 
-    def chat(self, thread: Sequence[Message], *, options: ChatOptions, cancel: threading.Event | None = None) -> Iterator[str]:
+    def chat(
+        self, messages: Sequence[Message], *, options: ChatOptions, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
         return self._stream(
-            lambda: self.primary.chat(thread, options=options, cancel=cancel),
-            lambda: self.fallback.chat(thread, options=options, cancel=cancel),
+            lambda: self.primary.chat(messages, options=options, cancel=cancel),
+            lambda: self.fallback.chat(messages, options=options, cancel=cancel),
             "chat",
         )
 
-    def speak(self, text: str, *, voice: str | None = None, cancel: threading.Event | None = None) -> Iterator[Audio]:
-        return self._stream(
-            lambda: self.primary.speak(text, voice=voice, cancel=cancel),
-            lambda: self.fallback.speak(text, voice=voice, cancel=cancel),
-            "speech",
-        )
+    def speak(
+        self, text: str, *, voice: str | None = None, speed: float | None = None,
+        cancel: threading.Event | None = None, split: bool = True,
+    ) -> Iterator[Speech]:
+        kw = dict(voice=voice, speed=speed, cancel=cancel, split=split)
+        return self._stream(lambda: self.primary.speak(text, **kw), lambda: self.fallback.speak(text, **kw), "speech")
+
+    def voices(self) -> list[str]:
+        return self._call(self.primary.voices, self.fallback.voices)
+
+    def models(self) -> list[dict]:
+        return self._call(self.primary.models, self.fallback.models)
+
+
+def _labelled(events: Iterator[Event], engine: str) -> Iterator[Event]:
+    """The fallback's events, its TurnDone naming the path the turn really took."""
+    for ev in events:
+        yield replace(ev, engine=engine) if isinstance(ev, TurnDone) else ev
+
+
+@contextmanager
+def _shut_on(cancel: threading.Event, response: httpx.Response) -> Iterator[None]:
+    """While the block runs, setting ``cancel`` shuts the response's socket: a read blocked on
+    the server (mid-synthesis) returns at once, and the server sees the client gone."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if cancel.wait(0.02):
+                stream = response.extensions.get("network_stream")
+                sock = stream.get_extra_info("socket") if stream is not None else None
+                if sock is not None:
+                    with suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                return
+
+    watcher = threading.Thread(target=watch, name="moi-turn-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()

@@ -11,13 +11,15 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from local.audio_io import Player
-from local.engine import Engine, LocalEngine
+from cloud.engine import LocalEngine
+from shared.engine import ROLES_FOR, Engine
 from local.live import LiveSession
 from local.pipeline import Pipeline, file_source, reply_audio
 from local.view import KeyReader, ViewState, format_timings, render
-from local.vad import Segmenter, SileroVad
+from cloud.vad import Segmenter, SileroVad
 from shared.audio import Audio, decode
 from shared.config import Config
 from shared.events import (
@@ -33,21 +35,20 @@ from shared.events import (
 )
 from shared.models import resolve
 
-ROLES_FOR = {"transcribe": ("stt",), "echo": ("stt", "tts"), "chat": ("stt", "llm", "tts")}
+
 
 def build(cfg: Config, variant: str, console: Console | None = None, engine: Engine | None = None) -> Pipeline:
-    """Resolve and load what ``variant`` needs (the local models, also as a fallback's), with a
-    spinner while they load. ``engine``: default the in-process LocalEngine."""
+    """Resolve and load what ``variant`` needs (the engine's models where they live in this
+    process, a fallback's too), with a spinner while they load. ``engine``: default the
+    in-process LocalEngine."""
     vad = SileroVad(resolve("vad", cfg.vad.model).path)
     engine = engine or LocalEngine(cfg)
-    local = engine if isinstance(engine, LocalEngine) else getattr(engine, "fallback", None)
     roles = ROLES_FOR.get(variant, ())
-    if isinstance(local, LocalEngine):
-        if console is not None:
-            with console.status(f"loading {', '.join(roles)} models…"):
-                local.warm(roles)
-        else:
-            local.warm(roles)
+    if console is not None:
+        with console.status(f"loading {', '.join(roles)} models…"):
+            engine.warm(roles)
+    else:
+        engine.warm(roles)
     return Pipeline(engine, Segmenter(vad, cfg.vad), cfg, variant)
 
 
@@ -75,11 +76,11 @@ def run_file(
     if save_reply is not None:
         audio = reply_audio(events)
         if audio is None:
-            err.print(f"[yellow]no reply audio to save; {save_reply} not written[/]")
+            err.print(f"[yellow]no reply audio to save; {escape(str(save_reply))} not written[/]")
         else:
             audio.save_wav(save_reply)
             if not as_json:
-                err.print(f"reply audio ({audio.seconds:.1f} s) written to {save_reply}")
+                err.print(f"reply audio ({audio.seconds:.1f} s) written to {escape(str(save_reply))}")
     return 1 if pipeline.failures else 0
 
 
@@ -112,12 +113,13 @@ class paced:  # noqa: N801 - used like the generator function it replaces
 def run_live(
     cfg: Config, source: Iterable[Audio], player: Player | None, *, variant: str = "chat",
     barge_in: str = "half", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
+    hears_player: bool = True,
 ) -> int:
     """Run a live session until the source ends or the user quits; ``mode``: view | quiet | json."""
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
     pipeline = build(cfg, variant, err if mode != "json" else None, engine)
-    session = LiveSession(pipeline, source, player, barge_in=barge_in).start()
+    session = LiveSession(pipeline, source, player, barge_in=barge_in, hears_player=hears_player).start()
     keys = KeyReader(session.stop_reply, session.close).start()
     state = ViewState(width=max(20, min(100, out.width - 24)))
     errors = 0
@@ -170,16 +172,17 @@ def run_live(
 
 
 def _print_line(out: Console, err: Console, ev: Event) -> None:
+    """One line per event people read; their text (speech, replies, errors) is never markup."""
     if isinstance(ev, Transcript):
-        out.print(f"[bold cyan]you:[/] {ev.text or '[dim](nothing intelligible)[/]'}")
+        out.print(f"[bold cyan]you:[/] {escape(ev.text) or '[dim](nothing intelligible)[/]'}")
     elif isinstance(ev, ReplyText):
         suffix = " [dim](stopped)[/]" if ev.cancelled else ""
-        out.print(f"[bold magenta]moi:[/] {ev.text}{suffix}")
+        out.print(f"[bold magenta]moi:[/] {escape(ev.text)}{suffix}")
     elif isinstance(ev, TurnDone):
-        out.print(f"     [dim]{ev.engine}: {format_timings(ev.timings)}[/]")
+        out.print(f"     [dim]{escape(ev.engine)}: {format_timings(ev.timings)}[/]")
     elif isinstance(ev, FallbackUsed):
-        err.print(f"[yellow]{ev.engine}:[/] {ev.reason}")
+        err.print(f"[yellow]{escape(ev.engine)}:[/] {escape(ev.reason)}")
     elif isinstance(ev, ReplyStopped):
-        out.print(f"     [dim](stopped by {ev.reason})[/]")
+        out.print(f"     [dim](stopped by {escape(ev.reason)})[/]")
     elif isinstance(ev, ErrorEvent):
-        err.print(f"[bold red]{'turn ' + str(ev.turn) + ' failed' if ev.turn else 'error'}:[/] {ev.message}")
+        err.print(f"[bold red]{'turn ' + str(ev.turn) + ' failed' if ev.turn else 'error'}:[/] {escape(ev.message)}")

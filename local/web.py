@@ -33,7 +33,8 @@ from fastapi import FastAPI, UploadFile, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from local.engine import Engine, LocalEngine
+from cloud.engine import LocalEngine
+from shared.engine import Engine
 from local.live import BARGE_IN_MODES
 from local.run import build
 from local.web_hub import PIPELINES, Client, Hub

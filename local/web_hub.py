@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from local.engine import Engine
+from shared.engine import Engine
 from local.live import LiveSession
 from local.pipeline import file_source
 from local.run import build, paced
@@ -262,7 +262,9 @@ class Hub:
                             input_label=self._input_label(input_spec))
                 pipeline = await asyncio.to_thread(build, self.cfg, choice.variant, None, self.engine)
                 source = await asyncio.to_thread(self._source, input_spec)
-                self.session = LiveSession(pipeline, source, BrowserPlayback(), barge_in=self.barge_in).start()
+                self.session = LiveSession(
+                    pipeline, source, BrowserPlayback(), barge_in=self.barge_in, hears_player=input_spec == "mic"
+                ).start()
                 self.state = "running"
                 self.notice(type="session", state="running", pipeline=pipeline_id, input=input_spec,
                             input_label=self._input_label(input_spec))

@@ -16,6 +16,9 @@ from typing import Any
 
 from shared.errors import ConfigError
 
+#: The name `modal deploy modal_app.py` deploys under; the laptop looks its functions up by it.
+MODAL_APP = "moi"
+
 
 @dataclass(frozen=True)
 class VadConfig:
@@ -62,6 +65,10 @@ class LlmConfig:
     # then evaluates only its new tokens: ~1 s less on a long thread on 2 cores). Off: every
     # prompt is evaluated whole, so the same thread always gives the same greedy reply.
     reuse_prefix: bool = True
+    # Never repeat this many tokens in a row of an earlier reply (0: off). The repeat penalty sees
+    # only this reply's tokens, so without it a follow-up that is not a question ("Tell me more.")
+    # gets the last answer again, word for word (see cloud.chat.RepeatGuard).
+    no_repeat_ngram: int = 4
     seed: int = 0
 
 
@@ -74,6 +81,7 @@ class TtsConfig:
     lang: str = "en-us"
     first_clause_chars: int = 24  # speak the first clause early when a sentence is longer
     first_words: int = 6  # ...or, with no clause break, its first words (0: never cut mid-clause)
+    threads: int = 0  # onnxruntime threads for Kokoro ONNX; 0: see cloud.tts
 
 
 @dataclass(frozen=True)

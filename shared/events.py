@@ -131,6 +131,54 @@ class ErrorEvent(Event):
     turn: int | None = None
 
 
+def event_types() -> dict[str, type[Event]]:
+    """Every event class by its ``type`` (subclasses of subclasses included)."""
+    found: dict[str, type[Event]] = {}
+    todo = list(Event.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found[cls.type] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def to_wire(event: Event) -> tuple[dict[str, Any], bytes]:
+    """A JSON header and a binary payload (wyoming's shape, see :mod:`shared.wire`): audio goes
+    as raw PCM16 in the payload, described in the header by its rate, never as base64. ``t`` is
+    left out: each side stamps events with its own clock."""
+    header: dict[str, Any] = {"type": event.type}
+    payload = b""
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        if f.name == "t":
+            continue
+        if isinstance(value, Audio):
+            header[f.name] = {"sample_rate": value.sample_rate, "format": "pcm16"}
+            payload = value.to_pcm16()
+        else:
+            header[f.name] = value
+    return header, payload
+
+
+def from_wire(header: dict[str, Any], payload: bytes, t: float) -> Event:
+    """The event :func:`to_wire` encoded, stamped ``t``; ValueError for a header that is not one."""
+    cls = event_types().get(header.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown event type {header.get('type')!r}")
+    kwargs: dict[str, Any] = {"t": t}
+    for f in dataclasses.fields(cls):
+        if f.name == "t" or f.name not in header:
+            continue
+        value = header[f.name]
+        if isinstance(value, dict) and value.get("format") == "pcm16":
+            value = Audio.from_pcm16(payload, int(value["sample_rate"]))
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad {cls.type} event: {exc}") from None
+
+
 def to_dict(event: Event) -> dict[str, Any]:
     """A JSON-ready dict: ``type`` first, audio summarized (seconds, rate, peak), floats rounded."""
     out: dict[str, Any] = {"type": event.type}

@@ -47,6 +47,11 @@ class Thread:
             raise ValueError("an assistant reply needs a user message before it")
         self._turns[-1] = (self._turns[-1][0], Message("assistant", text))
 
+    def add_exchange(self, user: str, assistant: str) -> None:
+        """One whole turn: what was heard and what was answered (even if cut short)."""
+        self.add_user(user)
+        self.add_assistant(assistant)
+
     def drop_last_user(self) -> None:
         """Forget an unanswered user message (its turn failed or was cancelled early)."""
         if self._turns and self._turns[-1][1] is None:

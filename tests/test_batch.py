@@ -18,7 +18,7 @@ import srt
 import webvtt
 
 from local.batch import BatchModels, BatchOptions, modal_mapper, plan_batch, run_batch
-from local.longform import speech_windows, transcribe_one
+from cloud.longform import speech_windows, transcribe_one
 from local.transcripts import MANIFEST_NAME, TEMP_SUFFIX
 from shared.audio import decode
 from shared.config import VadConfig

@@ -116,3 +116,12 @@ def test_models_lists_every_role():
     rows = {row["role"]: row for row in json.loads(r.stdout)}
     assert set(rows) == {"vad", "stt", "llm", "tts"}
     assert all(row["source"].startswith("pack:") and row["size_mb"] > 1 for row in rows.values())
+
+
+def test_error_lines_keep_brackets_from_library_and_user_text(capsys):
+    """Rich markup is escaped in every message with outside text: `moi[modal]` stays as typed."""
+    from local import cli
+
+    cli.fail("pip install 'moi[modal]' for [bold]this[/bold]")
+    err = capsys.readouterr().err
+    assert "pip install 'moi[modal]' for [bold]this[/bold]" in err

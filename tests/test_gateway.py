@@ -16,12 +16,14 @@ import srt
 import webvtt
 from openai import OpenAI
 
-from cloud.http import Limits, RunnerBackend, create_app
+from cloud.engine import LocalEngine
+from cloud.http import Limits, create_app
 from cloud.runners import Runners
 from shared.audio import Audio, decode
 from shared.errors import EngineError
 from shared.messages import ChatOptions, Message
 from shared.text import timestamp
+from shared.events import ErrorEvent, Event, ReplyAudio, ReplyText, ReplyToken, Transcript, TurnDone, from_wire
 from shared.wire import FrameReader, encode_frame, read_frames
 from tests.conftest import audio_file, serve, words
 
@@ -29,27 +31,27 @@ KEY = "test-key"
 TOKENS = 20  # keep generation short: the suite runs on two CPU cores
 
 
-class SpyBackend(RunnerBackend):
+class SpyEngine(LocalEngine):
     """The real runners; records each chat's cancel event and how many pieces it generated."""
 
     def __init__(self, runners: Runners) -> None:
-        super().__init__(runners)
+        super().__init__(runners.cfg, runners)
         self.chats: list[tuple[threading.Event | None, list[int]]] = []
 
     def chat(
-        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
+        self, messages: list[Message], *, options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
         generated = [0]
         self.chats.append((cancel, generated))
-        for piece in super().chat(messages, options, cancel):
+        for piece in super().chat(messages, options=options, cancel=cancel):
             generated[0] += 1
             yield piece
 
 
 @pytest.fixture(scope="module")
-def backend(runners) -> SpyBackend:
+def backend(runners) -> SpyEngine:
     runners.warm()
-    return SpyBackend(runners)
+    return SpyEngine(runners)
 
 
 @pytest.fixture(scope="module")
@@ -348,16 +350,16 @@ def test_long_utterance_is_400(small_url, clip):
     assert response.status_code == 400 and response.json()["error"]["code"] == "audio_too_long"
 
 
-class FailingBackend(RunnerBackend):
+class FailingEngine(LocalEngine):
     """The real models, but the model list breaks and chat dies after three real pieces."""
 
     def models(self) -> list[dict]:
         raise RuntimeError("disk on fire")
 
     def chat(
-        self, messages: list[Message], options: ChatOptions, cancel: threading.Event | None
+        self, messages: list[Message], *, options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        for i, piece in enumerate(super().chat(messages, options, cancel)):
+        for i, piece in enumerate(super().chat(messages, options=options, cancel=cancel)):
             if i == 3:
                 raise EngineError("the model server went away")
             yield piece
@@ -365,7 +367,7 @@ class FailingBackend(RunnerBackend):
 
 @pytest.fixture(scope="module")
 def failing_url(runners) -> Iterator[str]:
-    with serve(create_app(FailingBackend(runners))) as base:  # no api_key: open
+    with serve(create_app(FailingEngine(runners.cfg, runners))) as base:  # no api_key: open
         yield base
 
 
@@ -390,16 +392,17 @@ def test_errors_after_the_first_byte_arrive_in_stream(failing_url, clip):
         for chunk in stream:
             pieces.append(chunk.choices[0].delta.content)
     assert len([p for p in pieces if p]) == 3
-    frames = turn(failing_url, ("u.wav", clip.slice(0, 5).to_wav(), "audio/wav"), {"max_tokens": TOKENS})
-    kinds = [h["type"] for h, _ in frames]
-    assert kinds[0] == "transcript" and kinds[-1] == "error" and "done" not in kinds
-    assert "went away" in frames[-1][0]["message"]
+    events = turn(failing_url, ("u.wav", clip.slice(0, 5).to_wav(), "audio/wav"), {"max_tokens": TOKENS})
+    kinds = [type(e) for e in events]
+    assert kinds[0] is Transcript and kinds[-1] is ErrorEvent and TurnDone not in kinds
+    assert "went away" in events[-1].message
 
 
 # --- /v1/turn ------------------------------------------------------------------------------
 
 
-def turn(url: str, audio: tuple, request: dict) -> list[tuple[dict, bytes]]:
+def turn(url: str, audio: tuple, request: dict) -> list[Event]:
+    """The events of one /v1/turn, decoded from its frames (shared.events.from_wire)."""
     reader, frames = FrameReader(), []
     with httpx.stream(
         "POST",
@@ -412,7 +415,9 @@ def turn(url: str, audio: tuple, request: dict) -> list[tuple[dict, bytes]]:
         for chunk in response.iter_bytes():
             frames += reader.feed(chunk)
     reader.close()
-    return frames
+    for header, payload in frames:
+        assert header["payload_length"] == len(payload)
+    return [from_wire(h, p, 0.0) for h, p in frames]
 
 
 def test_turn_round_trip(url, clip, stt):
@@ -420,40 +425,39 @@ def test_turn_round_trip(url, clip, stt):
         "messages": [{"role": "system", "content": "You are a helpful assistant. Answer in one sentence."}],
         "max_tokens": TOKENS,
         "variant": "chat",
+        "turn": 3,
     }
-    frames = turn(url, ("utterance.wav", clip.slice(0, 5).to_wav(), "audio/wav"), request)
-    kinds = [h["type"] for h, _ in frames]
-    assert kinds[0] == "transcript" and kinds[-1] == "done" and "error" not in kinds
-    transcript = frames[0][0]
-    assert "dublin" in words(transcript["text"]) and transcript["stt_s"] > 0
-    tokens = [h["text"] for h, _ in frames if h["type"] == "token"]
-    assert tokens and kinds.index("token") < kinds.index("audio")
-    done = frames[-1][0]
-    assert done["reply"] == "".join(tokens).strip()
-    timings = done["timings"]
+    events = turn(url, ("utterance.wav", clip.slice(0, 5).to_wav(), "audio/wav"), request)
+    kinds = [type(e) for e in events]
+    assert kinds[0] is Transcript and kinds[-2:] == [ReplyText, TurnDone] and ErrorEvent not in kinds
+    assert all(e.turn == 3 for e in events)
+    assert "dublin" in words(events[0].text)
+    tokens = [e.text for e in events if isinstance(e, ReplyToken)]
+    assert tokens and kinds.index(ReplyToken) < kinds.index(ReplyAudio)
+    done = events[-1]
+    assert events[-2].text == "".join(tokens).strip() and done.engine == "local"
+    timings = done.timings
     for key in ("stt", "llm_first_token", "llm", "tts_first", "first_audio", "total"):
-        assert timings[key] is not None and timings[key] >= 0, key
+        assert timings[key] >= 0, key
     assert timings["stt"] <= timings["first_audio"] <= timings["total"]
-    audio_frames = [(h, p) for h, p in frames if h["type"] == "audio"]
-    assert audio_frames and all(
-        h["sample_rate"] == 24_000 and h["format"] == "pcm16" for h, _ in audio_frames
-    )
-    header, pcm = max(audio_frames, key=lambda f: len(f[0]["text"]))
-    assert header["payload_length"] == len(pcm)
-    said, heard = words(header["text"]), words(stt.transcribe(Audio.from_pcm16(pcm, 24_000)).text)
+    audio = [e for e in events if isinstance(e, ReplyAudio)]
+    assert audio and all(e.audio.sample_rate == 24_000 for e in audio)
+    longest = max(audio, key=lambda e: len(e.text))
+    said, heard = words(longest.text), words(stt.transcribe(longest.audio).text)
     assert len(said & heard) >= max(1, len(said) // 2), (said, heard)
+    assert "".join(e.text + " " for e in audio).split() == events[-2].text.split()  # cut once, all spoken
 
 
 def test_turn_echo_from_raw_pcm(url, clip, stt):
     pcm = clip.slice(0, 4).to_pcm16()  # 16 kHz s16le mono
-    frames = turn(
+    events = turn(
         url, ("utterance.pcm", pcm, "audio/L16;rate=16000"), {"variant": "echo", "voice": "jf_alpha"}
     )
-    kinds = [h["type"] for h, _ in frames]
-    assert kinds[0] == "transcript" and kinds[-1] == "done" and "token" not in kinds
-    transcript, done = frames[0][0]["text"], frames[-1][0]
-    assert done["reply"] == transcript and "dublin" in words(transcript)
-    spoken = Audio.concat([Audio.from_pcm16(p, 24_000) for h, p in frames if h["type"] == "audio"])
+    kinds = [type(e) for e in events]
+    assert kinds[0] is Transcript and kinds[-1] is TurnDone and ReplyToken not in kinds
+    transcript, reply = events[0].text, events[-2].text
+    assert reply == transcript and "dublin" in words(transcript)
+    spoken = Audio.concat([e.audio for e in events if isinstance(e, ReplyAudio)])
     assert "dublin" in words(stt.transcribe(spoken).text)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from local.audio_io import MicSource, Player, list_devices
-from local.engine import LocalEngine
+from cloud.engine import LocalEngine
 from local.live import LiveSession
 from local.pipeline import Pipeline
-from local.vad import Segmenter
+from cloud.vad import Segmenter
 from shared.audio import Audio
 from shared.config import Config
 from shared.errors import AudioError

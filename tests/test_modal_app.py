@@ -1,7 +1,9 @@
-"""modal_app.py without a Modal account: import, settings, and every GPU method run in-process
-through Modal's local-call API on the offline models."""
+"""modal_app.py without a Modal account: import, settings, the build context of each image
+step, and every GPU method run in-process through Modal's local-call API on the offline models."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import modal
 import pytest
 
 from shared.audio import Audio
+from shared.errors import EngineError
 from tests.conftest import ROOT, words
 
 modal_app = pytest.importorskip("modal_app")
@@ -49,21 +52,79 @@ def test_remote_without_a_token_fails_clearly():
 
 def test_transcriber_runs_locally(speech60):
     clip = speech60.slice(0, 7)
-    result = modal_app.Transcriber().transcribe.local(clip.to_pcm16(), 16_000)
+    result = modal_app.Transcriber(device="cpu").transcribe.local(clip.to_pcm16(), 16_000)
     assert {"dublin", "answer"} <= words(result.text)
-    out = modal_app.Transcriber().transcribe_file.local("bad.wav", b"not audio at all")
+    out = modal_app.Transcriber(device="cpu").transcribe_file.local("bad.wav", b"not audio at all")
     assert "error" in out and "bad.wav" in out["error"]["message"]
-    good = modal_app.Transcriber().transcribe_file.local("clip.wav", clip.to_wav())
+    good = modal_app.Transcriber(device="cpu").transcribe_file.local("clip.wav", clip.to_wav())
     assert "dublin" in words(good["text"])
 
 
 def test_chatter_streams_locally():
-    pieces = list(modal_app.Chatter().chat.local([("system", "Be brief."), ("user", "Say hello.")], 12))
+    pieces = list(modal_app.Chatter(device="cpu").chat.local([("system", "Be brief."), ("user", "Say hello.")], 12))
     assert len(pieces) > 1 and "".join(pieces).strip()
 
 
 def test_speaker_streams_sentences_locally(stt):
-    out = list(modal_app.Speaker().speak.local("Hello there. The weather is lovely today."))
+    out = list(modal_app.Speaker(device="cpu").speak.local("Hello there. The weather is lovely today."))
     assert [p for p, _, _ in out] == ["Hello there.", "The weather is lovely today."]
     audio = Audio.from_pcm16(out[1][1], out[1][2])
     assert {"weather", "lovely"} <= words(stt.transcribe(audio).text)
+
+
+def test_speaker_speaks_a_piece_whole_when_told(stt):
+    out = list(modal_app.Speaker(device="cpu").speak.local("Well, hello there, my friend.", None, None, False))
+    assert [p for p, _, _ in out] == ["Well, hello there, my friend."]
+
+
+@pytest.mark.parametrize("cls", ["Transcriber", "Chatter", "Speaker"])
+def test_gpu_classes_refuse_to_serve_from_the_cpu(cls):
+    """Configured for CUDA (the default), a class whose model lands on the CPU fails loudly at
+    load instead of answering slowly while the GPU is billed."""
+    method = {"Transcriber": "transcribe", "Chatter": "chat", "Speaker": "voices"}[cls]
+    args = {"Transcriber": (b"\x00\x00" * 1600,), "Chatter": ([("user", "hi")],), "Speaker": ()}[cls]
+    with pytest.raises(EngineError, match="loaded on cpu, but this runner must use cuda"):
+        result = getattr(getattr(modal_app, cls)(), method).local(*args)
+        list(result) if cls == "Chatter" else result
+
+
+BUILD_CHECK = """
+import sys
+# the editable install would find the project's packages anywhere: this check must not see them
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+import modal_app
+for name in ("download_stt", "download_llm", "download_tts"):
+    assert callable(getattr(modal_app, name)), name
+from shared.models import resolve  # what the download functions import when they run
+assert "cloud" not in sys.modules and "local" not in sys.modules, sorted(sys.modules)
+try:
+    import cloud
+except ImportError:
+    print("ok")
+"""
+
+
+def test_each_image_build_step_finds_what_modal_app_imports(tmp_path):
+    """`run_function` imports modal_app.py in a build container holding only that file plus what
+    the image has so far: here, modal_app.py and shared/ (copied in before the downloads), and no
+    cloud/ or local/. Importing it and resolving the download functions must work there."""
+    shutil.copy(ROOT / "modal_app.py", tmp_path / "modal_app.py")
+    shutil.copytree(ROOT / "shared", tmp_path / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", BUILD_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def imports(path):
+    return set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", path.read_text(), flags=re.MULTILINE))
+
+
+def test_imports_run_one_way():
+    """shared ← cloud ← local; modal_app.py imports only cloud/ and shared/; nothing imports it."""
+    assert not {m for m in imports(ROOT / "modal_app.py") if m.split(".")[0] == "local"}
+    for package, banned in (("shared", {"cloud", "local", "modal_app"}), ("cloud", {"local", "modal_app"}),
+                            ("local", {"modal_app"})):
+        for path in (ROOT / package).glob("*.py"):
+            bad = {m for m in imports(path) if m.split(".")[0] in banned}
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from local.engine import LocalEngine
+from cloud.engine import LocalEngine
 from local.pipeline import Pipeline, file_source, reply_audio
 from local.cli import SAMPLE
-from local.vad import Segmenter
+from cloud.vad import Segmenter
 from shared.config import Config
 from shared.errors import EngineError, MoiError
 from shared.events import (
@@ -109,31 +109,28 @@ def test_events_serialize_generically(echo_events):
     assert audio["sample_rate"] == 24_000 and audio["seconds"] > 0.2
 
 
-class BrokenEngine:
-    """Not a model: an engine whose chat fails, to check a failed turn ends cleanly."""
+class BrokenEngine(LocalEngine):
+    """Not a model: the real engine, but its chat fails (with ``error``), to check a failed turn
+    ends cleanly and the run goes on."""
 
-    name = "broken"
+    def __init__(self, real, error):
+        super().__init__(real.cfg, real.runners)
+        self.error = error
 
-    def __init__(self, real):
-        self.real = real
-
-    def transcribe(self, audio, *, language=None):
-        return self.real.transcribe(audio, language=language)
-
-    def chat(self, thread, *, options, cancel=None):
-        raise EngineError("chat backend unavailable")
-
-    def speak(self, text, *, voice=None, cancel=None):
-        return self.real.speak(text, voice=voice, cancel=cancel)
+    def chat(self, messages, *, options, cancel=None):
+        raise self.error
 
 
-def test_a_failed_turn_is_reported_and_the_run_goes_on(engine, vad_model):
-    pipe = Pipeline(BrokenEngine(engine), Segmenter(vad_model, CFG.vad), CFG, "chat")
+@pytest.mark.parametrize("error", [EngineError("chat backend unavailable"), KeyError("segments")])
+def test_a_failed_turn_is_reported_and_the_run_goes_on(engine, vad_model, error):
+    pipe = Pipeline(BrokenEngine(engine, error), Segmenter(vad_model, CFG.vad), CFG, "chat")
     events = list(pipe.run(file_source(SAMPLE)))
     errors = [e for e in events if isinstance(e, ErrorEvent)]
-    assert errors and "chat backend unavailable" in errors[0].message
+    expected = "chat backend unavailable" if isinstance(error, EngineError) else "KeyError: 'segments'"
+    assert errors and all(expected in e.message for e in errors), errors
     assert pipe.failures == len(errors) == len([e for e in events if isinstance(e, Transcript) and e.text])
-    assert len(pipe.thread) == 0  # the unanswered user messages were dropped
+    assert [e.turn for e in errors] == [e.turn for e in events if isinstance(e, Transcript) and e.text]
+    assert len(pipe.thread) == 0  # no exchange was answered: nothing joined the thread
 
 
 def test_stop_cancels_the_reply(engine, vad_model):

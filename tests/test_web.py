@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from local.engine import LocalEngine
+from cloud.engine import LocalEngine
 from local.web import create_ui_app, run_ui
 from shared.audio import Audio
 from shared.config import Config

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.stt import SpeechToText
-from local.vad import Segmenter, SileroVad, SpeechEnd
+from cloud.vad import Segmenter, SileroVad, SpeechEnd
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import VadConfig
 from shared.errors import AudioError

@@ -1,0 +1,89 @@
+"""A live session without a sound card: files played in real time.
+
+No hang, ever: a turn that raises anything becomes an error line, the session goes on with the
+next utterance, and Ctrl-C still ends it. Speech in a played file is queued while moi answers
+(half-duplex is for a microphone that hears the speaker).
+"""
+
+import queue
+import signal
+import subprocess
+import sys
+import time
+from itertools import chain, repeat
+
+import pytest
+
+from cloud.engine import LocalEngine
+from cloud.vad import Segmenter
+from local.live import LiveSession
+from local.pipeline import Pipeline, file_source
+from local.run import paced
+from local.web_hub import BrowserPlayback
+from shared.audio import Audio
+from shared.config import Config
+from shared.events import ReplyText, Transcript
+from tests.conftest import ROOT, words
+
+
+def test_a_turn_that_raises_is_shown_the_next_is_answered_and_ctrl_c_ends_it(speech60, tmp_path):
+    two = tmp_path / "two.wav"
+    Audio.concat([Audio.silence(0.5), speech60.slice(0.0, 2.3), Audio.silence(1.5), speech60.slice(2.4, 7.1),
+                  Audio.silence(1.5)]).save_wav(two)
+    proc = subprocess.Popen([sys.executable, "tests/faulty_session.py", str(two)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: list[str] = []
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if line.startswith("moi:"):  # the second utterance was answered
+                break
+        assert any(line.startswith("moi:") for line in out), (out, proc.poll())
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "turn 1 failed:" in err and "KeyError: 'segments'" in err, err
+    assert "Traceback" not in err, err
+    assert "exit 1" in rest and proc.returncode == 1
+    you = [line for line in out if line.startswith("you:")]
+    assert len(you) == 1 and "answer" in you[0].lower()  # turn 2's words; turn 1 never got a transcript
+
+
+@pytest.mark.parametrize("hears_player", [False, True])
+def test_speech_in_a_played_file_waits_its_turn(runners, vad_model, speech60, tmp_path, hears_player):
+    """The question, then the same question again while moi is still answering the first (its
+    reply plays in real time). From a file (the web view's sample or upload) both are answered;
+    from a microphone near the speaker (half-duplex) the second is moi's own echo's turf: dropped."""
+    cfg = Config.load(env={}, llm__max_tokens=24)
+    q = speech60.slice(0.0, 2.3)
+    path = tmp_path / "twice.wav"
+    Audio.concat([Audio.silence(0.5), q, Audio.silence(0.8), q, Audio.silence(0.5)]).save_wav(path)
+    source = paced(chain(file_source(path), repeat(Audio.silence(0.1), 150)))
+    pipe = Pipeline(LocalEngine(cfg, runners), Segmenter(vad_model, cfg.vad), cfg, "chat")
+    player = BrowserPlayback()  # keeps the reply's playing time, in real time
+    live = LiveSession(pipe, source, player, barge_in="half", hears_player=hears_player).start()
+    events, deadline = [], time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            try:
+                ev = live.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if ev is None:
+                break
+            events.append(ev)
+    finally:
+        live.close()
+    heard = [e.text for e in events if isinstance(e, Transcript)]
+    replies = [e for e in events if isinstance(e, ReplyText)]
+    assert all("dublin" in words(h) for h in heard), heard
+    if hears_player:
+        assert len(heard) == 1 and len(replies) == 1
+    else:
+        assert len(heard) == 2 and len(replies) == 2
