@@ -21,6 +21,7 @@ Deploy-time settings (environment of the `modal deploy` command): ``MOI_MODAL_GP
 import contextlib
 import os
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 
 import modal
@@ -43,6 +44,13 @@ HF_HOME = "/models"  # weights are baked into each image under here at build tim
 SITE = f"/usr/local/lib/python{PYTHON}/site-packages"
 
 app = modal.App(APP_NAME)
+
+# Stop reaching the GPUs: closing a `remote_gen` stream does not stop the container's generator,
+# and cancelling the call kills the whole container (modal-client issue #4125). So each streamed
+# call gets a key; the caller puts it here to stop, and the container, polling every STOP_POLL_S,
+# ends generation at its next token and synthesis at its next piece.
+STOPS = modal.Dict.from_name("moi-stops", create_if_missing=True)
+STOP_POLL_S = 0.02
 
 
 # --- images: weights downloaded at build time, so no container downloads at start ----------
@@ -166,6 +174,28 @@ class Transcriber:
         return transcribe_one(name, data, options, self.batch)
 
 
+@contextlib.contextmanager
+def _stoppable(key: str | None) -> Iterator[threading.Event]:
+    """An event set once the caller has put ``key`` into :data:`STOPS` (or the block ends)."""
+    cancel = threading.Event()
+
+    def watch() -> None:
+        while not cancel.wait(STOP_POLL_S):
+            try:
+                if STOPS.contains(key):
+                    cancel.set()
+            except (modal.exception.Error, ConnectionError, OSError) as exc:  # a blip: keep watching
+                print(f"moi: stop flag unreadable for a moment ({type(exc).__name__}: {exc})", flush=True)
+                cancel.wait(1.0)
+
+    if key:
+        threading.Thread(target=watch, name="moi-stop-watch", daemon=True).start()
+    try:
+        yield cancel
+    finally:
+        cancel.set()
+
+
 @app.cls(image=llm_image, **_gpu_class)
 class Chatter:
     """One generation at a time per container (a single model context); Modal scales out.
@@ -181,11 +211,13 @@ class Chatter:
     @modal.method()
     def chat(
         self, messages: list[tuple[str, str]], max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-        repeat_penalty: float = 1.2,
+        repeat_penalty: float = 1.2, stop_key: str | None = None,
     ) -> Iterator[str]:
+        """Tokens as they come; stops at the next token once ``stop_key`` is in STOPS."""
         thread = [Message(role, content) for role, content in messages]  # type: ignore[arg-type]
         options = ChatOptions(max_tokens=max_tokens, temperature=temperature, seed=seed, repeat_penalty=repeat_penalty)
-        yield from self.runners.chat.stream(thread, options)
+        with _stoppable(stop_key) as cancel:
+            yield from self.runners.chat.stream(thread, options, cancel)
 
 
 @app.cls(image=tts_image, **_gpu_class)
@@ -203,12 +235,15 @@ class Speaker:
 
     @modal.method()
     def speak(
-        self, text: str, voice: str | None = None, speed: float | None = None, split: bool = True
+        self, text: str, voice: str | None = None, speed: float | None = None, split: bool = True,
+        stop_key: str | None = None,
     ) -> Iterator[tuple[str, bytes, int]]:
         """(piece, PCM16 bytes, sample rate) per piece: sentences, the first clause early, or
-        the text as one piece (``split=False``: a turn's pieces, already cut)."""
-        for piece, audio in self.runners.tts.speak(text, voice=voice, speed=speed, split=split):
-            yield piece, audio.to_pcm16(), audio.sample_rate
+        the text as one piece (``split=False``: a turn's pieces, already cut); stops before the
+        next piece once ``stop_key`` is in STOPS."""
+        with _stoppable(stop_key) as cancel:
+            for piece, audio in self.runners.tts.speak(text, voice=voice, speed=speed, split=split, cancel=cancel):
+                yield piece, audio.to_pcm16(), audio.sample_rate
 
 
 # --- the engine over the GPU classes, and the gateway that serves it ------------------------
@@ -230,7 +265,7 @@ class ModalEngine:
 
     ``local=True`` runs the classes in this process through Modal's ``.local()`` (their
     ``@modal.enter`` included) instead of ``.remote()``: the tests' double of the Modal call, and
-    nothing else.
+    nothing else. A stream left early (Stop, a client gone) puts its key into :data:`STOPS`.
     """
 
     name = "modal"
@@ -242,11 +277,26 @@ class ModalEngine:
         self.local = local
         self._voices: list[str] | None = None
 
+    def _stream(self, what: str, method, *args, cancel: threading.Event | None) -> Iterator:  # noqa: ANN001
+        """A generator method's items; left before its end (Stop, ``cancel``, a consumer that
+        closes it), the container is told to stop through :data:`STOPS`."""
+        key = uuid.uuid4().hex
+        with _modal_errors(what):
+            stream = (method.local if self.local else method.remote_gen)(*args, stop_key=key)
+            finished = False
+            try:
+                for item in stream:
+                    yield item
+                    if cancel is not None and cancel.is_set():
+                        return
+                finished = True
+            finally:
+                if not finished:
+                    STOPS.put(key, True)
+                stream.close()
+
     def _call(self, method):  # noqa: ANN001, ANN202 - a modal method
         return method.local if self.local else method.remote
-
-    def _stream(self, method):  # noqa: ANN001, ANN202 - a modal generator method
-        return method.local if self.local else method.remote_gen
 
     def warm(self, roles: tuple[str, ...] = ("stt", "llm", "tts")) -> None:
         """Nothing loads here: each class loads in its own container."""
@@ -264,29 +314,14 @@ class ModalEngine:
     ) -> Iterator[str]:
         pairs = [(m.role, m.content) for m in messages]
         args = (pairs, options.max_tokens, options.temperature, options.seed, options.repeat_penalty)
-        with _modal_errors("chat"):
-            pieces = self._stream(self.chatter.chat)(*args)
-            try:
-                for piece in pieces:
-                    yield piece
-                    if cancel is not None and cancel.is_set():
-                        return
-            finally:
-                pieces.close()  # ends the generator (and generation) in the container
+        yield from self._stream("chat", self.chatter.chat, *args, cancel=cancel)
 
     def speak(
         self, text: str, *, voice: str | None = None, speed: float | None = None,
         cancel: threading.Event | None = None, split: bool = True,
     ) -> Iterator[Speech]:
-        with _modal_errors("speech"):
-            pieces = self._stream(self.speaker.speak)(text, voice, speed, split)
-            try:
-                for piece, pcm, rate in pieces:
-                    yield Speech(piece, Audio.from_pcm16(pcm, rate))
-                    if cancel is not None and cancel.is_set():
-                        return
-            finally:
-                pieces.close()
+        for piece, pcm, rate in self._stream("speech", self.speaker.speak, text, voice, speed, split, cancel=cancel):
+            yield Speech(piece, Audio.from_pcm16(pcm, rate))
 
     def turn(
         self, audio: Audio, request: TurnRequest, *, cancel: threading.Event, clock: Clock | None = None

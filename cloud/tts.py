@@ -86,14 +86,22 @@ class KokoroTorch:
         self._pipelines: dict[str, KPipeline] = {}
         self._KPipeline = KPipeline
         self._lock = threading.Lock()
+        # The G2P pipeline (misaki + spaCy) takes seconds to build: build the default voice's
+        # now, at load (inside Modal's snapshotted @enter), not on the first request.
+        default = cfg.voice if cfg.voice not in ("", "auto") else HUB_VOICE
+        self._pipeline(default[0])
+
+    def _pipeline(self, code: str):  # noqa: ANN202 - a kokoro.KPipeline
+        pipeline = self._pipelines.get(code)
+        if pipeline is None:
+            pipeline = self._KPipeline(lang_code=code, repo_id="hexgrad/Kokoro-82M", model=self.model)
+            self._pipelines[code] = pipeline
+        return pipeline
 
     def synthesize(self, text: str, voice: str, speed: float, lang: str) -> np.ndarray:
         code = voice[0] if voice else "a"  # Kokoro voices start with their language code
         with self._lock:
-            pipeline = self._pipelines.get(code)
-            if pipeline is None:
-                pipeline = self._KPipeline(lang_code=code, repo_id="hexgrad/Kokoro-82M", model=self.model)
-                self._pipelines[code] = pipeline
+            pipeline = self._pipeline(code)
             parts = [
                 np.asarray(r.audio.cpu().numpy() if hasattr(r.audio, "cpu") else r.audio, np.float32)
                 for r in pipeline(text, voice=str(self.voice_dir / f"{voice}.pt"), speed=speed)

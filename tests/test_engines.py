@@ -63,9 +63,12 @@ def served():
 @pytest.fixture(scope="module")
 def modal_engine():
     modal_app = pytest.importorskip("modal_app")
+    from tests.test_modal_app import FakeStops
+
     with pytest.MonkeyPatch.context() as mp:
         for k, v in ENV.items():
             mp.setenv(k, v)  # read by each class's Config.load() in its @modal.enter
+        mp.setattr(modal_app, "STOPS", FakeStops())  # the stop flags, in this process
         engine = modal_app.ModalEngine(
             modal_app.Transcriber(device="cpu"), modal_app.Chatter(device="cpu"), modal_app.Speaker(device="cpu"),
             local=True,

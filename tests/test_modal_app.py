@@ -6,12 +6,15 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import modal
 import pytest
 
 from shared.audio import Audio
 from shared.errors import EngineError
+from shared.messages import ChatOptions, Message
 from tests.conftest import ROOT, words
 
 modal_app = pytest.importorskip("modal_app")
@@ -128,3 +131,49 @@ def test_imports_run_one_way():
         for path in (ROOT / package).glob("*.py"):
             bad = {m for m in imports(path) if m.split(".")[0] in banned}
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+class FakeStops(dict):
+    """Not a model: modal.Dict's put/contains in this process (the double of the Modal call)."""
+
+    def put(self, key, value):
+        self[key] = value
+
+    def contains(self, key):
+        return key in self
+
+
+@pytest.fixture()
+def stops(monkeypatch):
+    fake = FakeStops()
+    monkeypatch.setattr(modal_app, "STOPS", fake)
+    return fake
+
+
+def test_stop_ends_a_streamed_chat_in_the_container_within_one_token(stops):
+    """Closing a remote stream does not stop a Modal generator, so Stop travels as a flag the
+    container polls: once it is seen, at most the token in flight comes out."""
+    tokens = modal_app.Chatter(device="cpu").chat.local(
+        [("user", "Tell me a long story about a dragon who learns to cook.")], 300, stop_key="turn-1"
+    )
+    assert len([next(tokens) for _ in range(3)]) == 3
+    stops.put("turn-1", True)  # what ModalEngine does on Stop
+    time.sleep(10 * modal_app.STOP_POLL_S)  # the container's watcher has seen it by now
+    assert len(list(tokens)) <= 1
+
+
+def test_the_engine_flags_a_stream_left_early_and_only_then(stops):
+    engine = modal_app.ModalEngine(
+        modal_app.Transcriber(device="cpu"), modal_app.Chatter(device="cpu"), modal_app.Speaker(device="cpu"), local=True
+    )
+    whole = list(engine.chat([Message("user", "Say hello.")], options=ChatOptions(max_tokens=8)))
+    assert whole and not stops  # a stream that ran to its end needs no stop
+    cancel = threading.Event()
+    stream = engine.chat([Message("user", "Tell me a long story.")], options=ChatOptions(max_tokens=300), cancel=cancel)
+    next(stream)
+    cancel.set()  # Stop
+    assert list(stream) == [] and len(stops) == 1
+    spoken = engine.speak("One two three. Four five six. Seven eight nine.")
+    next(spoken)
+    spoken.close()  # the consumer goes away mid-reply
+    assert len(stops) == 2
