@@ -7,16 +7,20 @@ all answer through it, and its turns are :func:`cloud.turn.run_turn`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import TypeVar
 
 from cloud.runners import Runners
+from cloud.streams import close_iterator
 from cloud.turn import run_turn
 from shared.audio import Audio
 from shared.config import Config
 from shared.engine import Clock, Speech, TurnRequest
 from shared.events import Event
 from shared.messages import ChatOptions, Message, Transcription
+
+T = TypeVar("T")
 
 
 class SpeechFirst:
@@ -82,18 +86,12 @@ class LocalEngine:
         return self._yielding(tokens, cancel)
 
     def _yielding(self, tokens: Iterator[str], cancel: threading.Event | None) -> Iterator[str]:
-        try:
-            while True:
-                self.share.wait(cancel)  # a piece is being spoken: let it have the cores
-                try:
-                    token = next(tokens)
-                except StopIteration:
-                    return
-                yield token
-        finally:
-            close = getattr(tokens, "close", None)
-            if close is not None:
-                close()
+        @contextmanager
+        def after_speech() -> Iterator[None]:
+            self.share.wait(cancel)  # a piece is being spoken: let it have the cores
+            yield
+
+        return _pulled(tokens, after_speech)
 
     def speak(
         self, text: str, *, voice: str | None = None, speed: float | None = None,
@@ -102,21 +100,7 @@ class LocalEngine:
         pieces = self.runners.tts.speak(text, voice=voice, speed=speed, cancel=cancel, split=split)
         if not self._shared_cpu():
             return pieces
-        return self._speaking_first(pieces)
-
-    def _speaking_first(self, pieces: Iterator[Speech]) -> Iterator[Speech]:
-        try:
-            while True:
-                with self.share.speaking():
-                    try:
-                        piece = next(pieces)
-                    except StopIteration:
-                        return
-                yield piece
-        finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
+        return _pulled(pieces, self.share.speaking)
 
     def turn(
         self, audio: Audio, request: TurnRequest, *, cancel: threading.Event, clock: Clock | None = None
@@ -132,4 +116,18 @@ class LocalEngine:
         return out
 
 
-__all__ = ["LocalEngine"]
+def _pulled(items: Iterator[T], around: Callable[[], AbstractContextManager[object]]) -> Iterator[T]:
+    """``items``, each one computed inside ``around()``; closed with this generator."""
+    try:
+        while True:
+            with around():
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            yield item
+    finally:
+        close_iterator(items)
+
+
+__all__ = ["LocalEngine", "SpeechFirst"]

@@ -69,6 +69,14 @@ def run_turn(
     yield TurnDone(clock(), n, engine.name, {k: round(v, 3) for k, v in timings.items()})
 
 
+def _spoken(timings: dict[str, float], now: float, started: float, t0: float) -> float:
+    """Book a piece of audio that took from ``started`` to ``now`` (the turn began at ``t0``)."""
+    timings.setdefault("tts_first", now - started)
+    timings.setdefault("first_audio", now - t0)
+    timings["tts"] = timings.get("tts", 0.0) + now - started
+    return now
+
+
 def _speak_text(
     engine: Engine, text: str, req: TurnRequest, cancel: threading.Event, clock: Clock, t0: float,
     timings: dict[str, float],
@@ -78,10 +86,7 @@ def _speak_text(
     pieces = engine.speak(text, voice=req.voice, cancel=cancel)
     try:
         for piece in pieces:
-            now = clock()
-            timings.setdefault("tts_first", now - t)
-            timings.setdefault("first_audio", now - t0)
-            timings["tts"] = timings.get("tts", 0.0) + now - t
+            now = _spoken(timings, clock(), t, t0)
             yield ReplyAudio(now, req.turn, piece.text, piece.audio)
             if cancel.is_set():
                 break
@@ -140,10 +145,7 @@ def _chat_and_speak(
                 spoken = engine.speak(piece, voice=req.voice, split=False, cancel=cancel)
                 try:
                     for s in spoken:
-                        now = clock()
-                        timings.setdefault("tts_first", now - t)
-                        timings.setdefault("first_audio", now - t0)
-                        timings["tts"] = timings.get("tts", 0.0) + now - t
+                        now = _spoken(timings, clock(), t, t0)
                         out.put(ReplyAudio(now, n, s.text, s.audio))
                         t = clock()
                 finally:
