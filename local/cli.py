@@ -162,16 +162,19 @@ def models(
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        table = Table("role", "model", "source", "format", "size", "path")
-        table.columns[-1].overflow = "fold"  # a path wraps onto the next line, never cut to "…"
+        table = Table("role", "model", "source", "format", "size")
+        for column in table.columns:
+            column.overflow = "fold"  # wrapped onto the next line, never cut to "…"
         for r in rows:
             if "error" in r:
-                table.add_row(r["role"], f"[red]{escape(r['error'])}[/]", "", "", "", "")
+                table.add_row(r["role"], f"[red]{escape(r['error'])}[/]", "", "", "")
             else:
-                table.add_row(r["role"], escape(r["name"]), r["source"], r["format"], f"{r['size_mb']} MB",
-                              escape(r["path"]))
+                table.add_row(r["role"], escape(r["name"]), escape(r["source"]), r["format"], f"{r['size_mb']} MB")
         out = Console()
         out.print(table)
+        for r in rows:  # whole paths, one a line, for copying (the terminal wraps them, nothing cuts them)
+            if "path" in r:
+                out.print(f"{r['role']}: {escape(r['path'])}", soft_wrap=True, highlight=False)
         for r in rows:
             if r.get("voices"):
                 out.print(f"tts voices (--voice, MOI_TTS_VOICE): {', '.join(r['voices'])}", soft_wrap=True)

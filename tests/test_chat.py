@@ -80,3 +80,48 @@ def test_transformers_backend_on_the_same_weights():
         got.append(token)
         cancel.set()
     assert len(got) <= 2
+
+
+@pytest.fixture(scope="module")
+def reusing():
+    """llama.cpp as the live pipeline runs it: the cached prompt prefix reused between turns."""
+    from cloud.chat import LlamaCppChat
+
+    return LlamaCppChat(resolve("llm"), LlmConfig(reuse_prefix=True))
+
+
+def converse(chat, questions, max_tokens=30):
+    thread, replies = Thread(SYSTEM), []
+    for q in questions:
+        thread.add_user(q)
+        replies.append("".join(ask(chat, thread, max_tokens=max_tokens)).strip())
+        thread.add_assistant(replies[-1])
+    return replies
+
+
+def test_two_different_questions_get_two_different_answers_with_prefix_reuse(reusing):
+    first, second = converse(reusing, ["How do I get to Dublin?", "What should I cook for dinner tonight?"])
+    assert first and second and first != second
+    assert not second.startswith(first[:30])
+
+
+SAMPLE_TURNS = ["and says how do I get to Dublin?", "And the answer that comes back is, well, I wouldn't start from here, sonny."]
+
+
+@pytest.mark.parametrize("follow_up", ["Tell me more.", SAMPLE_TURNS[1]])
+def test_a_follow_up_is_not_answered_with_the_last_reply_again(reusing, follow_up):
+    """The repeat penalty sees only the tokens of the reply being generated, so at temperature 0
+    SmolLM2 answered any follow-up that was not a question with its previous answer, word for
+    word (the bundled sample's second turn). No run of 4 tokens of an earlier reply comes back."""
+    first, second = converse(reusing, [SAMPLE_TURNS[0], follow_up])
+    a, b = first.split(), second.split()
+    shared_runs = {tuple(b[i : i + 5]) for i in range(len(b) - 4)} & {tuple(a[i : i + 5]) for i in range(len(a) - 4)}
+    assert second and not shared_runs, (first, second)
+
+
+def test_the_repeat_guard_can_be_turned_off():
+    from cloud.chat import LlamaCppChat
+
+    plain = LlamaCppChat(resolve("llm"), LlmConfig(no_repeat_ngram=0, reuse_prefix=False))
+    first, second = converse(plain, SAMPLE_TURNS)  # the bundled sample's two turns, prompts whole
+    assert second.split()[:8] == first.split()[:8]  # what the guard prevents: the same answer again

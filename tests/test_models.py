@@ -62,3 +62,21 @@ def test_config_errors_are_clear():
         Config.load(env={"MOI_LLM_MAX_TOKENS": "many"})
     with pytest.raises(ConfigError, match="unknown config option"):
         Config.load(env={}, llm__colour="red")
+
+
+def test_moi_models_lists_the_voices_and_whole_paths():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "COLUMNS": "80"}
+    r = subprocess.run([sys.executable, "-m", "local.cli", "models"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "jf_alpha" in r.stdout and "jm_kumo" in r.stdout and "--voice" in r.stdout
+    assert "…" not in r.stdout  # nothing cut short at 80 columns
+    paths = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in r.stdout.splitlines()
+             if line.split(": ", 1)[0] in ("vad", "stt", "llm", "tts")}
+    assert paths["vad"] == str(resolve("vad").path) and paths["llm"] == str(resolve("llm").path)  # whole

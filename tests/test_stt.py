@@ -78,3 +78,14 @@ def test_opus_non_english_clip_gives_nothing_rather_than_junk(stt, stt_base):
     assert stt.transcribe(audio).text == ""
     result = stt_base.transcribe(audio, language="ru")
     assert result.text == "" and result.language == "ru"
+
+
+@pytest.mark.parametrize("text", ["", " ", ".", "...", " ♪ ", "?!"])
+def test_a_segment_without_words_is_no_transcript(stt, text):
+    """Whisper gave '.' for hum on another machine: a segment with no letter or digit is junk,
+    whatever its scores say (here they look like good speech)."""
+    from types import SimpleNamespace
+
+    segment = SimpleNamespace(text=text, start=0.0, end=1.0, avg_logprob=-0.2, no_speech_prob=0.01, compression_ratio=1.0)
+    assert stt._is_junk(segment, 2.0)
+    assert not stt._is_junk(SimpleNamespace(**{**vars(segment), "text": " Hi."}), 2.0)
