@@ -1,9 +1,13 @@
-"""What every request passes first: the API key, the body size limit, and errors in OpenAI's shape.
+"""What every request passes first: the Host and Origin, the API key, the body size limit, and
+errors in OpenAI's shape.
 
-:class:`Gate` is plain ASGI middleware (no body buffering): it answers 401 before any body
-is read, 413 from ``Content-Length`` alone when it says too much, and counts the bytes as
-they arrive for bodies without one (chunked uploads). It is also the last resort that turns
-an unexpected exception into a logged 500 with an OpenAI-shaped body.
+:class:`Gate` is plain ASGI middleware (no body buffering). With ``hosts`` set (the web view,
+whose page can start the microphone), a request or WebSocket whose ``Host`` is not one of them
+is refused (403 / close 1008): a page on a DNS-rebinding domain cannot reach it; and whatever
+``Origin`` a browser sends must be the server itself. It answers 401 before any body is read,
+413 from ``Content-Length`` alone when it says too much, and counts the bytes as they arrive for
+bodies without one (chunked uploads), stopping at the limit. It is also the last resort that
+turns an unexpected exception into a logged 500 with an OpenAI-shaped body.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -28,8 +33,8 @@ def as_api_error(exc: BaseException) -> ApiError:
     """The status and OpenAI error body for any exception; unexpected ones are logged."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, HTTPException):
-        return ApiError(exc.status_code, str(exc.detail))
+    if isinstance(exc, HTTPException):  # e.g. 405 with its Allow header, which must survive
+        return ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
     if isinstance(exc, AudioError):
         return ApiError(400, str(exc), param="file", code="invalid_audio")
     if isinstance(exc, ConfigError):
@@ -57,22 +62,62 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(body, status_code=422)
 
 
+def _hostname(netloc: str) -> str:
+    """``host`` of ``host:port`` (``[::1]:8080`` → ``::1``), lower-case."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+def bearer_matches(header: bytes, key: str) -> bool:
+    """``Authorization: Bearer <key>``, the scheme in any case (RFC 7235), the key exactly."""
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
 class Gate:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body: int) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, max_body: int, hosts: frozenset[str] | None = None
+    ) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key
         self.max_body = max_body
+        self.hosts = None if hosts is None else frozenset(h.lower().strip("[]") for h in hosts)
+
+    def _foreign(self, headers: dict[bytes, bytes]) -> str | None:
+        """Why this request may not reach the app (a foreign Host or Origin), or None."""
+        if self.hosts is None:
+            return None
+        host = headers.get(b"host", b"").decode("latin-1")
+        if _hostname(host) not in self.hosts:
+            return f"Host {host!r} is not this server's: open it as http://127.0.0.1 (or the --host it was given)"
+        origin = headers.get(b"origin")
+        if origin is not None and urlsplit(origin.decode("latin-1")).netloc.lower() != host.lower():
+            return "requests from other sites are refused (this page can start your microphone)"
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        why = self._foreign(headers)
+        if why is not None:
+            if scope["type"] == "websocket":
+                await receive()  # the handshake's websocket.connect, then the refusal
+                await send({"type": "websocket.close", "code": 1008, "reason": why[:120]})
+            else:
+                await json_error(ApiError(403, why, code="forbidden_host"))(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
         given = headers.get(b"authorization", b"")
         if (
-            self.expected
+            self.api_key
             and scope["path"] not in OPEN_PATHS
-            and not secrets.compare_digest(given, self.expected)
+            and not bearer_matches(given, self.api_key)
         ):
             err = ApiError(
                 401,

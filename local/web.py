@@ -27,13 +27,14 @@ import socket
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, UploadFile, WebSocket
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from cloud.engine import LocalEngine
+from cloud.gate import Gate, any_error_handler
 from shared.engine import Engine
 from local.live import BARGE_IN_MODES
 from local.run import build
@@ -49,16 +50,17 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}}, status)
 
 
-def _same_origin(ws: WebSocket) -> bool:
-    """Pages from elsewhere may not drive this one (and its microphone): the Origin a browser
-    sends must be this server. Clients that send none (scripts, tests) are let in."""
-    origin = ws.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == ws.headers.get("host")
+def allowed_hosts(host: str) -> frozenset[str] | None:
+    """The Host names the page may be reached by: loopback and the --host given. None (any) when
+    serving on every interface, which the user chose knowingly (and is warned about)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    return frozenset({*LOOPBACK, host})
 
 
 def create_ui_app(
     cfg: Config, engine: Engine | None = None, *, sample: Path | None = None, tick_s: float = 0.05,
-    barge_in: str = "half", input_device: str | None = None, max_upload_mb: int = 50,
+    barge_in: str = "half", input_device: str | None = None, max_upload_mb: int = 50, host: str = "127.0.0.1",
 ) -> FastAPI:
     """The web live view over ``engine`` (default: a LocalEngine on ``cfg``). Models load when a
     page starts a pipeline (or before, see :func:`run_ui`)."""
@@ -86,6 +88,9 @@ def create_ui_app(
             uploads.cleanup()
 
     app = FastAPI(title="moi ui", lifespan=lifespan)
+    # Host and Origin on every route (DNS rebinding), and uploads cut at the limit as they arrive.
+    app.add_middleware(Gate, api_key=None, max_body=max_upload_mb * 1024 * 1024 + 64 * 1024, hosts=allowed_hosts(host))
+    app.add_exception_handler(HTTPException, any_error_handler)  # 413 and friends in the page's error shape
     app.state.hub = hub
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -101,10 +106,7 @@ def create_ui_app(
     async def upload(file: UploadFile | None = None) -> JSONResponse:
         if file is None:
             return _error(400, "send the audio file as multipart/form-data field 'file'", "missing_file")
-        limit = max_upload_mb * 1024 * 1024
-        data = await file.read(limit + 1)
-        if len(data) > limit:
-            return _error(413, f"{file.filename}: larger than {max_upload_mb} MB; send a shorter recording", "too_large")
+        data = await file.read()  # the Gate has cut anything over max_upload_mb already
         try:
             up = await hub.add_upload(file.filename or "upload", data)
         except AudioError as exc:
@@ -113,10 +115,7 @@ def create_ui_app(
 
     @app.websocket("/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
-        if not _same_origin(ws):
-            await ws.close(code=1008, reason="cross-origin page")
-            return
-        await ws.accept()
+        await ws.accept()  # the Gate has checked its Host and Origin
         client = Client(ws)
         hub.attach(client)
         sender = asyncio.ensure_future(client.pump())
@@ -171,7 +170,7 @@ def run_ui(
     if not port_free(host, port):
         raise ConfigError(f"port {port} on {host} is in use: pick another with --port")
     engine = engine or LocalEngine(cfg)
-    app = create_ui_app(cfg, engine, barge_in=barge_in, input_device=input_device)
+    app = create_ui_app(cfg, engine, barge_in=barge_in, input_device=input_device, host=host)
     if preload:
         build(cfg, "chat", console, engine)
     if host not in LOOPBACK:

@@ -81,24 +81,25 @@ def noise(rng: np.random.Generator, seconds: float, level: float = 0.1) -> Audio
 
 
 @contextmanager
-def serve(app) -> Iterator[str]:
-    """``app`` on uvicorn at 127.0.0.1:<free port> in a background thread, for the block's length."""
+def serve(app, lifespan: str = "off") -> Iterator[str]:
+    """``app`` on uvicorn at 127.0.0.1:<free port> in a background thread, for the block's length
+    (``lifespan="on"`` runs the app's startup and shutdown, e.g. the web view's ticker)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan, ws="auto"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
-    for _ in range(200):
+    for _ in range(600):
         if server.started:
             break
         time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
+    assert server.started, "uvicorn did not start within 30 s"
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(30)
         sock.close()

@@ -8,6 +8,7 @@ browser Playwright would download is not used. A screenshot lands in tests/artif
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -22,7 +23,7 @@ from local.web import create_ui_app, run_ui
 from shared.audio import Audio
 from shared.config import Config
 from shared.errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import serve, ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -43,24 +44,9 @@ LOUDNESS = """() => { const p = moi.player; if (!p.analyser) return 0;
 
 @pytest.fixture(scope="module")
 def server(runners):
-    import uvicorn
-
     app = create_ui_app(CFG, LocalEngine(CFG, runners))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="auto", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="moi-ui-test", daemon=True)
-    thread.start()
-    for _ in range(300):
-        if srv.started:
-            break
-        time.sleep(0.1)
-    assert srv.started, "the ui server did not start within 30 s"
-    yield f"http://127.0.0.1:{port}", app.state.hub
-    srv.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    with serve(app, lifespan="on") as url:
+        yield url, app.state.hub
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +256,64 @@ def test_a_busy_port_is_a_clear_error(server):
     port = int(server[0].rsplit(":", 1)[1])
     with pytest.raises(ConfigError, match=f"port {port} .* in use"):
         run_ui(CFG, host="127.0.0.1", port=port, preload=False)
+
+
+# --- DNS rebinding and uploads: the Gate in front of the view -----------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(runners):
+    """The view's app with a 1 MB upload limit, driven in-process (no lifespan: no session runs)."""
+    from starlette.testclient import TestClient
+
+    return TestClient(create_ui_app(CFG, LocalEngine(CFG, runners), max_upload_mb=1), base_url="http://127.0.0.1:8080")
+
+
+def test_a_rebinding_page_cannot_reach_the_view(guarded):
+    """A page on a rebinding domain sends Host and Origin both rebind.example: refused on every
+    route and on the WebSocket, so it can never drive the session or open the microphone."""
+    from starlette.websockets import WebSocketDisconnect
+
+    evil = {"host": "rebind.example:8080", "origin": "http://rebind.example:8080"}
+    for path in ("/", "/api/state"):
+        r = guarded.get(path, headers=evil)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_host", r.text
+    assert guarded.post("/api/upload", headers=evil, files={"file": ("a.wav", b"RIFF")}).status_code == 403
+    with pytest.raises(WebSocketDisconnect) as closed, guarded.websocket_connect("/ws", headers=evil) as ws:
+        ws.receive_text()
+    assert closed.value.code == 1008
+    assert guarded.get("/api/state", headers={"host": "localhost:8080"}).status_code == 200  # loopback names pass
+
+
+def test_uploads_need_this_origin_and_stop_at_the_limit(guarded, speech60):
+    other_site = {"origin": "http://evil.example"}
+    wav = speech60.slice(0, 2).to_wav()
+    r = guarded.post("/api/upload", headers=other_site, files={"file": ("a.wav", wav, "audio/wav")})
+    assert r.status_code == 403
+    r = guarded.post("/api/upload", headers={"origin": "http://127.0.0.1:8080"}, files={"file": ("a.wav", wav, "audio/wav")})
+    assert r.status_code == 200 and r.json()["seconds"] == pytest.approx(2.0, abs=0.01)
+    # 8 MB in 64 kB chunks with no Content-Length, straight into the ASGI app: it must stop
+    # reading near the 1 MB limit and answer 413 (TestClient would buffer the body first).
+    chunks, sent = [0], []
+
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+
+    async def receive():
+        chunks[0] += 1
+        return {"type": "http.request", "body": (head if chunks[0] == 1 else b"") + b"x" * 65536,
+                "more_body": chunks[0] < 128}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/api/upload", "raw_path": b"/api/upload", "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
+    }
+    asyncio.run(guarded.app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert start["status"] == 413 and body["error"]["code"] == "file_too_large"
+    assert chunks[0] <= 18, chunks[0]  # 1 MB + a chunk: cut at the limit, not after reading 8 MB
