@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud.wire import ApiError, error_body
-from shared.errors import AudioError, ConfigError, ModelNotFound, MoiError
+from shared.errors import AudioError, AudioTooLong, ConfigError, ModelNotFound, MoiError
 
 log = logging.getLogger("moi.http")
 OPEN_PATHS = frozenset({"/health"})
@@ -35,6 +35,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, HTTPException):  # e.g. 405 with its Allow header, which must survive
         return ApiError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+    if isinstance(exc, AudioTooLong):
+        return ApiError(400, str(exc), param="file", code="audio_too_long")
     if isinstance(exc, AudioError):
         return ApiError(400, str(exc), param="file", code="invalid_audio")
     if isinstance(exc, ConfigError):

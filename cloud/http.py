@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -28,8 +27,9 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
 from cloud.gate import Gate, any_error_handler, as_api_error, log
-from cloud.streams import END, Deadline, ThreadStream, in_thread, iterate
+from cloud.streams import END, Deadline, ThreadStream, close_iterator, in_thread, iterate
 from cloud.wire import (
+    OPENAI_VOICES,
     SPEECH_FORMATS,
     SPEECH_OUT_RATE,
     TRANSCRIPTION_FORMATS,
@@ -41,6 +41,7 @@ from cloud.wire import (
     chat_completion,
     message_from_openai,
     pcm_rate,
+    pick_voice,
     sse,
     to_srt,
     to_vtt,
@@ -48,8 +49,8 @@ from cloud.wire import (
     verbose_json,
     wav_stream_header,
 )
-from shared.audio import Audio, decode
-from shared.engine import Speech, TurnRequest
+from shared.audio import ENCODINGS, Audio, Encoder, decode
+from shared.engine import TurnRequest
 from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, ReplyAudio, to_wire
 from shared.messages import ChatOptions
@@ -81,17 +82,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         return Deadline(limits.request_timeout_s, start)
 
     async def voice_or_default(until: Deadline, voice: str | None, param: str) -> str | None:
+        """An installed voice for ``voice``: itself, or what an OpenAI name maps to."""
         if not voice or voice == "auto":
             return None
         voices = await in_thread(until, engine.voices)
-        if voice not in voices:
+        chosen = pick_voice(voice, voices)
+        if chosen is None:
             raise ApiError(
                 400,
-                f"unknown voice {voice!r}; this server has: {', '.join(voices)}",
+                f"unknown voice {voice!r}; this server has: {', '.join(voices)} "
+                f"(and maps OpenAI's {', '.join(OPENAI_VOICES)} onto them)",
                 param=param,
                 code="invalid_voice",
             )
-        return voice
+        return chosen
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -129,8 +133,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
             float(_field(form, "temperature", "0"))  # accepted for compatibility; beam search decides
         except ValueError:
             raise ApiError(400, "temperature must be a number", param="temperature") from None
-        audio = await in_thread(until, decode, await upload.read(), name=upload.filename or "file")
-        _check_length(audio, limits.max_audio_seconds, "the audio", "file")
+        data = await upload.read()
+        audio = await in_thread(
+            until, decode, data, name=upload.filename or "file", max_seconds=limits.max_audio_seconds
+        )
         tr = await in_thread(
             until,
             engine.transcribe,
@@ -208,23 +214,32 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         if body.response_format not in SPEECH_FORMATS:
             raise ApiError(
                 400,
-                f"response_format {body.response_format!r} is not supported: use wav or pcm "
-                f"(PCM16 mono {SPEECH_OUT_RATE} Hz)",
+                f"response_format {body.response_format!r} is not supported: use one of "
+                f"{', '.join(SPEECH_FORMATS)} (pcm: PCM16 mono {SPEECH_OUT_RATE} Hz)",
                 param="response_format",
                 code="unsupported_format",
             )
         if body.stream_format not in (None, "audio"):
             raise ApiError(400, "stream_format: only `audio` is supported", param="stream_format")
-        if not body.input.strip():
-            raise ApiError(400, "input is empty: send the text to speak", param="input")
+        if not any(c.isalnum() for c in body.input):
+            raise ApiError(400, "input has no words to speak: send the text to speak", param="input")
         voice = await voice_or_default(until, body.voice, "voice")
         cancel = threading.Event()
 
-        def pcm(item: Speech) -> bytes:  # in the stream's thread, off the event loop
-            return item.audio.resample(SPEECH_OUT_RATE).to_pcm16()
+        fmt = body.response_format
 
-        make = partial(engine.speak, body.input, voice=voice, speed=body.speed, cancel=cancel)
-        stream = ThreadStream(iterate(make, pcm), cancel)
+        def produce(emit: Any) -> None:  # in the stream's thread, off the event loop
+            encoder = Encoder(fmt) if fmt in ENCODINGS else None
+            pieces = engine.speak(body.input, voice=voice, speed=body.speed, cancel=cancel)
+            try:
+                for piece in pieces:
+                    emit(encoder.feed(piece.audio) if encoder else piece.audio.resample(SPEECH_OUT_RATE).to_pcm16())
+                if encoder is not None:
+                    emit(encoder.close())
+            finally:
+                close_iterator(pieces)
+
+        stream = ThreadStream(produce, cancel)
         chunk = await stream.first(until)
 
         async def audio(chunk: Any) -> AsyncIterator[bytes]:
@@ -240,7 +255,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
             finally:
                 cancel.set()
 
-        media = "audio/wav" if body.response_format == "wav" else f"audio/pcm;rate={SPEECH_OUT_RATE}"
+        media = {"wav": "audio/wav", "pcm": f"audio/pcm;rate={SPEECH_OUT_RATE}"}.get(fmt) or ENCODINGS[fmt][3]
         return StreamingResponse(audio(chunk), media_type=media)
 
     @router.post("/turn")
@@ -252,10 +267,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         data = await upload.read()
         rate = pcm_rate(upload.content_type or "")
         if rate is not None:
+            _check_length(len(data) / 2 / rate, limits.max_turn_seconds, "the utterance", "audio")
             audio = Audio.from_pcm16(data, rate)
         else:
-            audio = await in_thread(until, decode, data, name=upload.filename or "audio")
-        _check_length(audio, limits.max_turn_seconds, "the utterance", "audio")
+            audio = await in_thread(
+                until, decode, data, name=upload.filename or "audio", max_seconds=limits.max_turn_seconds
+            )
         if req.variant != "transcribe":
             voice = await voice_or_default(until, req.voice, "request.voice")
             req = replace(req, voice=voice)
@@ -309,11 +326,11 @@ def _upload(form: FormData, name: str) -> UploadFile:
     return value
 
 
-def _check_length(audio: Audio, limit: float, what: str, param: str) -> None:
-    if audio.seconds > limit:
+def _check_length(seconds: float, limit: float, what: str, param: str) -> None:
+    if seconds > limit:
         raise ApiError(
             400,
-            f"{what} is {audio.seconds:.1f} s long; the limit is {limit:g} s",
+            f"{what} is {seconds:.1f} s long; the limit is {limit:g} s",
             param=param,
             code="audio_too_long",
         )

@@ -17,7 +17,31 @@ from shared.messages import Message, Transcription
 from shared.text import timestamp
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-SPEECH_FORMATS = ("wav", "pcm")
+SPEECH_FORMATS = ("wav", "pcm", "mp3", "opus", "aac", "flac")  # the last four: shared.audio.ENCODINGS
+
+#: OpenAI's voices → their closest Kokoro voice, and whether it is a female (f) or male (m)
+#: voice; where the twin is not installed, the first installed voice of the same kind answers.
+OPENAI_VOICES: dict[str, tuple[str, str]] = {
+    "alloy": ("af_alloy", "f"), "ash": ("am_adam", "m"), "ballad": ("bm_george", "m"),
+    "coral": ("af_heart", "f"), "echo": ("am_echo", "m"), "fable": ("bm_fable", "m"),
+    "nova": ("af_nova", "f"), "onyx": ("am_onyx", "m"), "sage": ("af_sarah", "f"),
+    "shimmer": ("af_bella", "f"), "verse": ("am_michael", "m"), "marin": ("af_river", "f"),
+    "cedar": ("am_eric", "m"),
+}
+
+
+def pick_voice(requested: str, installed: list[str]) -> str | None:
+    """An installed voice for ``requested``: itself, or an OpenAI name's twin or kin; else None."""
+    if requested in installed:
+        return requested
+    twin = OPENAI_VOICES.get(requested.lower())
+    if twin is None:
+        return None
+    name, kind = twin
+    if name in installed:
+        return name
+    # Kokoro names its voices <language><f|m>_<name>: jf_alpha is a female voice, jm_kumo a male one.
+    return next((v for v in installed if len(v) > 2 and v[1] == kind), installed[0] if installed else None)
 SPEECH_OUT_RATE = 24_000  # Kokoro's rate: /v1/audio/speech and /v1/turn audio frames use it
 PCM_TYPES = frozenset({"audio/l16", "audio/pcm"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

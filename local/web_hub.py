@@ -176,11 +176,11 @@ class Hub:
 
     def __init__(
         self, cfg: Config, engine: Engine, sample: Path, *, tick_s: float = 0.05, barge_in: str = "half",
-        input_device: str | None = None, upload_dir: Path, max_uploads: int = 8,
+        input_device: str | None = None, upload_dir: Path, max_uploads: int = 8, max_upload_s: float = 1800.0,
     ) -> None:
         self.cfg, self.engine, self.sample = cfg, engine, sample
         self.tick_s, self.barge_in, self.input_device = tick_s, barge_in, input_device
-        self.upload_dir, self.max_uploads = upload_dir, max_uploads
+        self.upload_dir, self.max_uploads, self.max_upload_s = upload_dir, max_uploads, max_upload_s
         self.clients: set[Client] = set()
         self.uploads: dict[str, Upload] = {}
         self.session: LiveSession | None = None
@@ -317,7 +317,8 @@ class Hub:
         return INPUTS.get(spec, spec)
 
     async def add_upload(self, name: str, data: bytes) -> Upload:
-        audio = await asyncio.to_thread(decode, data, name=name)  # AudioError: not audio
+        # AudioError: not audio; AudioTooLong: over the limit, found before decoding it all
+        audio = await asyncio.to_thread(decode, data, name=name, max_seconds=self.max_upload_s)
         uid = uuid.uuid4().hex[:12]
         path = self.upload_dir / f"{uid}{Path(name).suffix[:10] or '.bin'}"
         await asyncio.to_thread(path.write_bytes, data)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import AudioError
+from shared.errors import AudioError, AudioTooLong
 
 #: The rate every model input is brought to (Silero VAD and Whisper both want 16 kHz).
 SPEECH_RATE = 16_000
@@ -101,12 +101,75 @@ class Audio:
         return path
 
 
-def decode(source: str | Path | bytes, *, sample_rate: int = SPEECH_RATE, name: str | None = None) -> Audio:
+#: Compressed formats OpenAI's speech endpoint offers: container, codec, rate, media type.
+ENCODINGS: dict[str, tuple[str, str, int, str]] = {
+    "mp3": ("mp3", "libmp3lame", 24_000, "audio/mpeg"),
+    "opus": ("ogg", "libopus", 48_000, "audio/ogg"),  # opus in an Ogg container, as OpenAI sends it
+    "aac": ("adts", "aac", 24_000, "audio/aac"),
+    "flac": ("flac", "flac", 24_000, "audio/flac"),
+}
+
+
+class Encoder:
+    """Audio in, encoded bytes out as they exist (PyAV): ``feed`` each piece, then ``close``.
+
+    Streams: each ``feed`` returns what the encoder has finished so far, so a response can go
+    out piece by piece; ``close`` flushes the rest and the container's trailer.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        import av
+
+        if fmt not in ENCODINGS:
+            raise AudioError(f"cannot encode {fmt!r}: use one of {', '.join(ENCODINGS)}")
+        container, codec, self.rate, self.media_type = ENCODINGS[fmt]
+        self._out = _Sink()
+        self._container = av.open(self._out, "w", format=container)
+        self._stream = self._container.add_stream(codec, rate=self.rate, layout="mono")
+        self._av = av
+
+    def feed(self, audio: Audio) -> bytes:
+        pcm = np.frombuffer(audio.resample(self.rate).to_pcm16(), dtype="<i2").reshape(1, -1)
+        if pcm.shape[1]:
+            frame = self._av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+            frame.sample_rate = self.rate
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        return self._out.take()
+
+    def close(self) -> bytes:
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        return self._out.take()
+
+
+class _Sink:
+    """A write-only file for PyAV: what was written since the last ``take``."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def write(self, chunk: bytes) -> int:
+        self._data += chunk
+        return len(chunk)
+
+    def take(self) -> bytes:
+        out, self._data = bytes(self._data), bytearray()
+        return out
+
+
+def decode(
+    source: str | Path | bytes, *, sample_rate: int = SPEECH_RATE, name: str | None = None,
+    max_seconds: float | None = None,
+) -> Audio:
     """Decode any common audio file (or its bytes) to mono float32 at ``sample_rate``.
 
     PyAV (FFmpeg) does the container and codec work; channels are averaged to mono; soxr
     resamples. Raises :class:`AudioError` with a one-line reason for anything that is not
-    decodable audio or that holds no samples.
+    decodable audio or that holds no samples. With ``max_seconds``, audio longer than that
+    raises :class:`AudioTooLong` as soon as the container says so, or as soon as decoding
+    passes it (a container may not say, or lie): never after decoding it all.
     """
     import av
 
@@ -133,6 +196,10 @@ def decode(source: str | Path | bytes, *, sample_rate: int = SPEECH_RATE, name: 
                 raise AudioError(f"{label}: holds no audio stream")
             stream = container.streams.audio[0]
             native_rate = stream.rate or stream.codec_context.sample_rate or 0
+            if max_seconds is not None:
+                _check_length(label, _declared_seconds(container, stream), max_seconds)
+            limit = None if max_seconds is None or not native_rate else int((max_seconds + 1) * native_rate)
+            decoded = 0
             # Planar float at the native rate and layout; channels are averaged here (FFmpeg's
             # own down-mix scales by 1/sqrt(2) per channel and can clip) and soxr resamples.
             resampler = av.AudioResampler(format="fltp", rate=native_rate or None)
@@ -140,6 +207,9 @@ def decode(source: str | Path | bytes, *, sample_rate: int = SPEECH_RATE, name: 
                 for frame in container.decode(stream):
                     for out in resampler.resample(frame):
                         chunks.append(out.to_ndarray().mean(axis=0))
+                        decoded += len(chunks[-1])
+                    if limit is not None and decoded > limit:
+                        _check_length(label, decoded / native_rate, max_seconds or 0.0)
             except av.error.InvalidDataError:
                 # A truncated file: keep what decoded, as FFmpeg itself does.
                 pass
@@ -155,7 +225,25 @@ def decode(source: str | Path | bytes, *, sample_rate: int = SPEECH_RATE, name: 
         raise AudioError(f"{label}: contains no audio samples (0 s)")
     if not native_rate:
         raise AudioError(f"{label}: audio stream has no sample rate")
+    if max_seconds is not None:
+        _check_length(label, len(samples) / native_rate, max_seconds)
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{label}: holds NaN or infinite samples (a broken float file), not audio")
     return Audio(samples, native_rate).resample(sample_rate)
+
+
+def _declared_seconds(container, stream) -> float:  # noqa: ANN001 - PyAV objects
+    """What the file says its length is (0 when it does not say)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # av.time_base
+    return 0.0
+
+
+def _check_length(label: str, seconds: float, limit: float) -> None:
+    if seconds > limit:
+        raise AudioTooLong(f"{label}: {seconds:.1f} s of audio; the limit is {limit:g} s", seconds, limit)
 
 
 def _reason(exc: BaseException) -> str:

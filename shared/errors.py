@@ -11,6 +11,16 @@ class AudioError(MoiError):
     """Audio that cannot be read or used (not audio, empty, truncated to nothing)."""
 
 
+class AudioTooLong(AudioError):
+    """Audio longer than the caller accepts; found from the container or while decoding, so a
+    small file holding hours of silence never gets decoded whole."""
+
+    def __init__(self, message: str, seconds: float, limit: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+        self.limit = limit
+
+
 class ModelNotFound(MoiError):
     """A model role resolved to nothing on this machine; the message names the fix."""
 

@@ -103,3 +103,38 @@ def serve(app, lifespan: str = "off") -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def silence_flac(hours: float, declared: bool = True, rate: int = 8000) -> bytes:
+    """A small FLAC holding ``hours`` of digital silence (~0.7 MB an hour): a decompression bomb.
+    ``declared=False`` writes it as a stream would, so its header does not say how long it is."""
+    import io
+
+    import av
+
+    class Stream:  # write-only, no seek: FLAC cannot go back to fill in its length
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def write(self, chunk: bytes) -> int:
+            self.data += chunk
+            return len(chunk)
+
+    out = io.BytesIO() if declared else Stream()
+    with av.open(out, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="mono")
+        minute = np.zeros((1, rate * 60), np.int16)
+        for _ in range(round(hours * 60)):
+            frame = av.AudioFrame.from_ndarray(minute, format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue() if declared else bytes(out.data)
+
+
+@pytest.fixture(scope="session")
+def bombs() -> dict[str, bytes]:
+    """3 h of silence in ~2 MB, with and without its length in the header."""
+    return {"declared": silence_flac(3), "undeclared": silence_flac(3, declared=False)}

@@ -118,3 +118,35 @@ def test_audio_type_checks():
     assert Audio(np.zeros(10, np.float64), 16000).samples.dtype == np.float32
     up = Audio(np.zeros(16000, np.float32), 16000).resample(24000)
     assert len(up) == 24000 and up.sample_rate == 24000
+
+
+@pytest.mark.parametrize("kind", ["declared", "undeclared"])
+def test_a_decompression_bomb_stops_at_the_limit(bombs, kind):
+    """3 h of silence in 2 MB: refused from the header when it tells, else as decoding passes
+    the limit; never decoded whole (that took a server from 1.4 to 6.8 GB)."""
+    import resource
+    import time
+
+    from shared.errors import AudioTooLong
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    with pytest.raises(AudioTooLong, match="the limit is 600 s") as info:
+        decode(bombs[kind], max_seconds=600)
+    assert info.value.limit == 600 and info.value.seconds > 600
+    assert time.monotonic() - started < 20
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: well under 200 MB
+    assert decode(bombs[kind][: 200_000]).seconds > 60  # a cut piece of it is fine without a limit
+
+
+def test_nan_or_infinite_samples_are_not_audio(tmp_path):
+    path = tmp_path / "nan.wav"
+    samples = np.array([0.1, np.nan, np.inf, -0.2] * 4000, dtype="<f4")
+    with open(path, "wb") as f:  # a float WAV (format 3): the stdlib wave module writes only PCM
+        data = samples.tobytes()
+        f.write(b"RIFF" + (36 + len(data)).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little"))
+        f.write((3).to_bytes(2, "little") + (1).to_bytes(2, "little") + (16000).to_bytes(4, "little"))
+        f.write((64000).to_bytes(4, "little") + (4).to_bytes(2, "little") + (32).to_bytes(2, "little"))
+        f.write(b"data" + len(data).to_bytes(4, "little") + data)
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        decode(path)

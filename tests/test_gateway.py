@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import threading
 import time
 from collections.abc import Iterator
 
+import av
 import httpx
 import numpy as np
 import openai
@@ -256,14 +258,54 @@ def test_speech_pcm_streams_sentence_by_sentence(client, stt):
     assert {"weather", "lovely", "walk", "park", "noon"} <= words(stt.transcribe(audio).text)
 
 
-def test_unknown_voice_and_format_are_400(client):
+def test_unknown_voice_format_and_wordless_input_are_400(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.speech.create(model="tts-1", voice="af_nope", input="Hello.", response_format="wav")
     err = error_of(info.value)
     assert err["param"] == "voice" and "jf_alpha" in err["message"] and err["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as info:
-        client.audio.speech.create(model="tts-1", voice="auto", input="Hello.", response_format="mp3")
+        client.audio.speech.create(model="tts-1", voice="auto", input="Hello.", response_format="ogg")
     assert error_of(info.value)["param"] == "response_format"
+    for nothing in ("...", " ?! ", "—"):  # only punctuation: a 400, not an empty WAV
+        with pytest.raises(openai.BadRequestError) as info:
+            client.audio.speech.create(model="tts-1", voice="auto", input=nothing, response_format="wav")
+        assert error_of(info.value)["param"] == "input"
+
+
+@pytest.mark.parametrize("voice", ["alloy", "nova", "echo", "fable", "onyx", "shimmer"])
+def test_openai_voice_names_speak_with_an_installed_voice(client, stt, voice):
+    """An unmodified OpenAI client's voice: its Kokoro twin when installed, else an installed
+    voice of the same kind (here: the Japanese pack's jf_* or jm_kumo)."""
+    audio = decode(client.audio.speech.create(model="tts-1", voice=voice, input="Hello there.").content,
+                   sample_rate=24_000)
+    assert {"hello", "there"} <= words(stt.transcribe(audio).text)
+
+
+def test_pick_voice_prefers_the_twin_then_the_same_kind():
+    from cloud.wire import pick_voice
+
+    hub = ["af_alloy", "af_heart", "am_echo", "bm_fable"]
+    assert pick_voice("alloy", hub) == "af_alloy" and pick_voice("echo", hub) == "am_echo"
+    assert pick_voice("onyx", hub) == "am_echo"  # no am_onyx: a male voice
+    pack = ["jf_alpha", "jf_gongitsune", "jm_kumo"]
+    assert pick_voice("nova", pack) == "jf_alpha" and pick_voice("ONYX", pack) == "jm_kumo"
+    assert pick_voice("jm_kumo", pack) == "jm_kumo" and pick_voice("af_nope", pack) is None
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac"])
+def test_every_openai_speech_format_decodes_back_to_the_words(client, stt, fmt):
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input="Set a timer for five minutes, please.", response_format=fmt
+    ) as response:
+        kind = response.headers["content-type"]
+        data = response.read()
+    assert kind == {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac"}[fmt]
+    with av.open(io.BytesIO(data)) as container:
+        codec = container.streams.audio[0].codec_context.name
+    assert codec.startswith(fmt), codec  # FFmpeg decodes mp3 as "mp3float"
+    audio = decode(data, name=f"speech.{fmt}", sample_rate=24_000)
+    assert 1.0 < audio.seconds < 6.0
+    assert {"set", "timer", "five", "minutes"} <= words(stt.transcribe(audio).text)
 
 
 # --- auth, limits, errors ------------------------------------------------------------------
@@ -486,3 +528,26 @@ def test_frame_reader_reassembles_any_chunking():
     reader.feed(stream[:-5])
     with pytest.raises(Exception, match="middle of a frame"):
         reader.close()
+
+
+@pytest.mark.parametrize("kind", ["declared", "undeclared"])
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(url, bombs, kind):
+    """3 h of silence in 2 MB, on both audio routes: 400 audio_too_long, at once."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v1/audio/transcriptions", headers=auth, data={"model": "whisper-1"},
+                   files={"file": ("bomb.flac", bombs[kind], "audio/flac")}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long", r.text
+    r = httpx.post(f"{url}/v1/turn", headers=auth, timeout=120,
+                   files={"audio": ("bomb.flac", bombs[kind], "audio/flac"), "request": (None, "{}")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "audio_too_long", r.text
+    assert time.monotonic() - started < 30
+
+
+def test_bearer_is_case_insensitive_and_405_says_allow(url):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"{scheme} {KEY}"}).status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"bearer {KEY}x"}).status_code == 401
+    r = httpx.get(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "POST" in r.headers.get("allow", ""), r.headers
+    assert r.json()["error"]["message"]
