@@ -35,7 +35,7 @@ from typing import Any
 
 from cloud.stt import SpeechToText
 from cloud.longform import BatchModels, FileOptions, Result, error_result, transcribe_one
-from local.transcripts import FORMATS, MANIFEST_NAME, RENDER, Manifest, clean_stale_temps, write_atomic
+from local.transcripts import FORMATS, MANIFEST_NAME, RENDER, TEMP_SUFFIX, Manifest, clean_stale_temps, write_atomic
 from cloud.vad import SileroVad
 from shared.config import Config, SttConfig, VadConfig
 from shared.errors import AudioError, ConfigError, EngineError
@@ -299,7 +299,21 @@ def plan_batch(paths: Sequence[Path], options: BatchOptions) -> Plan:
         else:
             skipped.append(j)
     todo.sort(key=lambda j: (-j.seconds, j.key))
+    _check_writable({manifest_dir, *(j.out_base.parent for j in todo)})
     return Plan(todo, sorted(skipped, key=lambda j: j.key), manifest_dir / MANIFEST_NAME, options)
+
+
+def _check_writable(folders: set[Path]) -> None:
+    """Every output folder exists (made now) and takes a file, before any work starts: one
+    clear ConfigError, not a traceback after the first transcription."""
+    for folder in sorted(folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".moi-write-check.{os.getpid()}{TEMP_SUFFIX}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write transcripts to {folder}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)

@@ -354,3 +354,20 @@ def test_plan_keeps_side_by_side_names_apart_and_refuses_real_clashes(tmp_path):
     assert {j.key for j in plan.todo} == {"one/a.mp3", "one/a.wav", "two/a.mp3"}
     with pytest.raises(ConfigError, match="would write the same transcripts"):
         plan_batch([one / "a.mp3", two / "a.mp3"], BatchOptions(("srt",), tmp_path / "out"))
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unwritable_output_folder_is_one_line_and_exit_2(tmp_path, where):
+    """It printed a 63-line traceback: now one line, before any work, and nothing is lost."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(audio_file("comfyui_hotword.mp3"), src / "a.mp3")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out" if where == "file" else Path("/proc/moi-out")  # root can write anywhere else
+    r = subprocess.run([*CLI, str(src), "-o", str(out)], cwd=ROOT, capture_output=True, text=True, check=False,
+                       env={**os.environ, "COLUMNS": "200"})
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("moi: error: cannot write transcripts to") and "Traceback" not in r.stderr
+    assert sorted(p.name for p in src.iterdir()) == ["a.mp3"]
