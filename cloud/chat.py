@@ -11,6 +11,7 @@ honour ``max_tokens`` and ``temperature``, and stop between tokens when ``cancel
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from shared.config import LlmConfig
-from shared.errors import ConfigError, ModelNotFound
+from shared.errors import ConfigError, ContextTooLong, ModelNotFound
 from shared.messages import ChatOptions, Message
 from shared.models import ResolvedModel
 
@@ -127,7 +128,15 @@ class LlamaCppChat:
                 stream=True,
             )
             try:
-                for chunk in chunks:
+                try:
+                    first = next(chunks)
+                except ValueError as exc:  # llama.cpp: "Requested tokens (N) exceed context window of M"
+                    if "context window" in str(exc):
+                        raise ContextTooLong(f"the conversation does not fit the model: {exc}") from None
+                    raise
+                except StopIteration:
+                    return
+                for chunk in itertools.chain([first], chunks):
                     if cancel is not None and cancel.is_set():
                         return
                     piece = chunk["choices"][0]["delta"].get("content")
@@ -163,6 +172,7 @@ class TransformersChat:
         self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).to(self.device)
         self.model.eval()
         self.no_repeat_ngram = cfg.no_repeat_ngram
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or cfg.context)
 
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
@@ -188,6 +198,11 @@ class TransformersChat:
             [self.tokenizer.encode(t, add_special_tokens=False) for t in earlier], self.no_repeat_ngram
         ) if self.no_repeat_ngram else RepeatGuard([], 1)
         prompt_len = prompt["input_ids"].shape[1]
+        if prompt_len + options.max_tokens > self.context:
+            raise ContextTooLong(
+                f"the conversation does not fit the model: {prompt_len} prompt tokens + {options.max_tokens} "
+                f"to generate exceed its context window of {self.context}"
+            )
 
         class _NoCopies(LogitsProcessor):
             def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204

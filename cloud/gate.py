@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud.wire import ApiError, error_body
-from shared.errors import AudioError, AudioTooLong, ConfigError, ModelNotFound, MoiError
+from shared.errors import AudioError, AudioTooLong, ConfigError, ContextTooLong, ModelNotFound, MoiError
 
 log = logging.getLogger("moi.http")
 OPEN_PATHS = frozenset({"/health"})
@@ -41,6 +41,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), param="file", code="invalid_audio")
     if isinstance(exc, ConfigError):
         return ApiError(400, str(exc), code="invalid_value")
+    if isinstance(exc, ContextTooLong):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, ModelNotFound):
         return ApiError(503, str(exc), code="model_not_found")
     if isinstance(exc, MoiError):

@@ -114,7 +114,7 @@ class Pipeline:
         self.cancel.clear()
         llm = self.cfg.llm
         request = TurnRequest(
-            messages=tuple(self.thread.messages()),
+            messages=tuple(self.thread.messages(max_chars=self._thread_budget())),
             options=ChatOptions(
                 max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed,
                 repeat_penalty=llm.repeat_penalty,
@@ -141,6 +141,14 @@ class Pipeline:
             close = getattr(events, "close", None)
             if close is not None:
                 close()
+
+
+    def _thread_budget(self) -> int:
+        """Characters of conversation that fit the model's context with room for the reply and
+        the longest utterance: ~3 characters a token, counted low on purpose."""
+        llm = self.cfg.llm
+        utterance = int(self.cfg.vad.max_utterance_s * 20)  # ~3.3 words a second, 6 characters a word
+        return max(0, (llm.context - llm.max_tokens) * 3 - utterance)
 
 
 def _describe(exc: BaseException) -> str:

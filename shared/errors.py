@@ -21,6 +21,10 @@ class AudioTooLong(AudioError):
         self.limit = limit
 
 
+class ContextTooLong(MoiError):
+    """The conversation does not fit the model's context window (OpenAI: context_length_exceeded)."""
+
+
 class ModelNotFound(MoiError):
     """A model role resolved to nothing on this machine; the message names the fix."""
 

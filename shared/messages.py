@@ -57,9 +57,17 @@ class Thread:
         if self._turns and self._turns[-1][1] is None:
             self._turns.pop()
 
-    def messages(self) -> list[Message]:
+    def messages(self, max_chars: int | None = None) -> list[Message]:
+        """System prompt, then the exchanges; with ``max_chars``, the oldest exchanges are left
+        out until all of it fits (the system prompt and the newest exchange always stay)."""
+        turns = list(self._turns)
+        if max_chars is not None:
+            size = len(self.system_prompt) + sum(len(u.content) + len(r.content if r else "") for u, r in turns)
+            while len(turns) > 1 and size > max_chars:
+                user, reply = turns.pop(0)
+                size -= len(user.content) + len(reply.content if reply else "")
         out = [Message("system", self.system_prompt)] if self.system_prompt else []
-        for user, reply in self._turns:
+        for user, reply in turns:
             out.append(user)
             if reply is not None:
                 out.append(reply)

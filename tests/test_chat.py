@@ -125,3 +125,20 @@ def test_the_repeat_guard_can_be_turned_off():
     plain = LlamaCppChat(resolve("llm"), LlmConfig(no_repeat_ngram=0, reuse_prefix=False))
     first, second = converse(plain, SAMPLE_TURNS)  # the bundled sample's two turns, prompts whole
     assert second.split()[:8] == first.split()[:8]  # what the guard prevents: the same answer again
+
+
+def test_a_thread_past_the_context_is_a_clear_error_and_the_pipeline_trims_it(chat):
+    from shared.errors import ContextTooLong
+
+    thread = Thread(SYSTEM)
+    thread.add_user("word " * 5000)
+    with pytest.raises(ContextTooLong, match="does not fit"):
+        ask(chat, thread, max_tokens=16)
+    long = Thread(SYSTEM, max_turns=50)
+    for i in range(40):
+        long.add_exchange(f"question {i} " + "blah " * 60, "answer " * 60)
+    kept = long.messages(max_chars=3000)
+    assert kept[0].role == "system" and sum(len(m.content) for m in kept) <= 3000
+    assert kept[-1].content == long.messages()[-1].content  # the newest exchange stays, the oldest go
+    tokens = ask(chat, Thread(SYSTEM), max_tokens=4)  # the model is fine after the refusal
+    assert tokens

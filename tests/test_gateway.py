@@ -551,3 +551,14 @@ def test_bearer_is_case_insensitive_and_405_says_allow(url):
     r = httpx.get(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 405 and "POST" in r.headers.get("allow", ""), r.headers
     assert r.json()["error"]["message"]
+
+
+def test_a_conversation_past_the_context_is_a_400_as_openai_says(client):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            reply = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "word " * 9000}], max_tokens=8, stream=stream
+            )
+            list(reply) if stream else reply
+        err = error_of(info.value)
+        assert err["code"] == "context_length_exceeded" and err["param"] == "messages", err
