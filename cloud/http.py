@@ -27,7 +27,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
 from cloud.gate import Gate, any_error_handler, as_api_error, log
-from cloud.streams import END, Deadline, ThreadStream, close_iterator, in_thread, iterate
+from cloud.streams import END, Deadline, ThreadStream, cancel_on_disconnect, close_iterator, in_thread, iterate
 from cloud.wire import (
     OPENAI_VOICES,
     SPEECH_FORMATS,
@@ -158,7 +158,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         return JSONResponse({"text": tr.text})
 
     @router.post("/chat/completions")
-    async def chat_completions(body: ChatBody) -> Response:
+    async def chat_completions(body: ChatBody, request: Request) -> Response:
         until = deadline()
         messages = [message_from_openai(i, m) for i, m in enumerate(body.messages)]
         options = ChatOptions(
@@ -177,9 +177,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         if not body.stream:
             pieces = []
             try:
-                while piece is not END:
-                    pieces.append(piece)
-                    piece = await stream.next(until)
+                async with cancel_on_disconnect(request, cancel):  # no write would notice a client gone
+                    while piece is not END:
+                        pieces.append(piece)
+                        piece = await stream.next(until)
             finally:
                 cancel.set()
             text = "".join(pieces)

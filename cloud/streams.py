@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -100,6 +101,25 @@ class ThreadStream:
         except BaseException:
             self.cancel.set()
             raise
+
+
+@asynccontextmanager
+async def cancel_on_disconnect(request: Any, cancel: threading.Event, every_s: float = 0.25) -> AsyncIterator[None]:
+    """While the block runs, a client that goes away sets ``cancel`` (within ``every_s``): for
+    routes that answer only at the end (a non-streamed chat), where no write would notice."""
+
+    async def watch() -> None:
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(every_s)
+
+    task = asyncio.ensure_future(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 def iterate(

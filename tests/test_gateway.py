@@ -562,3 +562,19 @@ def test_a_conversation_past_the_context_is_a_400_as_openai_says(client):
             list(reply) if stream else reply
         err = error_of(info.value)
         assert err["code"] == "context_length_exceeded" and err["param"] == "messages", err
+
+
+def test_a_client_that_leaves_a_non_streamed_chat_stops_it(url, backend, client):
+    """It kept generating (holding the model's only lock) until the 120 s deadline."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0,
+                   json={"messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+                         "max_tokens": 1500})
+    cancel, generated = backend.chats[-1]
+    assert cancel.wait(5), "the server did not notice its client was gone"
+    time.sleep(0.5)
+    stopped_at = generated[0]
+    time.sleep(1.0)
+    assert generated[0] == stopped_at < 1500
+    out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert out.choices[0].message.content  # the model is free again
