@@ -346,6 +346,9 @@ class ModalEngine:
 @modal.concurrent(max_inputs=64)
 @modal.asgi_app()
 def web():
-    from cloud.http import create_app
+    from cloud.admission import Capacity
+    from cloud.http import Limits, create_app
 
-    return create_app(ModalEngine(), api_key=os.environ.get("MOI_API_KEY"))
+    # Each model scales out in its own containers: the gateway lets many through at once.
+    wide = Capacity(running=32, waiting=64)
+    return create_app(ModalEngine(), api_key=os.environ.get("MOI_API_KEY"), limits=Limits(stt=wide, llm=wide, tts=wide))

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
+from cloud.admission import Admission, Capacity
 from cloud.gate import Gate, any_error_handler, as_api_error, log
 from cloud.streams import END, Deadline, ThreadStream, cancel_on_disconnect, close_iterator, in_thread, iterate
 from cloud.wire import (
@@ -67,7 +68,10 @@ class Limits:
     max_upload_bytes: int = 25 * 1024 * 1024  # any request body; OpenAI's limit for audio files
     max_audio_seconds: float = 600.0  # /v1/audio/transcriptions
     max_turn_seconds: float = 60.0  # /v1/turn: one utterance
-    request_timeout_s: float = 120.0  # the whole request, streams included → 504
+    request_timeout_s: float = 120.0  # a whole answer, or a stream's first item and each gap after it → 504
+    stt: Capacity = Capacity(running=2)  # per model: running at once, and waiting → else 429
+    llm: Capacity = Capacity()
+    tts: Capacity = Capacity()
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
@@ -77,9 +81,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     for exc_class in (HTTPException, MoiError, RequestValidationError):
         app.add_exception_handler(exc_class, any_error_handler)
     router = APIRouter(prefix="/v1")
+    doors = {role: Admission(role, getattr(limits, role)) for role in ("stt", "llm", "tts")}
 
     def deadline(start: float | None = None) -> Deadline:
         return Deadline(limits.request_timeout_s, start)
+
+    def gap() -> Deadline:
+        """A stream's next item is due within the time limit of its own: a long answer that
+        keeps coming is never cut, a stalled one is."""
+        return Deadline(limits.request_timeout_s)
 
     async def voice_or_default(until: Deadline, voice: str | None, param: str) -> str | None:
         """An installed voice for ``voice``: itself, or what an OpenAI name maps to."""
@@ -134,17 +144,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         except ValueError:
             raise ApiError(400, "temperature must be a number", param="temperature") from None
         data = await upload.read()
-        audio = await in_thread(
-            until, decode, data, name=upload.filename or "file", max_seconds=limits.max_audio_seconds
-        )
-        tr = await in_thread(
-            until,
-            engine.transcribe,
-            audio,
-            language=_field(form, "language"),
-            prompt=_field(form, "prompt"),
-            word_timestamps="word" in grains,
-        )
+        release = await doors["stt"].enter(until)
+        try:
+            audio = await in_thread(
+                until, decode, data, name=upload.filename or "file", max_seconds=limits.max_audio_seconds
+            )
+            tr = await in_thread(
+                until,
+                engine.transcribe,
+                audio,
+                language=_field(form, "language"),
+                prompt=_field(form, "prompt"),
+                word_timestamps="word" in grains,
+            )
+        finally:
+            release()
         if fmt == "text":
             return PlainTextResponse(tr.text + "\n")
         if fmt == "srt":
@@ -168,7 +182,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
         )
         cid, created, cancel = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), threading.Event()
-        stream = ThreadStream(iterate(lambda: engine.chat(messages, options=options, cancel=cancel)), cancel)
+        release = await doors["llm"].enter(until)
+        stream = ThreadStream(iterate(lambda: engine.chat(messages, options=options, cancel=cancel)), cancel, release)
         piece = await stream.first(until)
 
         def finish(n: int) -> str:
@@ -195,7 +210,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
                 while piece is not END:
                     n += 1
                     yield sse(chat_chunk(cid, created, body.model, {"content": piece}))
-                    piece = await stream.next(until)
+                    piece = await stream.next(gap())
                 yield sse(chat_chunk(cid, created, body.model, {}, finish(n)))
                 if (body.stream_options or {}).get("include_usage"):
                     yield sse({**chat_chunk(cid, created, body.model, {}), "choices": [], "usage": usage(n)})
@@ -240,7 +255,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
             finally:
                 close_iterator(pieces)
 
-        stream = ThreadStream(produce, cancel)
+        stream = ThreadStream(produce, cancel, await doors["tts"].enter(until))
         chunk = await stream.first(until)
 
         async def audio(chunk: Any) -> AsyncIterator[bytes]:
@@ -249,7 +264,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
                     yield wav_stream_header(SPEECH_OUT_RATE)
                 while chunk is not END:
                     yield chunk
-                    chunk = await stream.next(until)
+                    chunk = await stream.next(gap())
             except Exception as exc:  # nowhere to say so inside audio: log it, and cut the connection
                 log.error("speech stream failed after its first sentence: %s", exc)
                 raise
@@ -284,14 +299,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
                 event = replace(event, audio=event.audio.resample(SPEECH_OUT_RATE))
             return encode_frame(*to_wire(event))
 
-        stream = ThreadStream(iterate(lambda: engine.turn(audio, req, cancel=cancel), frame), cancel)
+        release = await doors["llm"].enter(until)  # a turn holds the LLM's door for its whole length
+        stream = ThreadStream(iterate(lambda: engine.turn(audio, req, cancel=cancel), frame), cancel, release)
         first = await stream.first(until)  # the transcript: an STT failure still gets a status code
 
         async def frames(item: Any) -> AsyncIterator[bytes]:
             try:
                 while item is not END:
                     yield item
-                    item = await stream.next(until)
+                    item = await stream.next(gap())
             except Exception as exc:  # noqa: BLE001 - headers are out: an error frame ends the turn
                 err = as_api_error(exc)
                 yield encode_frame(*to_wire(ErrorEvent(0.0, err.message, req.turn)))

@@ -55,10 +55,15 @@ class ThreadStream:
     :class:`Cancelled` so the producer unwinds, closing its generators in its own thread.
     """
 
-    def __init__(self, produce: Callable[[Emit], None], cancel: threading.Event) -> None:
+    def __init__(
+        self, produce: Callable[[Emit], None], cancel: threading.Event, on_done: Callable[[], None] | None = None
+    ) -> None:
+        """``on_done`` runs on the event loop once the producer has finished, however it ended
+        (e.g. releasing the model's admission even if nobody ever read the stream)."""
         self.cancel = cancel
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._on_done = on_done
         threading.Thread(target=self._run, args=(produce,), name="moi-stream", daemon=True).start()
 
     def _post(self, kind: str, value: Any) -> None:
@@ -80,6 +85,12 @@ class ThreadStream:
         except Exception as exc:  # noqa: BLE001 - raised again on the event loop by next()
             self._post("error", exc)
             return
+        finally:
+            if self._on_done is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._on_done)
+                except RuntimeError:  # the event loop is closed: nothing left to release
+                    pass
         self._post("end", None)
 
     async def next(self, deadline: Deadline) -> Any:

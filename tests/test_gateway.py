@@ -578,3 +578,73 @@ def test_a_client_that_leaves_a_non_streamed_chat_stops_it(url, backend, client)
     assert generated[0] == stopped_at < 1500
     out = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert out.choices[0].message.content  # the model is free again
+
+
+# --- admission: a bounded queue per model --------------------------------------------------
+
+
+def tight(backend, timeout_s: float):
+    """One chat and one speech at a time with one waiting; streams may take ``timeout_s``
+    between items, not in total."""
+    from cloud.admission import Capacity
+
+    one = Capacity(running=1, waiting=1)
+    return serve(create_app(backend, api_key=KEY, limits=Limits(request_timeout_s=timeout_s, llm=one, tts=one)))
+
+
+@pytest.fixture(scope="module")
+def tight_url(backend) -> Iterator[str]:
+    with tight(backend, 60.0) as base:
+        yield base
+
+
+
+def test_a_full_queue_is_told_to_retry_not_left_to_time_out(tight_url):
+    """Four chats at once against one running and one waiting: two are served, two get
+    OpenAI's 429 at once with a Retry-After, none waits past its deadline into a 504."""
+    results: list[httpx.Response] = []
+    took: list[float] = []
+
+    def ask() -> None:
+        started = time.monotonic()
+        r = httpx.post(f"{tight_url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                       json={"messages": [{"role": "user", "content": "Tell me about cats."}], "max_tokens": 40})
+        took.append(time.monotonic() - started)
+        results.append(r)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # in order: the first runs, the second waits, the rest find the queue full
+    for t in threads:
+        t.join(120)
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) >= 2 and 504 not in codes, codes
+    busy = [r for r in results if r.status_code == 429]
+    assert len(busy) >= 1, codes
+    for r in busy:
+        err = r.json()["error"]
+        assert err["type"] == "rate_limit_error" and err["code"] == "server_busy"
+        assert int(r.headers["Retry-After"]) >= 1
+    assert max(took) < 60
+
+
+def test_a_long_speech_streams_to_its_end_past_the_time_limit(backend, stt):
+    """A speech that takes ~3x the time limit to synthesize, each sentence well within it: the
+    whole speech arrives, nothing is cut mid-WAV. The limit is set from one sentence measured
+    now, so a busy machine cannot make the test pass or fail by itself."""
+    sentence = "This is sentence number {}, and it is spoken in full."
+    started = time.monotonic()
+    list(backend.speak(sentence.format("zero"), split=False))
+    limit = max(1.0, 4 * (time.monotonic() - started))
+    numbers = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")
+    text = " ".join(sentence.format(n) for n in numbers)
+    with tight(backend, limit) as url:
+        started = time.monotonic()
+        r = httpx.post(f"{url}/v1/audio/speech", headers={"Authorization": f"Bearer {KEY}"}, timeout=600,
+                       json={"input": text, "voice": "alloy", "response_format": "wav"})
+        took = time.monotonic() - started
+    assert r.status_code == 200 and took > limit, (took, limit)  # it did outlast the limit
+    audio = decode(r.content, sample_rate=24_000)
+    assert audio.seconds > 25
+    assert words(stt.transcribe(audio.slice(audio.seconds - 4, audio.seconds)).text) & {"twelve", "12"}
