@@ -56,14 +56,15 @@ def json_error(err: ApiError) -> JSONResponse:
 
 
 def validation_error(exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 with OpenAI's body: every problem in ``message``, the first one's ``param``."""
+    """A body that does not validate: a 400 (as OpenAI answers it, not FastAPI's 422) with
+    OpenAI's body: every problem in ``message``, the first one's ``param``."""
     parts, param = [], None
     for e in exc.errors():
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         param = param or loc or None
         parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
     body = error_body("; ".join(parts) or "invalid request", "invalid_request_error", param, "invalid_value")
-    return JSONResponse(body, status_code=422)
+    return JSONResponse(body, status_code=400)
 
 
 def _hostname(netloc: str) -> str:

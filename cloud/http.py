@@ -35,6 +35,7 @@ from cloud.wire import (
     SPEECH_OUT_RATE,
     TRANSCRIPTION_FORMATS,
     ApiError,
+    ERROR_RESPONSES,
     ChatBody,
     SpeechBody,
     TurnBody,
@@ -46,6 +47,8 @@ from cloud.wire import (
     sse,
     to_srt,
     to_vtt,
+    transcription_upload,
+    turn_upload,
     usage,
     verbose_json,
     wav_stream_header,
@@ -77,6 +80,7 @@ class Limits:
 def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
     """The gateway over ``engine``; with ``api_key`` set, every route but /health needs it."""
     app = FastAPI(title="moi gateway", version="0.1.0")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(Gate, api_key=api_key, max_body=limits.max_upload_bytes)
     for exc_class in (HTTPException, MoiError, RequestValidationError):
         app.add_exception_handler(exc_class, any_error_handler)
@@ -111,12 +115,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/models")
+    @router.get("/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
         found = await in_thread(deadline(), engine.models)
         return {"object": "list", "data": [{"object": "model", "created": 0, **m} for m in found]}
 
-    @router.post("/audio/transcriptions")
+    @router.post(
+        "/audio/transcriptions", openapi_extra=transcription_upload(), responses=ERROR_RESPONSES | {
+            200: {"description": "the transcript", "content": {
+                "application/json": {"schema": {"type": "object", "properties": {"text": {"type": "string"}}}},
+                "text/plain": {"schema": {"type": "string"}}, "application/x-subrip": {"schema": {"type": "string"}},
+                "text/vtt": {"schema": {"type": "string"}}}}})
     async def transcriptions(request: Request) -> Response:
         until = deadline()
         form = await _form(request)
@@ -171,10 +180,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
             )
         return JSONResponse({"text": tr.text})
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", responses=ERROR_RESPONSES | {
+        200: {"description": "the reply: JSON, or server-sent events with `stream`", "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {  # each event: `data:` a chat.completion.chunk, or [DONE]
+                "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}})
     async def chat_completions(body: ChatBody, request: Request) -> Response:
         until = deadline()
-        messages = [message_from_openai(i, m) for i, m in enumerate(body.messages)]
+        messages = [message_from_openai(i, m.model_dump()) for i, m in enumerate(body.messages)]
         options = ChatOptions(
             max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULTS.max_tokens,
             temperature=DEFAULTS.temperature if body.temperature is None else body.temperature,
@@ -224,7 +237,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
             events(piece), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
-    @router.post("/audio/speech")
+    @router.post("/audio/speech", response_class=Response, responses=ERROR_RESPONSES | {
+        200: {"description": "the speech, streamed sentence by sentence", "content": {
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in ("audio/wav", f"audio/pcm;rate={SPEECH_OUT_RATE}", *(e[3] for e in ENCODINGS.values()))}}})
     async def speech(body: SpeechBody) -> Response:
         until = deadline()
         if body.response_format not in SPEECH_FORMATS:
@@ -235,8 +251,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
                 param="response_format",
                 code="unsupported_format",
             )
-        if body.stream_format not in (None, "audio"):
-            raise ApiError(400, "stream_format: only `audio` is supported", param="stream_format")
         if not any(c.isalnum() for c in body.input):
             raise ApiError(400, "input has no words to speak: send the text to speak", param="input")
         voice = await voice_or_default(until, body.voice, "voice")
@@ -274,7 +288,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         media = {"wav": "audio/wav", "pcm": f"audio/pcm;rate={SPEECH_OUT_RATE}"}.get(fmt) or ENCODINGS[fmt][3]
         return StreamingResponse(audio(chunk), media_type=media)
 
-    @router.post("/turn")
+    @router.post("/turn", response_class=Response, openapi_extra=turn_upload(), responses=ERROR_RESPONSES | {
+        200: {"description": "the turn's events as frames (shared/wire.py), as they exist", "content": {
+            "application/x-moi-frames": {"schema": {"type": "string", "format": "binary"}}}}})
     async def turn(request: Request) -> Response:
         until = deadline()
         form = await _form(request)
@@ -318,6 +334,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
 
     app.include_router(router)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less its stock 422 (bad parameters are a 400 here, as at OpenAI)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # --- request parsing -----------------------------------------------------------------------

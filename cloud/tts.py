@@ -25,6 +25,7 @@ from shared.models import ResolvedModel
 from shared.text import split_sentences
 
 KOKORO_RATE = 24_000
+SPEEDS = (0.5, 2.0)  # what Kokoro takes
 HUB_VOICE = "af_heart"
 PACK_VOICE = "jf_alpha"
 
@@ -143,9 +144,11 @@ class TextToSpeech:
         return voice
 
     def synthesize(self, text: str, *, voice: str | None = None, speed: float | None = None) -> Audio:
-        """One piece of text as one Audio (no splitting)."""
+        """One piece of text as one Audio (no splitting). ``speed`` is held to Kokoro's 0.5-2.0
+        (OpenAI's API allows 0.25-4.0; the model refuses the rest)."""
+        speed = min(SPEEDS[1], max(SPEEDS[0], speed or self.cfg.speed))
         samples = self.backend.synthesize(
-            text, self.resolve_voice(voice or self.default_voice), speed or self.cfg.speed, self.cfg.lang
+            text, self.resolve_voice(voice or self.default_voice), speed, self.cfg.lang
         )
         return Audio(samples, KOKORO_RATE)
 

@@ -80,10 +80,39 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 # --- requests ------------------------------------------------------------------------------
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content; only ``text`` parts are supported (others: a 400 that says so)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["type", "text"]})
+    type: str = Field(json_schema_extra={"enum": ["text"]})
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One OpenAI chat message; another role is a 400 that names the supported ones."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str = Field(json_schema_extra={"enum": sorted(ROLES)})
+    content: str | list[ContentPart] | None = None
+
+
 class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # `"seed": false` is not a seed
     model: str = "moi"
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
@@ -94,11 +123,59 @@ class ChatBody(BaseModel):
     stream_options: dict[str, Any] | None = None
 
 
+# --- what the OpenAPI document says of bodies FastAPI cannot see (multipart uploads) --------
+
+_BINARY = {"type": "string", "format": "binary"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what}
+    for status, what in (
+        (400, "bad parameters, or a file that is not audio (or too long, or too large a conversation)"),
+        (401, "missing or incorrect API key"),
+        (413, "the request body is over the upload limit"),
+        (429, "the model is busy: retry after the Retry-After header's seconds"),
+        (500, "a server error (logged)"),
+        (503, "a model is not installed on the server"),
+        (504, "the answer (or a stream's next item) took longer than the time limit"),
+    )
+}
+
+
+def transcription_upload() -> dict[str, Any]:
+    fields = {
+        "file": _BINARY,
+        "model": {"type": "string"},
+        "language": {"type": "string"},
+        "prompt": {"type": "string"},
+        "response_format": {"type": "string", "enum": list(TRANSCRIPTION_FORMATS)},
+        "temperature": {"type": "number"},
+        "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["segment", "word"]}},
+    }
+    schema = {
+        "type": "object",
+        "required": ["file"],
+        "properties": fields,
+        # as at OpenAI: word or segment timestamps come only in verbose_json
+        "dependentSchemas": {"timestamp_granularities[]": {
+            "required": ["response_format"], "properties": {"response_format": {"const": "verbose_json"}}}},
+    }
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def turn_upload() -> dict[str, Any]:
+    schema = {
+        "type": "object",
+        "required": ["audio"],
+        "properties": {"audio": _BINARY, "request": TurnBody.model_json_schema()},
+    }
+    encoding = {"request": {"contentType": "application/json"}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema, "encoding": encoding}}}}
+
+
 class TurnBody(BaseModel):
     """The ``request`` part of a ``/v1/turn`` upload (JSON): the conversation so far (the system
     prompt first, once), the reply options, and the client's turn number."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     messages: list[dict[str, Any]] = Field(default_factory=list)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -111,13 +188,13 @@ class TurnBody(BaseModel):
 
 
 class SpeechBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str = "moi"
     input: str = Field(min_length=1, max_length=4096)
     voice: str | None = None  # None or "auto": the backend's default
     response_format: str = "wav"
-    speed: float | None = Field(None, ge=0.25, le=4.0)
-    stream_format: str | None = None
+    speed: float | None = Field(None, ge=0.25, le=4.0, description="OpenAI's range; Kokoro speaks 0.5-2.0 of it")
+    stream_format: Literal["audio"] | None = None
 
 
 def pcm_rate(content_type: str) -> int | None:
@@ -155,11 +232,11 @@ def message_from_openai(i: int, raw: dict[str, Any]) -> Message:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
+            if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ApiError(
+                    400, f"messages[{i}].content[{j}]: a text part needs its `text`", param=f"messages[{i}].content[{j}]"
+                )
+            if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ApiError(
                     400,

@@ -56,7 +56,8 @@ class LiveSession:
         self.reply_audio: list[ReplyAudio] = []
         self._utterances: queue.Queue[Audio | None] = queue.Queue()
         self._busy = threading.Event()  # a turn is being answered (or its audio played)
-        self._done = threading.Event()
+        self._done = threading.Event()  # close(): stop now, queued turns included
+        self._finished = threading.Event()  # the source ended and every queued turn was answered
         self._threads: list[threading.Thread] = []
         self._turn = 0
 
@@ -96,7 +97,8 @@ class LiveSession:
             t.join(timeout=5)
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
+        """Until the session is over: closed, or its source ended and every turn was answered."""
+        return self._finished.wait(timeout)
 
     # --- threads -----------------------------------------------------------------------
 
@@ -120,8 +122,7 @@ class LiveSession:
         except Exception as exc:  # noqa: BLE001 - the device went away, or worse: say so and end
             log.debug("listening failed", exc_info=exc)
             self.events.put(ErrorEvent(self.clock(), str(exc) if isinstance(exc, MoiError) else f"listening failed: {exc!r}"))
-        finally:
-            self._done.set()
+        finally:  # the source ended (or failed): answer what is queued, then end
             self._utterances.put(None)
 
     def _answer(self) -> None:
@@ -149,6 +150,7 @@ class LiveSession:
                 finally:
                     self._busy.clear()
         finally:
+            self._finished.set()
             self.events.put(None)
 
     def _status(self) -> Status:

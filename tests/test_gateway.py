@@ -217,9 +217,12 @@ def test_a_disconnect_cancels_generation(url, backend, client):
 
 
 def test_chat_errors_have_openais_shape(client):
-    with pytest.raises(openai.UnprocessableEntityError) as info:
+    with pytest.raises(openai.BadRequestError) as info:  # a 400, as OpenAI answers it (not FastAPI's 422)
         client.chat.completions.create(model="m", messages=[], max_tokens=TOKENS)
     assert error_of(info.value)["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], seed=False)
+    assert error_of(info.value)["param"] == "seed"  # a bool is not a seed
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
             model="m",

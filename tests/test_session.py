@@ -64,20 +64,29 @@ def test_speech_in_a_played_file_waits_its_turn(runners, vad_model, speech60, tm
     q = speech60.slice(0.0, 2.3)
     path = tmp_path / "twice.wav"
     Audio.concat([Audio.silence(0.5), q, Audio.silence(0.8), q, Audio.silence(0.5)]).save_wav(path)
-    source = paced(chain(file_source(path), repeat(Audio.silence(0.1), 150)))
+    source = paced(chain(file_source(path), repeat(Audio.silence(0.1))))  # then a quiet room
     pipe = Pipeline(LocalEngine(cfg, runners), Segmenter(vad_model, cfg.vad), cfg, "chat")
     player = BrowserPlayback()  # keeps the reply's playing time, in real time
     live = LiveSession(pipe, source, player, barge_in="half", hears_player=hears_player).start()
-    events, deadline = [], time.monotonic() + 120
+    events, deadline, idle_since = [], time.monotonic() + 240, None
     try:
         while time.monotonic() < deadline:
             try:
                 ev = live.events.get(timeout=0.2)
+                if ev is None:
+                    break
+                events.append(ev)
             except queue.Empty:
-                continue
-            if ev is None:
+                pass
+            replies = sum(isinstance(e, ReplyText) for e in events)
+            if replies >= 2:
                 break
-            events.append(ev)
+            if replies == 1 and not live.answering:  # the first turn is over, its reply played
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 2.0:
+                    break  # nothing else was queued
+            else:
+                idle_since = None
     finally:
         live.close()
     heard = [e.text for e in events if isinstance(e, Transcript)]
@@ -87,3 +96,25 @@ def test_speech_in_a_played_file_waits_its_turn(runners, vad_model, speech60, tm
         assert len(heard) == 1 and len(replies) == 1
     else:
         assert len(heard) == 2 and len(replies) == 2
+
+
+def test_when_a_played_file_ends_its_last_turn_is_still_answered(runners, vad_model, speech60):
+    """The file ends right after the question: the session answers it before it ends (it used
+    to cut that turn after its first event), then says it is over."""
+    cfg = Config.load(env={}, llm__max_tokens=16)
+    source = paced(file_source_of(Audio.concat([Audio.silence(0.5), speech60.slice(0.0, 2.3), Audio.silence(0.7)])))
+    pipe = Pipeline(LocalEngine(cfg, runners), Segmenter(vad_model, cfg.vad), cfg, "chat")
+    live = LiveSession(pipe, source, None, hears_player=False).start()
+    assert live.wait(180), "the session did not end after its source"
+    events = []
+    while (ev := live.events.get(timeout=5)) is not None:
+        events.append(ev)
+    live.close()
+    replies = [e for e in events if isinstance(e, ReplyText)]
+    assert len(replies) == 1 and replies[0].text and not replies[0].cancelled
+
+
+def file_source_of(audio, chunk_s=0.1):
+    step = int(chunk_s * audio.sample_rate)
+    for i in range(0, len(audio), step):
+        yield Audio(audio.samples[i : i + step], audio.sample_rate)
