@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
@@ -17,7 +17,8 @@ from shared.messages import Message, Transcription
 from shared.text import timestamp
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-SPEECH_FORMATS = ("wav", "pcm", "mp3", "opus", "aac", "flac")  # the last four: shared.audio.ENCODINGS
+SpeechFormat = Literal["wav", "pcm", "mp3", "opus", "aac", "flac"]  # the last four: shared.audio.ENCODINGS
+SPEECH_FORMATS: tuple[str, ...] = get_args(SpeechFormat)
 
 #: OpenAI's voices → their closest Kokoro voice, and whether it is a female (f) or male (m)
 #: voice; where the twin is not installed, the first installed voice of the same kind answers.
@@ -93,10 +94,16 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+def _text_part_schema(schema: dict[str, Any]) -> None:
+    """What a client must send: a text part with its text (others are parsed to say why not)."""
+    schema["required"] = ["type", "text"]
+    schema["properties"]["text"] = {"type": "string", "title": "Text"}
+
+
 class ContentPart(BaseModel):
     """A part of a message's content; only ``text`` parts are supported (others: a 400 that says so)."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["type", "text"]})
+    model_config = ConfigDict(extra="allow", json_schema_extra=_text_part_schema)
     type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
 
@@ -192,7 +199,7 @@ class SpeechBody(BaseModel):
     model: str = "moi"
     input: str = Field(min_length=1, max_length=4096)
     voice: str | None = None  # None or "auto": the backend's default
-    response_format: str = "wav"
+    response_format: SpeechFormat = "wav"
     speed: float | None = Field(None, ge=0.25, le=4.0, description="OpenAI's range; Kokoro speaks 0.5-2.0 of it")
     stream_format: Literal["audio"] | None = None
 
