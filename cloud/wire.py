@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from shared.messages import Message, Transcription
@@ -81,6 +81,15 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 # --- requests ------------------------------------------------------------------------------
 
 
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: An integer as JSON Schema means it: 3 and 3.0, never true or "3" (request bodies are strict).
+JsonInt = Annotated[int, BeforeValidator(_whole)]
+Tokens = Annotated[int, Field(ge=1, le=4096), BeforeValidator(_whole)]  # constraint first: JSON Schema sees it
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -121,12 +130,12 @@ class ChatBody(BaseModel):
     model: str = "moi"
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    max_tokens: Tokens | None = None
+    max_completion_tokens: Tokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: JsonInt | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: Annotated[int, Field(ge=1, le=1), BeforeValidator(_whole)] = 1
     stream_options: dict[str, Any] | None = None
 
 
@@ -184,14 +193,14 @@ class TurnBody(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
     messages: list[dict[str, Any]] = Field(default_factory=list)
-    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_tokens: Tokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: JsonInt | None = None
     repeat_penalty: float | None = Field(None, ge=0.5, le=2.0)
     voice: str | None = None
     language: str | None = None
     variant: Literal["chat", "echo", "transcribe"] = "chat"
-    turn: int = Field(0, ge=0)
+    turn: Annotated[int, Field(ge=0), BeforeValidator(_whole)] = 0
 
 
 class SpeechBody(BaseModel):
