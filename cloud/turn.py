@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloud.streams import close_iterator
 from shared.config import TtsConfig
-from shared.engine import Clock, TurnRequest, monotonic_clock
+from shared.engine import Clock, Stopwatch, TurnRequest
 from shared.events import Event, ReplyAudio, ReplyText, ReplyToken, Transcript, TurnDone
 from shared.messages import Message
 from shared.text import SentenceStream
@@ -49,7 +49,7 @@ def run_turn(
     Errors propagate (the caller reports them); closing the generator early cancels the turn.
     ``tts`` says how the reply is cut into pieces (the first one short).
     """
-    clock = clock or monotonic_clock()
+    clock = clock or Stopwatch()
     n, t0 = req.turn, clock()
     timings: dict[str, float] = {}
     text = req.text

@@ -23,7 +23,8 @@ import time
 from collections.abc import Iterable
 
 from local.audio_io import Player
-from local.pipeline import Clock, Pipeline
+from local.pipeline import Pipeline
+from shared.engine import Stopwatch
 from shared.audio import Audio
 from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechStarted, Status
@@ -52,7 +53,7 @@ class LiveSession:
         self.hears_player = hears_player  # a microphone near the speaker: half-duplex mutes it
         self.status_every_s = status_every_s
         self.events: queue.Queue[Event | None] = queue.Queue()  # None: the session ended
-        self.clock = Clock(time.monotonic())
+        self.clock = Stopwatch()
         self.reply_audio: list[ReplyAudio] = []
         self._utterances: queue.Queue[Audio | None] = queue.Queue()
         self._busy = threading.Event()  # a turn is being answered (or its audio played)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from cloud.vad import Segmenter, SpeechEnd, SpeechStart
 from local.meter import LevelMeter
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
-from shared.engine import VARIANTS, Engine, TurnRequest
+from shared.engine import VARIANTS, Clock, Engine, Stopwatch, TurnRequest
 from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio, ReplyText, SpeechEnded, SpeechStarted, Transcript
 from shared.messages import ChatOptions, Thread
@@ -37,14 +35,6 @@ def file_source(path: str | Path, chunk_s: float = 0.1) -> Iterator[Audio]:
     step = max(1, int(chunk_s * SPEECH_RATE))
     for i in range(0, len(audio), step):
         yield Audio(audio.samples[i : i + step], SPEECH_RATE)
-
-
-@dataclass
-class Clock:
-    start: float
-
-    def __call__(self) -> float:
-        return time.monotonic() - self.start
 
 
 class Pipeline:
@@ -71,7 +61,7 @@ class Pipeline:
 
     def run(self, source: Iterable[Audio]) -> Iterator[Event]:
         """The whole pipeline in this thread: each utterance's turn runs as it ends."""
-        clock = Clock(time.monotonic())
+        clock = Stopwatch()
         for item in self.listen(source, clock):
             if isinstance(item, Audio):
                 yield from self.turn(item, clock)
@@ -80,7 +70,7 @@ class Pipeline:
 
     def listen(self, source: Iterable[Audio], clock: Clock | None = None) -> Iterator[Event | Audio]:
         """The front half: meters and VAD events, and each utterance (an Audio) as it ends."""
-        clock = clock or Clock(time.monotonic())
+        clock = clock or Stopwatch()
         tick = SPEECH_RATE * self.cfg.tick_ms // 1000
         pre, post = LevelMeter(tick), LevelMeter(tick)
         self.segmenter.reset()
@@ -108,7 +98,7 @@ class Pipeline:
     def turn(self, utterance: Audio, clock: Clock | None = None) -> Iterator[Event]:
         """One utterance through ``engine.turn``; the thread learns the exchange. Any failure,
         whatever raised it, ends this turn with an ``ErrorEvent``, never the run."""
-        clock = clock or Clock(time.monotonic())
+        clock = clock or Stopwatch()
         self.turns += 1
         n = self.turns
         self.cancel.clear()

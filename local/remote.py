@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import httpx
 
 from shared.audio import SPEECH_RATE, Audio
-from shared.engine import Clock, Engine, Speech, TurnRequest, monotonic_clock
+from shared.engine import Clock, Engine, Speech, Stopwatch, TurnRequest
 from shared.errors import EngineError
 from shared.events import (
     ErrorEvent,
@@ -100,7 +100,7 @@ class HttpEngine:
         """POST the utterance (PCM16) with the conversation; yield each frame's event as it
         arrives. Stop (``cancel``) shuts the connection at once, and the server, seeing the
         client gone, stops generating; this side then ends the turn as cancelled."""
-        clock = clock or monotonic_clock()
+        clock = clock or Stopwatch()
         t0 = clock()
         body = {
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
@@ -324,7 +324,7 @@ class FallbackEngine:
     def turn(
         self, audio: Audio, request: TurnRequest, *, cancel: threading.Event, clock: Clock | None = None
     ) -> Iterator[Event]:
-        clock = clock or monotonic_clock()
+        clock = clock or Stopwatch()
         if not self.breaker.allows:
             yield from _labelled(self.fallback.turn(audio, request, cancel=cancel, clock=clock), self._down)
             return

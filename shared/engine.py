@@ -53,10 +53,14 @@ class TurnRequest:
     text: str | None = None  # a transcript already known (failover after it): STT is skipped
 
 
-def monotonic_clock() -> Clock:
-    """Seconds since now on the monotonic clock."""
-    start = time.monotonic()
-    return lambda: time.monotonic() - start
+@dataclass
+class Stopwatch:
+    """A :data:`Clock`: seconds on the monotonic clock since ``start`` (default: now)."""
+
+    start: float = field(default_factory=time.monotonic)
+
+    def __call__(self) -> float:
+        return time.monotonic() - self.start
 
 
 class Engine(Protocol):
@@ -95,4 +99,4 @@ class Engine(Protocol):
         ...
 
 
-__all__ = ["Clock", "Engine", "ROLES_FOR", "Speech", "TurnRequest", "VARIANTS", "Variant", "monotonic_clock"]
+__all__ = ["Clock", "Engine", "ROLES_FOR", "Speech", "TurnRequest", "Stopwatch", "VARIANTS", "Variant"]

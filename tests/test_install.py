@@ -1,6 +1,7 @@
 """The installed package, not the source tree: a wheel in a fresh venv works on its own."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,8 +18,14 @@ def installed(tmp_path_factory):
     visible (a path line to this venv's site-packages: its .pth files, the editable install
     among them, are not run). Returns the venv's python."""
     tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"  # a clean copy: a build/ left in the tree would leak stale files into the wheel
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for package in ("local", "cloud", "shared"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp / "dist").glob("moi-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "local/cli.py" in names and "cloud/turn.py" in names and "modal_app.py" not in names
