@@ -50,7 +50,7 @@ app = modal.App(APP_NAME)
 # call gets a key; the caller puts it here to stop, and the container, polling every STOP_POLL_S,
 # ends generation at its next token and synthesis at its next piece.
 STOPS = modal.Dict.from_name("moi-stops", create_if_missing=True)
-STOP_POLL_S = 0.02
+STOP_POLL_S = 0.05  # 20 Dict reads a second per open stream; a few tokens on a GPU
 
 
 # --- images: weights downloaded at build time, so no container downloads at start ----------
