@@ -317,3 +317,15 @@ def test_uploads_need_this_origin_and_stop_at_the_limit(guarded, speech60):
     body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert start["status"] == 413 and body["error"]["code"] == "file_too_large"
     assert chunks[0] <= 18, chunks[0]  # 1 MB + a chunk: cut at the limit, not after reading 8 MB
+
+
+def test_a_decompression_bomb_upload_is_refused_before_it_is_decoded(runners, bombs):
+    """3 h of silence in 2 MB: over the view's 30 min, said at once, never decoded whole."""
+    from starlette.testclient import TestClient
+
+    client = TestClient(create_ui_app(CFG, LocalEngine(CFG, runners), max_upload_mb=5), base_url="http://127.0.0.1:8080")
+    for kind in ("declared", "undeclared"):
+        started = time.monotonic()
+        r = client.post("/api/upload", files={"file": ("bomb.flac", bombs[kind], "audio/flac")})
+        assert r.status_code == 400 and "the limit is 1800 s" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - started < 20
