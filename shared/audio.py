@@ -72,8 +72,9 @@ class Audio:
     # --- PCM16 / WAV at the edges -------------------------------------------------------
 
     def to_pcm16(self) -> bytes:
-        clipped = np.clip(self.samples, -1.0, 1.0)
-        return (clipped * 32767.0).round().astype("<i2").tobytes()
+        # The inverse of from_pcm16 (and of FFmpeg's s16 → float): k / 32768 → k, so audio that
+        # came from 16-bit samples crosses the wire unchanged.
+        return np.clip(np.round(self.samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
     @classmethod
     def from_pcm16(cls, data: bytes, sample_rate: int) -> Audio:

@@ -99,3 +99,16 @@ class SentenceStream:
             start = cut
         self._buf = self._buf[start:]
         return out
+
+
+# --- comparing transcripts ------------------------------------------------------------------
+
+_SMALL = "zero one two three four five six seven eight nine ten eleven twelve".split()
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def spoken_words(text: str) -> list[str]:
+    """``text`` as the words a person said, for word error rates: lower case, no punctuation,
+    hyphens split, small numbers spelled ("5" and "five" are one word), "%" as "percent"."""
+    text = text.lower().replace("%", " percent ").replace("-", " ")
+    return [_SMALL[int(w)] if w.isdigit() and int(w) < len(_SMALL) else w for w in _TOKEN.findall(text)]

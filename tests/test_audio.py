@@ -103,9 +103,13 @@ def test_missing_file_and_directory(tmp_path):
 def test_pcm16_and_wav_round_trip(speech60, tmp_path):
     clip = speech60.slice(10, 12)
     back = Audio.from_pcm16(clip.to_pcm16(), clip.sample_rate)
-    assert np.abs(back.samples - clip.samples).max() < 1 / 16000
+    # A 16-bit recording crosses PCM16 (the /v1/turn wire) and WAV unchanged, sample for sample:
+    # a local and a remote engine hear exactly the same utterance.
+    assert np.array_equal(back.samples, clip.samples)
     path = clip.save_wav(tmp_path / "x.wav")
-    assert np.abs(decode(path).samples - clip.samples).max() < 1 / 16000
+    assert np.array_equal(decode(path).samples, clip.samples)
+    loud = Audio(np.array([-1.5, -1.0, 0.5, 1.0, 1.5], np.float32), 16000)  # clipped, never wrapped
+    assert np.frombuffer(loud.to_pcm16(), "<i2").tolist() == [-32768, -32768, 16384, 32767, 32767]
     with pytest.raises(AudioError, match="odd number"):
         Audio.from_pcm16(b"\x00\x01\x02", 16000)
 

@@ -9,6 +9,7 @@ browser Playwright would download is not used. A screenshot lands in tests/artif
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import threading
@@ -312,7 +313,10 @@ def test_uploads_need_this_origin_and_stop_at_the_limit(guarded, speech60):
         "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"multipart/form-data; boundary=b")],
         "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080),
     }
-    asyncio.run(guarded.app(scope, receive, send))
+    # On a thread of its own: Playwright's sync API, open for the module's browser tests, leaves
+    # an event loop running on this one, and asyncio.run refuses to nest inside it.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, guarded.app(scope, receive, send)).result(timeout=60)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert start["status"] == 413 and body["error"]["code"] == "file_too_large"
