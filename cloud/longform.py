@@ -31,6 +31,8 @@ class FileOptions:
     prompt: str | None = None  # hotwords / spelling hints for Whisper
     max_window_s: float = 29.0  # longest span sent to Whisper in one call (it sees 30 s)
     max_gap_s: float = 3.0  # silence between utterances that starts a new window
+    word_timestamps: bool = True  # an alignment pass per window: cue and word times (txt alone needs none)
+    batch_size: int = 8  # windows through Whisper at once (BatchedInferencePipeline)
 
     @classmethod
     def of(cls, value: FileOptions | Mapping[str, Any] | None) -> FileOptions:
@@ -90,20 +92,17 @@ def transcribe_one(
         return error_result(name, exc, time.perf_counter() - t0)
     vad = copy.copy(models.vad)  # shares the ONNX session, gets its own recurrent state
     windows = speech_windows(audio, vad, replace(models.vad_cfg, max_utterance_s=opts.max_window_s), opts.max_gap_s)
-    segments: list[dict[str, Any]] = []
-    language = opts.language
-    for start, end in windows:
-        heard = models.stt.transcribe(
-            audio.slice(start, end), language=opts.language, prompt=opts.prompt, word_timestamps=True
-        )
-        language = language or heard.language
-        for s in heard.segments:
-            words = [
-                {"start": _t(start + w.start), "end": _t(start + w.end), "word": w.word.strip(),
-                 "probability": round(float(w.probability), 3)}
-                for w in s.words
-            ]
-            segments.append({"start": _t(start + s.start), "end": _t(start + s.end), "text": s.text, "words": words})
+    heard = models.stt.transcribe_windows(
+        audio, windows, language=opts.language, prompt=opts.prompt, word_timestamps=opts.word_timestamps,
+        batch_size=opts.batch_size,
+    )
+    language = opts.language or heard.language
+    segments = [
+        {"start": _t(s.start), "end": _t(s.end), "text": s.text,
+         "words": [{"start": _t(w.start), "end": _t(w.end), "word": w.word.strip(),
+                    "probability": round(float(w.probability), 3)} for w in s.words]}
+        for s in heard.segments
+    ]
     _clamp(segments, audio.seconds)
     return {
         "name": name,

@@ -5,8 +5,8 @@ Three layers, each usable on its own:
 - :func:`transcribe_one` — the work for one file, a pure function of (name, bytes or path,
   options, models) that returns a JSON-ready dict (or ``{"name", "error": {...}}`` for a bad
   file). The VAD cuts the file into windows of at most ``max_window_s`` (Whisper sees 30 s at a
-  time), each window is transcribed with word timestamps, and every time is moved back onto the
-  file's clock by adding the window's start. Modal's GPU class calls exactly this.
+  time), the windows go through Whisper in batches with word timestamps, and every time is on
+  the file's clock. Modal's GPU class calls exactly this.
 - mappers — anything shaped like Modal's ``.starmap(inputs, order_outputs=False,
   return_exceptions=True)``: results arrive in any order, exceptions come back as values.
   :func:`local_mapper` runs a pool of worker processes that each load the models once;

@@ -54,7 +54,7 @@ def transcribe(
     output_dir: Optional[Path] = typer.Option(
         None, "--output-dir", "-o", help="Write here, mirroring each PATH's tree (default: next to each input)."
     ),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Worker processes (default: cores)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Worker processes (default: one per core, at most one per file)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Include sub-folders of folder PATHs."),
     language: Optional[str] = typer.Option(None, "--language", "-l", help="Spoken language (Whisper code)."),
     force: bool = typer.Option(False, "--force", help="Redo files whose transcripts are already up to date."),
@@ -65,17 +65,21 @@ def transcribe(
         fmts = parse_formats(formats)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    n_jobs = jobs or cores()
     remote, remote_errors = (None, ()) if local else _modal()  # one line when Modal is not set up
     try:
         cfg = Config.load(stt__language=language, stt__model=model)
-        opts = BatchOptions(fmts, output_dir, recursive, force, FileOptions(language=cfg.stt.language))
+        # Word times place the subtitle cues and fill the json; plain text needs none of them.
+        file_opts = FileOptions(language=cfg.stt.language, word_timestamps=fmts != ("txt",))
+        opts = BatchOptions(fmts, output_dir, recursive, force, file_opts)
         plan = plan_batch(paths, opts)
     except MoiError as exc:
         raise _fail(str(exc)) from None
     if not plan.todo and not plan.skipped:
         err.print("[yellow]no audio files found[/] (folders are scanned by file extension; --recursive for sub-folders)")
         raise typer.Exit(0)
+    # By default a worker per core, but never more than there are files: one long file gets one
+    # worker with every core's threads instead of a worker that idles.
+    n_jobs = jobs or max(1, min(cores(), len(plan.todo)))
     _say_plan(plan, n_jobs, local)
     try:
         mapper = remote or local_mapper(worker_spec(cfg, n_jobs), n_jobs)

@@ -13,16 +13,18 @@ import wave
 from itertools import pairwise
 from pathlib import Path
 
+import jiwer
 import pytest
 import srt
 import webvtt
 
 from local.batch import BatchModels, BatchOptions, modal_mapper, plan_batch, run_batch
-from cloud.longform import speech_windows, transcribe_one
+from cloud.longform import FileOptions, speech_windows, transcribe_one
 from local.transcripts import MANIFEST_NAME, TEMP_SUFFIX
 from shared.audio import decode
 from shared.config import VadConfig
 from shared.errors import ConfigError
+from shared.text import spoken_words
 from tests.conftest import ROOT, audio_file, words
 
 # The command as a user runs it. Once local/cli.py registers it: [-m, local.cli, transcribe].
@@ -339,6 +341,48 @@ def test_speech_windows_fit_whisper_and_cover_the_speech(speech60, vad_model):
     assert all(0 <= a < b <= 60.0 and b - a <= 29.0 + 0.04 for a, b in windows)
     assert all(b1 <= a2 for (_, b1), (a2, _) in pairwise(windows))
     assert sum(b - a for a, b in windows) > 45  # a lecture is mostly speech
+
+
+REFERENCE = json.loads(audio_file("transcripts.json").read_text())
+
+
+def _wer(reference: str, heard: str) -> float:
+    return jiwer.wer(" ".join(spoken_words(reference)), " ".join(spoken_words(heard)))
+
+
+@pytest.mark.parametrize(("rate", "before"), [(16_000, 0.026), (8_000, 0.034)])
+def test_batched_windows_keep_the_words_of_the_lecture(speech60, batch_models, rate, before):
+    """Batched decoding is no worse than one window after another was (its WER against the
+    reference, measured when batch went batched, is ``before``): at 16 kHz and as a phone-rate WAV."""
+    audio = speech60.resample(rate)
+    result = transcribe_one("lecture.wav", audio.to_wav(), FileOptions(), batch_models)
+    assert result["windows"] >= 3
+    assert _wer(REFERENCE["speech_60s_16k.wav"], result["text"]) <= before, result["text"]
+
+
+def test_cues_are_cut_at_sentences_pauses_and_length(speech60, batch_models):
+    result = transcribe_one("lecture.wav", speech60.to_wav(), FileOptions(), batch_models)
+    cues = result["segments"]
+    assert len(cues) > result["windows"]  # a 29 s window is never one subtitle
+    for cue in cues:
+        assert cue["words"] and len(cue["text"]) <= 84 and cue["end"] - cue["start"] <= 7.0 + 0.5, cue
+        assert spoken_words(cue["text"]) == spoken_words(" ".join(w["word"] for w in cue["words"]))  # words = text
+        assert cue["start"] == cue["words"][0]["start"] and cue["end"] == cue["words"][-1]["end"]
+    assert any(c["text"].endswith("Dublin?") for c in cues)  # a question ends its cue
+    assert [c["start"] for c in cues] == sorted(c["start"] for c in cues)
+
+
+def test_plain_text_needs_no_word_times(speech60, batch_models):
+    """txt alone skips the alignment pass: one segment per window, the same words."""
+    plain = transcribe_one("lecture.wav", speech60.to_wav(), FileOptions(word_timestamps=False), batch_models)
+    assert len(plain["segments"]) == plain["windows"] and not any(s["words"] for s in plain["segments"])
+    assert _wer(REFERENCE["speech_60s_16k.wav"], plain["text"]) <= 0.026
+
+
+def test_one_file_gets_one_worker_with_every_core(tmp_path):
+    shutil.copy(audio_file("comfyui_hotword.mp3"), tmp_path / "a.mp3")
+    r = moi(tmp_path / "a.mp3", "-f", "txt", "-o", tmp_path / "out")
+    assert r.returncode == 0 and "to transcribe on 1 worker" in r.stderr, r.stderr
 
 
 def test_plan_keeps_side_by_side_names_apart_and_refuses_real_clashes(tmp_path):
