@@ -5,11 +5,15 @@ state and 64 samples of context between windows. :class:`Segmenter` is the state
 speech starts at ``threshold`` and ends only after ``silence_ms`` below the lower ``release``
 threshold (hysteresis); blips shorter than ``min_speech_ms`` are dropped; ``pre_roll_ms`` /
 ``post_roll_ms`` of audio are kept around each utterance so no word's start or end is
-clipped; speech longer than ``max_utterance_s`` is flushed in pieces.
+clipped; speech longer than ``max_utterance_s`` is flushed in pieces. With a turn-end model
+(:mod:`cloud.turn_end`), a pause of ``turn_silence_ms`` asks it whether the person has finished:
+a confident yes ends the utterance there; a no asks again at ``silence_ms`` and, still no, waits
+up to ``turn_max_silence_ms``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +60,8 @@ class SpeechEnd:
     start: float  # stream time (s) where the utterance audio starts (pre-roll included)
     audio: Audio | None  # None when the speech was a blip shorter than min_speech_ms
     forced: bool = False  # flushed at max_utterance_s while speech went on
+    decided: float = 0.0  # stream time (s) when the utterance was ended (the pause waited out)
+    turn_p: float | None = None  # the turn-end model's last P(finished), when it was asked
 
     @property
     def dropped(self) -> bool:
@@ -66,10 +72,14 @@ class Segmenter:
     """Feed 16 kHz audio in chunks of any size; get SpeechStart / SpeechEnd events back.
 
     After each ``feed``, ``gated`` holds the audio processed in that call with everything
-    outside speech zeroed (what a meter "after VAD" shows).
+    outside speech zeroed (what a meter "after VAD" shows). ``turn_end``: P(the person has
+    finished) of the utterance so far (:class:`cloud.turn_end.SmartTurn`), or None to end
+    utterances on silence alone; ``turn_p`` is its last answer.
     """
 
-    def __init__(self, vad: SileroVad, cfg: VadConfig = VadConfig()) -> None:
+    def __init__(
+        self, vad: SileroVad, cfg: VadConfig = VadConfig(), turn_end: Callable[[np.ndarray], float] | None = None
+    ) -> None:
         if not 0.0 < cfg.release <= cfg.threshold < 1.0:
             raise ConfigError(
                 f"VAD needs 0 < release ({cfg.release}) <= threshold ({cfg.threshold}) < 1"
@@ -84,6 +94,11 @@ class Segmenter:
         self._pre = cfg.pre_roll_ms * ms
         self._post = cfg.post_roll_ms * ms
         self._max = int(cfg.max_utterance_s * SPEECH_RATE)
+        self.turn_end = turn_end
+        # The model is asked twice a pause: early (a finished turn ends there), and again when
+        # silence alone would have ended it (a no waits on, up to the longest pause).
+        self._asks = sorted({cfg.turn_silence_ms * ms, cfg.silence_ms * ms})
+        self._wait_max = max(cfg.turn_max_silence_ms, cfg.silence_ms) * ms
         self.reset()
 
     def reset(self) -> None:
@@ -99,6 +114,8 @@ class Segmenter:
         self._start = 0  # first speech sample of the current utterance
         self._cut = 0  # where the current utterance's audio begins (pre-roll or flush point)
         self._last_speech = 0  # end of the last window at or above release
+        self._asked = 0  # how often the turn-end model has judged the current pause
+        self.turn_p: float | None = None
         self.gated = np.zeros(0, np.float32)
         self.probs: list[float] = []  # probabilities of the windows run in the last feed
 
@@ -133,12 +150,12 @@ class Segmenter:
                     self._speaking = True
                     self._start = s
                     self._cut = max(0, s - self._pre, self._cut)
-                    self._last_speech = end
+                    self._last_speech, self._asked = end, 0
                     events.append(SpeechStart(s / SPEECH_RATE))
             else:
                 if p >= release:
-                    self._last_speech = end
-                if end - self._last_speech >= self._silence:
+                    self._last_speech, self._asked = end, 0
+                if self._turn_over(end, base):
                     events.append(self._finish(self._last_speech + self._post, end))
                 elif end - self._cut >= self._max:
                     events.append(self._finish(end, end, forced=True))
@@ -154,6 +171,19 @@ class Segmenter:
         self._trim()
         return events
 
+    def _turn_over(self, end: int, base: int) -> bool:
+        """Has the pause before ``end`` (a stream index) ended the utterance?"""
+        pause = end - self._last_speech
+        if self.turn_end is None:
+            return pause >= self._silence
+        if pause >= self._wait_max:
+            return True
+        if self._asked >= len(self._asks) or pause < self._asks[self._asked]:
+            return False
+        self._asked += 1
+        self.turn_p = self.turn_end(self._store[self._cut - base : end - base])
+        return self.turn_p >= self.cfg.turn_threshold
+
     def flush(self) -> list[SpeechStart | SpeechEnd]:
         """End of stream: close an utterance in progress."""
         if not self._speaking:
@@ -167,11 +197,14 @@ class Segmenter:
         audio_end = min(audio_end, now)
         speech = self._last_speech - self._start
         self._cut = audio_end
+        turn_p, self.turn_p = self.turn_p, None
         if speech < self._min_speech and not forced:
-            return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, None)
+            return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, None, decided=now / SPEECH_RATE)
         base = self._buf_start - CONTEXT
         samples = self._store[cut - base : audio_end - base].copy()
-        return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, Audio(samples, SPEECH_RATE), forced)
+        return SpeechEnd(
+            audio_end / SPEECH_RATE, cut / SPEECH_RATE, Audio(samples, SPEECH_RATE), forced, now / SPEECH_RATE, turn_p
+        )
 
     def _trim(self) -> None:
         """Drop audio no utterance can still need (keeps the pre-roll and the context)."""

@@ -133,6 +133,7 @@ def models(
     stt: Optional[str] = typer.Option(None, "--stt", help="Spec for stt: path, pack alias, size or hub id."),
     llm: Optional[str] = typer.Option(None, "--llm", help="Spec for llm: path, pack alias or hub id."),
     tts: Optional[str] = typer.Option(None, "--tts", help="Spec for tts: path, pack alias or hub id."),
+    turn: Optional[str] = typer.Option(None, "--turn", help="Spec for the end-of-turn model: path, pack alias or hub id."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List each role's resolved model (source, path, size); --download pre-fetches hub models.
@@ -143,13 +144,16 @@ def models(
     from shared.models import HUB_DEFAULTS, ROLES, describe, resolve
 
     cfg = Config.load()
-    given = {"vad": vad, "stt": stt, "llm": llm, "tts": tts}
-    configured = {"vad": cfg.vad.model, "stt": cfg.stt.model, "llm": cfg.llm.model, "tts": cfg.tts.model}
+    given = {"vad": vad, "stt": stt, "llm": llm, "tts": tts, "turn": turn}
+    configured = {"vad": cfg.vad.model, "stt": cfg.stt.model, "llm": cfg.llm.model, "tts": cfg.tts.model,
+                  "turn": cfg.vad.turn_model}
     specs = {role: given[role] or configured[role] for role in ROLES}
+    if specs["turn"] == "off":
+        del specs["turn"]  # switched off (MOI_VAD_TURN_MODEL=off): nothing to resolve
     if download:
         specs = {r: HUB_DEFAULTS.get(r, s) if s == "auto" else s for r, s in specs.items()}
     rows, missing = [], 0
-    for role in ROLES:
+    for role in specs:
         try:
             with err.status(f"resolving {role} ({specs[role]})…"):
                 rows.append(describe(resolve(role, specs[role], download=download)))

@@ -91,7 +91,7 @@ class Pipeline:
                 yield SpeechStarted(clock(), ev.at)
                 continue
             seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
-            yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced)
+            yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p)
             if ev.audio is not None:
                 yield ev.audio
 

@@ -19,6 +19,7 @@ from shared.engine import ROLES_FOR, Engine
 from local.live import LiveSession
 from local.pipeline import Pipeline, file_source, reply_audio
 from local.view import KeyReader, ViewState, format_timings, render
+from cloud.turn_end import SmartTurn
 from cloud.vad import Segmenter, SileroVad
 from shared.audio import Audio, decode
 from shared.config import Config
@@ -33,7 +34,8 @@ from shared.events import (
     TurnDone,
     to_dict,
 )
-from shared.models import resolve
+from shared.errors import ModelNotFound
+from shared.models import PACK_INSTALL, resolve
 
 
 
@@ -42,6 +44,7 @@ def build(cfg: Config, variant: str, console: Console | None = None, engine: Eng
     process, a fallback's too), with a spinner while they load. ``engine``: default the
     in-process LocalEngine."""
     vad = SileroVad(resolve("vad", cfg.vad.model).path)
+    turn_end = turn_end_model(cfg, console)
     engine = engine or LocalEngine(cfg)
     roles = ROLES_FOR.get(variant, ())
     if console is not None:
@@ -49,7 +52,24 @@ def build(cfg: Config, variant: str, console: Console | None = None, engine: Eng
             engine.warm(roles)
     else:
         engine.warm(roles)
-    return Pipeline(engine, Segmenter(vad, cfg.vad), cfg, variant)
+    return Pipeline(engine, Segmenter(vad, cfg.vad, turn_end), cfg, variant)
+
+
+def turn_end_model(cfg: Config, console: Console | None = None) -> SmartTurn | None:
+    """The end-of-turn model ``cfg.vad.turn_model`` names; ``auto`` without it installed (or
+    ``off``) ends turns on silence alone, and says so once."""
+    spec = cfg.vad.turn_model
+    if spec == "off":
+        return None
+    try:
+        return SmartTurn(resolve("turn", spec).path)
+    except ModelNotFound:
+        if spec != "auto":
+            raise
+        if console is not None:
+            console.print(f"[dim]no turn-end model (`{PACK_INSTALL['smart-turn-v3.2']}` adds Smart Turn): "
+                          f"turns end after {cfg.vad.silence_ms} ms of silence[/]")
+        return None
 
 
 def run_file(

@@ -30,6 +30,14 @@ class VadConfig:
     post_roll_ms: int = 200  # audio kept after the last speech window (word ends)
     max_utterance_s: float = 20.0  # longer speech is flushed as an utterance at this length
     model: str = "auto"
+    # End of turn (cloud/turn_end.py): after turn_silence_ms of silence the turn-end model is
+    # asked whether the person has finished; at turn_threshold or above the turn ends there,
+    # else it is asked again at silence_ms, and a second no waits up to turn_max_silence_ms.
+    # Without the model: silence_ms, as above.
+    turn_model: str = "auto"  # auto: Smart Turn if installed, else silence only · off · a spec
+    turn_silence_ms: int = 200
+    turn_threshold: float = 0.5
+    turn_max_silence_ms: int = 1000
 
 
 @dataclass(frozen=True)

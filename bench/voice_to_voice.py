@@ -1,0 +1,305 @@
+"""Voice to voice, as a person hears it: end of the last spoken word → first audible sample of
+the reply, with moi running live (`moi --input mic --output speaker`, defaults) on the
+PulseAudio virtual sound card, for --local and for --remote against `moi serve` on loopback.
+
+One clock for both ends: a null sink `moi_rec` is recorded for the whole run, and two combine
+sinks feed it: `moi_in` (what we play: the virtual microphone + moi_rec) and `moi_out` (the
+default sink moi plays to: the virtual speaker + moi_rec). So the question and the reply land
+in one recording. Each question is a sentence of a real recording (tests/data), cut at the end
+of its last word by word timestamps measured once (Whisper base, word alignment); its end in
+the recording is where the question was found (cross-correlation) plus the clip's length.
+
+The per-stage split comes from moi's own `--json` events: speech-to-text, LLM to the first
+piece and TTS of the first piece from `turn_done`; the VAD's wait from the end of the last word
+to where the VAD cut (on moi's input stream, aligned to the recording where moi saw the
+question start); the turn decision from the cut to the turn's start (moi's clock); the player
+(capture and output buffers, the sound server) is what remains of the heard figure. Runs outside CI (it takes a few minutes); nothing else should run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import AUDIO_DIR, SPEECH, console, show  # noqa: E402
+from shared.audio import SPEECH_RATE, Audio, decode  # noqa: E402
+from tests import pulse  # noqa: E402
+
+BIN = Path(sys.executable).parent
+REC, IN, OUT = "moi_rec", "moi_in", "moi_out"
+TARGET_S = 0.8
+AUDIBLE_DB = -45.0  # a 10 ms frame louder than this is sound (the null sinks are digital silence)
+
+
+@dataclass
+class Turn:
+    question: str
+    played_at: float  # bench clock, paplay started
+    events: list[tuple[float, dict]] = field(default_factory=list)
+
+
+def questions(n: int) -> list[tuple[str, Audio]]:
+    """Sentences of real recordings, each cut from its first word's start to its last word's end."""
+    from faster_whisper import WhisperModel
+
+    from shared.models import resolve
+
+    model = WhisperModel(str(resolve("stt", "base").path), device="cpu", compute_type="int8")
+    out = []
+    for path in (SPEECH, AUDIO_DIR / "two_speakers_stereo_5s.wav"):
+        audio = decode(path)
+        segments, _ = model.transcribe(audio.samples, language="en", beam_size=5, word_timestamps=True)
+        words = [w for s in segments for w in s.words]
+        start = 0
+        db = frames_db(audio.samples)
+        for i, w in enumerate(words):
+            if not w.word.strip().endswith((".", "?", "!")):
+                continue
+            sentence, start = words[start : i + 1], i + 1
+            a = sentence[0].start
+            # Whisper's word end can fall inside the word's last sound: the speech ends where the
+            # recording goes quiet (35 dB under the sentence's peak), before the next word starts.
+            until = words[i + 1].start if i + 1 < len(words) else audio.seconds
+            f0, f1 = int(a * 100), int(until * 100)
+            floor = db[f0:f1].max() - 35
+            quiet = next((f for f in range(int(w.end * 100), f1) if (db[f : f + 3] < floor).all()), f1)
+            b = quiet / 100
+            if 1.2 <= b - a <= 9.0:
+                text = "".join(x.word for x in sentence).strip()
+                out.append((text, audio.slice(max(0.0, a - 0.05), b)))
+    return out[:n]
+
+
+def card() -> None:
+    """The virtual card of tests/pulse.py plus the recording bus and the two combine sinks."""
+    pulse.start()
+    sinks = subprocess.run(["pactl", "list", "short", "sinks"], capture_output=True, text=True).stdout
+    if REC not in sinks:
+        subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={REC}"], check=True, capture_output=True)
+    for name, other in ((IN, pulse.MIC), (OUT, pulse.SPEAKER)):
+        if name not in sinks:
+            subprocess.run(["pactl", "load-module", "module-combine-sink", f"sink_name={name}",
+                            f"slaves={other},{REC}", "adjust_time=0"], check=True, capture_output=True)
+    subprocess.run(["pactl", "set-default-sink", OUT], check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) -> tuple[list[Turn], np.ndarray, float]:
+    """One live moi run: each question played after the previous reply has been heard."""
+    server = None
+    cmd = [str(BIN / "moi"), "--input", "mic", "--output", "speaker", "--json", "--no-meters"]
+    env = {**os.environ, "COLUMNS": "200"}
+    if mode == "silence":  # the lever's baseline: turns end on 500 ms of silence, no turn-end model
+        env["MOI_VAD_TURN_MODEL"] = "off"
+    if mode == "remote":
+        port = free_port()
+        server = subprocess.Popen([str(BIN / "moi"), "serve", "--port", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_http(port)
+        cmd += ["--remote", "--url", f"http://127.0.0.1:{port}"]
+    else:
+        cmd += ["--local"]
+    rec_path = tmp / f"{mode}.raw"
+    rec = subprocess.Popen(["parec", f"--device={REC}.monitor", "--rate=16000", "--channels=1", "--format=s16le",
+                            "--raw", "--latency-msec=10", str(rec_path)])
+    rec_started = time.monotonic()
+    moi = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+    lines: queue.Queue[tuple[float, dict]] = queue.Queue()
+
+    def read() -> None:
+        for line in moi.stdout:
+            try:
+                lines.put((time.monotonic(), json.loads(line)))
+            except json.JSONDecodeError:
+                pass
+
+    threading.Thread(target=read, daemon=True).start()
+    turns: list[Turn] = []
+    try:
+        _wait_for(lines, lambda ev: ev["type"] == "status", 120, moi)  # listening
+        time.sleep(1.0)
+        for text, clip in clips:
+            path = tmp / "q.wav"
+            clip.save_wav(path)
+            turn = Turn(text, time.monotonic())
+            subprocess.run(["paplay", f"--device={IN}", str(path)], check=True)
+            heard = 0.0
+            while True:  # this question's events, until its turn is done
+                t, ev = _next(lines, 120, moi)
+                turn.events.append((t, ev))
+                if ev["type"] == "reply_audio":
+                    heard += ev["audio"]["seconds"]
+                if ev["type"] in ("turn_done", "error"):
+                    break
+            turns.append(turn)
+            until = time.monotonic() + heard + gap_s  # the reply plays out, then a pause
+            while (left := until - time.monotonic()) > 0:  # anything more belongs to this question
+                try:
+                    turn.events.append(lines.get(timeout=left))
+                except queue.Empty:
+                    break
+    finally:
+        moi.terminate()
+        try:
+            moi.wait(10)
+        except subprocess.TimeoutExpired:
+            moi.kill()
+        rec.terminate()
+        rec.wait(5)
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+    pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
+    return turns, pcm, rec_started
+
+
+def _wait_http(port: int) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise SystemExit("moi serve did not come up")
+
+
+def _next(lines: queue.Queue, timeout: float, proc: subprocess.Popen) -> tuple[float, dict]:
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        raise SystemExit(f"moi said nothing for {timeout:.0f} s: {proc.stderr.read()[-500:] if proc.poll() is not None else ''}")
+
+
+def _wait_for(lines: queue.Queue, pred, timeout: float, proc: subprocess.Popen) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred(_next(lines, timeout, proc)[1]):
+            return
+    raise SystemExit("moi did not start listening")
+
+
+def frames_db(pcm: np.ndarray, hop: int = SPEECH_RATE // 100) -> np.ndarray:
+    n = len(pcm) // hop
+    rms = np.sqrt(np.mean(np.square(pcm[: n * hop].reshape(n, hop)), axis=1) + 1e-12)
+    return 20 * np.log10(rms)
+
+
+def find(clip: Audio, pcm: np.ndarray, near: int, span: int) -> int:
+    """Sample index in ``pcm`` where ``clip`` starts, searched within ``near`` ± ``span``."""
+    lo, hi = max(0, near - span), min(len(pcm), near + span + len(clip))
+    seg, ref = pcm[lo:hi], clip.samples
+    n = 1 << int(np.ceil(np.log2(len(seg) + len(ref))))
+    corr = np.fft.irfft(np.fft.rfft(seg, n) * np.conj(np.fft.rfft(ref, n)), n)[: len(seg) - len(ref) + 1]
+    return lo + int(np.argmax(corr))
+
+
+def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, rec_started: float) -> list[dict]:
+    db = frames_db(pcm)
+    hop = SPEECH_RATE // 100
+    rows = []
+    for turn, (_, clip) in zip(turns, clips):
+        near = int((turn.played_at - rec_started) * SPEECH_RATE)
+        onset = find(clip, pcm, near, SPEECH_RATE)  # where the question starts in the recording
+        end = onset + len(clip)  # the end of its last word
+        after = np.nonzero(db[end // hop :] > AUDIBLE_DB)[0]
+        done = next((ev for _, ev in turn.events if ev["type"] == "turn_done"), None)
+        start_ev = next((ev for _, ev in turn.events if ev["type"] == "speech_start"), None)
+        if done is None or not len(after):
+            rows.append({"question": turn.question, "error": "no reply heard"})
+            continue
+        heard = (end // hop + int(after[0])) * hop
+        cuts = sum(ev["type"] == "speech_end" for _, ev in turn.events)
+        latency = (heard - end) / SPEECH_RATE
+        tm = done["timings"]
+        # moi's clock ↔ the recording: at speech_start, moi's VAD had the first speech window.
+        row = {"question": turn.question, "onset": onset / SPEECH_RATE, "end": end / SPEECH_RATE,
+               "heard": heard / SPEECH_RATE, "latency": latency, "cuts": cuts, "stt": tm.get("stt", 0.0),
+               "llm_first_piece": tm.get("first_audio", 0.0) - tm.get("stt", 0.0) - tm.get("tts_first", 0.0),
+               "tts_first": tm.get("tts_first", 0.0), "first_audio": tm.get("first_audio", 0.0)}
+        end_ev = next((ev for _, ev in turn.events if ev["type"] == "speech_end"), None)
+        if start_ev is not None and end_ev is not None:
+            # The recording and moi's input stream differ by a constant: found where moi's VAD saw
+            # the question's first sound (Silero fires within a window or two of it, ~30-60 ms).
+            clip_db = frames_db(clip.samples)
+            first_sound = int(np.argmax(clip_db > clip_db.max() - 35)) / 100  # the first word's onset
+            offset = start_ev["audio_t"] - (onset / SPEECH_RATE + first_sound)
+            word_end = end / SPEECH_RATE + offset  # on moi's stream
+            row["vad_wait"] = end_ev["decided_t"] - word_end  # to where the pause was judged over
+            row["turn_p"] = end_ev.get("turn_p")
+            row["decision"] = done["t"] - tm["total"] - end_ev["t"]  # the cut → the engine's turn starts
+            row["player"] = latency - row["vad_wait"] - row["decision"] - row["first_audio"]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--questions", type=int, default=6, help="sentences to ask (≥ 5)")
+    ap.add_argument("--modes", default="local,remote,silence",
+                    help="comma list: local, remote (moi serve on loopback), silence (local without the turn-end model)")
+    ap.add_argument("--gap", type=float, default=1.0, help="seconds of quiet after each reply")
+    ap.add_argument("--keep", type=Path, help="save each run's recording (WAV) and events here")
+    args = ap.parse_args()
+    clips = questions(args.questions)
+    console.print(f"{len(clips)} questions: " + " | ".join(t for t, _ in clips))
+    card()
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="moi-v2v-") as tmp:
+        for mode in args.modes.split(","):
+            turns, pcm, started = session(mode, clips, Path(tmp), args.gap)
+            results[mode] = measure(turns, clips, pcm, started)
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                Audio(pcm, SPEECH_RATE).save_wav(args.keep / f"{mode}.wav")
+                (args.keep / f"{mode}.json").write_text(json.dumps(
+                    {"rows": results[mode], "turns": [{"question": t.question, "played_at": t.played_at - started,
+                                                       "events": [e for _, e in t.events]} for t in turns]}, indent=1))
+    cols = ["latency", "cuts", "vad_wait", "decision", "stt", "llm_first_piece", "tts_first", "player"]
+    for mode, rows in results.items():
+        table = []
+        for r in rows:
+            if "error" in r:
+                table.append([r["question"][:24], r["error"], *[""] * (len(cols) - 1)])
+            else:
+                table.append([r["question"][:24], *(f"{r.get(c, float('nan')):.2f}" if c != "cuts" else str(r["cuts"])
+                                                     for c in cols)])
+        ok = [r for r in rows if "error" not in r]
+        if ok:
+            med = {c: statistics.median(r.get(c, float("nan")) for r in ok) for c in cols if c != "cuts"}
+            table.append(["[bold]median[/]", f"{med['latency']:.2f}", str(sum(r["cuts"] for r in ok)),
+                          *(f"{med[c]:.2f}" for c in cols[2:])])
+            table.append(["worst", f"{max(r['latency'] for r in ok):.2f}", *[""] * (len(cols) - 1)])
+        title = {"local": "--local", "remote": "--remote (moi serve on loopback)",
+                 "silence": "--local, turns ended by 500 ms of silence (MOI_VAD_TURN_MODEL=off)"}[mode]
+        show(f"voice to voice, {title}: end of speech → first reply sound (s)",
+             ["question", "heard after", "turns", "VAD wait", "decision", "STT", "LLM → 1st", "TTS 1st",
+              "player + I/O"],
+             table, caption=f"target: median ≤ {TARGET_S} s · {os.cpu_count()} cores · turns: utterances moi cut from the "
+             "question (1 = answered once, at its end) · the recording's clock")
+
+
+if __name__ == "__main__":
+    main()
