@@ -111,6 +111,9 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
     env = {**os.environ, "COLUMNS": "200"}
     if mode == "silence":  # the lever's baseline: turns end on 500 ms of silence, no turn-end model
         env["MOI_VAD_TURN_MODEL"] = "off"
+    busy = None
+    if mode == "busy":  # another program keeps one core busy the whole run, as on a working laptop
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     if mode == "remote":
         port = free_port()
         server = subprocess.Popen([str(BIN / "moi"), "serve", "--port", str(port)],
@@ -118,7 +121,7 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
         _wait_http(port)
         cmd += ["--remote", "--url", f"http://127.0.0.1:{port}"]
     else:
-        cmd += ["--local"]
+        cmd += ["--local"]  # local, silence, busy
     rec_path = tmp / f"{mode}.raw"
     rec = subprocess.Popen(["parec", f"--device={REC}.monitor", "--rate=16000", "--channels=1", "--format=s16le",
                             "--raw", "--latency-msec=10", str(rec_path)])
@@ -166,9 +169,10 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
             moi.kill()
         rec.terminate()
         rec.wait(5)
-        if server is not None:
-            server.terminate()
-            server.wait(10)
+        for proc in (server, busy):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
     pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
     return turns, pcm, rec_started
 
@@ -258,8 +262,9 @@ def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=6, help="sentences to ask (≥ 5)")
-    ap.add_argument("--modes", default="local,remote,silence",
-                    help="comma list: local, remote (moi serve on loopback), silence (local without the turn-end model)")
+    ap.add_argument("--modes", default="local,remote",
+                    help="comma list: local, remote (moi serve on loopback), silence (local without the turn-end "
+                    "model), busy (local with another process spinning on one core)")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of quiet after each reply")
     ap.add_argument("--keep", type=Path, help="save each run's recording (WAV) and events here")
     args = ap.parse_args()
@@ -293,7 +298,8 @@ def main() -> None:
                           *(f"{med[c]:.2f}" for c in cols[2:])])
             table.append(["worst", f"{max(r['latency'] for r in ok):.2f}", *[""] * (len(cols) - 1)])
         title = {"local": "--local", "remote": "--remote (moi serve on loopback)",
-                 "silence": "--local, turns ended by 500 ms of silence (MOI_VAD_TURN_MODEL=off)"}[mode]
+                 "silence": "--local, turns ended by 500 ms of silence (MOI_VAD_TURN_MODEL=off)",
+                 "busy": "--local, one core kept busy by another process"}[mode]
         show(f"voice to voice, {title}: end of speech → first reply sound (s)",
              ["question", "heard after", "turns", "VAD wait", "decision", "STT", "LLM → 1st", "TTS 1st",
               "player + I/O"],

@@ -12,14 +12,13 @@ honour ``max_tokens`` and ``temperature``, and stop between tokens when ``cancel
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
 
-from shared.config import LlmConfig
+from shared.config import LlmConfig, model_threads
 from shared.errors import ConfigError, ContextTooLong, ModelNotFound
 from shared.messages import ChatOptions, Message
 from shared.models import ResolvedModel
@@ -32,10 +31,6 @@ class ChatBackend(Protocol):
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]: ...
-
-
-def _threads(n: int) -> int:
-    return n if n > 0 else max(1, os.cpu_count() or 1)
 
 
 class RepeatGuard:
@@ -80,7 +75,7 @@ class LlamaCppChat:
         self.llm = Llama(
             model_path=str(model.path),
             n_ctx=cfg.context,
-            n_threads=_threads(cfg.threads),
+            n_threads=model_threads(cfg.threads),
             n_gpu_layers=-1,  # Metal/CUDA when the wheel has it; ignored on a CPU build
             seed=cfg.seed,
             verbose=False,

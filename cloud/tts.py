@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from typing import Protocol
@@ -18,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from shared.audio import Audio
-from shared.config import TtsConfig
+from shared.config import TtsConfig, model_threads
 from shared.engine import Speech
 from shared.errors import ConfigError, ModelNotFound
 from shared.models import ResolvedModel
@@ -52,7 +51,7 @@ class KokoroOnnx:
         if voices is None:
             raise ModelNotFound(f"tts: {model.name} has no voices file; put voices*.npz beside the model")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cfg.threads if cfg.threads > 0 else max(1, os.cpu_count() or 1)
+        opts.intra_op_num_threads = model_threads(cfg.threads)
         session = ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.kokoro = Kokoro.from_session(session, str(voices))
         self.voices = tuple(sorted(self.kokoro.get_voices()))

@@ -20,6 +20,17 @@ from shared.errors import ConfigError
 MODAL_APP = "moi"
 
 
+def model_threads(n: int) -> int:
+    """Threads for a model runtime (llama.cpp, Kokoro's onnxruntime): ``n``, or for 0 half the
+    cores, at least one. With every core, one other busy program slows a turn the most (on 2
+    cores, first audio 2.28 s with one core busy vs 1.88 s on one thread each; 1.53 and 1.55 s
+    when idle: bench/voice_to_voice.py)."""
+    if n > 0:
+        return n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
 @dataclass(frozen=True)
 class VadConfig:
     threshold: float = 0.5  # speech starts when the probability reaches this
@@ -68,7 +79,7 @@ class LlmConfig:
     repeat_penalty: float = 1.2  # the 135M model loops ("You can't miss it." ×8) without it
     max_turns: int = 6  # user+assistant pairs kept in the thread
     context: int = 2048
-    threads: int = 0  # 0: all cores
+    threads: int = 0  # 0: half the cores (model_threads)
     # llama.cpp: keep the KV cache of the prompt prefix the last turn shared (a follow-up turn
     # then evaluates only its new tokens: ~1 s less on a long thread on 2 cores). Off: every
     # prompt is evaluated whole, so the same thread always gives the same greedy reply.
@@ -89,7 +100,7 @@ class TtsConfig:
     lang: str = "en-us"
     first_clause_chars: int = 24  # speak the first clause early when a sentence is longer
     first_words: int = 6  # ...or, with no clause break, its first words (0: never cut mid-clause)
-    threads: int = 0  # onnxruntime threads for Kokoro ONNX; 0: see cloud.tts
+    threads: int = 0  # onnxruntime threads for Kokoro ONNX; 0: half the cores (model_threads)
 
 
 @dataclass(frozen=True)
