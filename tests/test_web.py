@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
