@@ -51,6 +51,10 @@ class KokoroOnnx:
         if voices is None:
             raise ModelNotFound(f"tts: {model.name} has no voices file; put voices*.npz beside the model")
         opts = ort.SessionOptions()
+        # Half the cores, as llama.cpp. Alone, a 6-word piece takes 445 ms on 2 cores (threads that
+        # sleep instead of spinning) against 696 ms on one; but inside a live turn, with another
+        # program busy on one core, two threads made first audio 2.03 s against 1.71-1.88 s on
+        # one, and idle turns were no faster (1.64 vs 1.55-1.60 s, bench/voice_to_voice.py).
         opts.intra_op_num_threads = model_threads(cfg.threads)
         session = ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.kokoro = Kokoro.from_session(session, str(voices))

@@ -37,7 +37,7 @@ from cloud.stt import SpeechToText
 from cloud.longform import BatchModels, FileOptions, Result, error_result, transcribe_one
 from local.transcripts import FORMATS, MANIFEST_NAME, RENDER, TEMP_SUFFIX, Manifest, clean_stale_temps, write_atomic
 from cloud.vad import SileroVad
-from shared.config import Config, SttConfig, VadConfig
+from shared.config import Config, SttConfig, VadConfig, cpu_cores
 from shared.errors import AudioError, ConfigError, EngineError
 from shared.models import ResolvedModel, resolve
 
@@ -71,14 +71,10 @@ class WorkerSpec:
     vad_cfg: VadConfig
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def worker_spec(cfg: Config, jobs: int) -> WorkerSpec:
     """Resolve the models here (a missing one fails before any process starts) and give each of
     ``jobs`` workers ``cores // jobs`` CTranslate2 threads unless ``cfg`` sets a number."""
-    threads = cfg.stt.cpu_threads or max(1, cores() // jobs)
+    threads = cfg.stt.cpu_threads or max(1, cpu_cores() // jobs)
     return WorkerSpec(
         resolve("stt", cfg.stt.model), replace(cfg.stt, cpu_threads=threads), resolve("vad", cfg.vad.model), cfg.vad
     )

@@ -26,7 +26,6 @@ from local.batch import (
     Mapper,
     Plan,
     Report,
-    cores,
     local_mapper,
     modal_mapper,
     plan_batch,
@@ -34,7 +33,7 @@ from local.batch import (
     worker_spec,
 )
 from local.transcripts import parse_formats
-from shared.config import MODAL_APP, Config
+from shared.config import MODAL_APP, Config, cpu_cores
 from shared.errors import MoiError
 
 err = Console(stderr=True, highlight=False)
@@ -79,7 +78,7 @@ def transcribe(
         raise typer.Exit(0)
     # By default a worker per core, but never more than there are files: one long file gets one
     # worker with every core's threads instead of a worker that idles.
-    n_jobs = jobs or max(1, min(cores(), len(plan.todo)))
+    n_jobs = jobs or max(1, min(cpu_cores(), len(plan.todo)))
     _say_plan(plan, n_jobs, local)
     try:
         mapper = remote or local_mapper(worker_spec(cfg, n_jobs), n_jobs)

@@ -20,15 +20,16 @@ from shared.errors import ConfigError
 MODAL_APP = "moi"
 
 
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def model_threads(n: int) -> int:
-    """Threads for a model runtime (llama.cpp, Kokoro's onnxruntime): ``n``, or for 0 half the
-    cores, at least one. With every core, one other busy program slows a turn the most (on 2
-    cores, first audio 2.28 s with one core busy vs 1.88 s on one thread each; 1.53 and 1.55 s
-    when idle: bench/voice_to_voice.py)."""
-    if n > 0:
-        return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // 2)
+    """Threads for llama.cpp and Kokoro's onnxruntime: ``n``, or for 0 half the cores, at least
+    one. With every core, one other busy program slows a turn the most (on 2 cores, first audio
+    2.28 s with one core busy vs 1.88 s on one thread each; 1.53 and 1.55 s when idle:
+    bench/voice_to_voice.py)."""
+    return n if n > 0 else max(1, cpu_cores() // 2)
 
 
 @dataclass(frozen=True)
