@@ -86,6 +86,11 @@ class Segmenter:
             )
         if cfg.max_utterance_s * 1000 <= cfg.min_speech_ms:
             raise ConfigError("VAD max_utterance_s must be longer than min_speech_ms")
+        if not 0.0 < cfg.turn_threshold <= 1.0 or cfg.turn_silence_ms <= 0:
+            raise ConfigError(
+                f"VAD turn_threshold ({cfg.turn_threshold}) must be in (0, 1] and turn_silence_ms "
+                f"({cfg.turn_silence_ms}) above 0"
+            )
         self.vad = vad
         self.cfg = cfg
         ms = SPEECH_RATE // 1000

@@ -165,7 +165,6 @@ class MicSource:
 
 
 class Player:
-    LATENCY = "low"
     """Plays :class:`Audio` on an output device; ``stop`` silences it at once.
 
     Audio is resampled to the device rate on the way in; the PortAudio callback only copies
@@ -185,7 +184,7 @@ class Player:
         self._idle.set()
         self._stream = self.sd.OutputStream(
             device=self.device, channels=1, samplerate=self.rate, dtype="float32",
-            blocksize=int(self.rate * 0.02), latency=self.LATENCY, callback=self._callback,
+            blocksize=int(self.rate * 0.02), latency="low", callback=self._callback,
         )
         self._stream.start()
 
