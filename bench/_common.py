@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-AUDIO_DIR = Path(__file__).resolve().parents[1] / "tests" / "data"  # real recordings, in the repository
+ROOT = Path(__file__).resolve().parents[1]
+AUDIO_DIR = ROOT / "tests" / "data"  # real recordings, in the repository
 SPEECH = AUDIO_DIR / "speech_60s_16k.wav"
 
 console = Console(highlight=False)
@@ -39,3 +44,26 @@ def show(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], c
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
     console.print(table)
+
+
+def start_server(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """A real `moi serve` (with ``args``, e.g. ``--api-key``) on a free loopback port, in a
+    process of its own; returns once its /health answers. ``env``: added to this environment."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "local.cli", "serve", "--port", str(port), *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).is_success:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("moi serve did not start")

@@ -13,16 +13,11 @@ The upload routes skip one check, "schema-valid data is accepted": no JSON Schem
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import httpx
+from _common import ROOT, start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "fuzz-key"
 
 
@@ -33,23 +28,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MOI_LLM_CONTEXT": "512"}
-    server = subprocess.Popen([sys.executable, "-m", "local.cli", "serve", "--port", str(port), "--api-key", KEY],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server("--api-key", KEY, env={"MOI_LLM_CONTEXT": "512"})
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit("moi serve did not start")
         common = ["st", "run", f"{url}/openapi.json", "--header", f"Authorization: Bearer {KEY}",
                   "--max-examples", str(args.max_examples), "--max-time", str(args.max_time // 2),
                   "--request-timeout", "300", "--max-response-time", "300", "--workers", "1",

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -25,10 +22,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import SPEECH, console, show  # noqa: E402
+from _common import SPEECH, console, show, start_server  # noqa: E402
 from shared.audio import decode  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "load-key"
 
 
@@ -37,24 +33,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "local.cli", "serve", "--port", str(port), "--api-key", KEY],
-                            cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).is_success:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("moi serve did not start")
 
 
 def request(client: httpx.Client, kind: str, wav: bytes) -> int:
@@ -117,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     wav = decode(SPEECH).slice(0, 5).to_wav()
     with console.status("starting moi serve…"):
-        proc, url = start_server()
+        proc, url = start_server("--api-key", KEY)
     rows = []
     try:
         for n in (int(x) for x in args.levels.split(",")):

@@ -11,9 +11,6 @@ difference measures is what one HTTP round trip costs: upload, framing, and the 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import SPEECH, console, median, show  # noqa: E402
+from _common import SPEECH, console, median, show, start_server  # noqa: E402
 from cloud.engine import LocalEngine  # noqa: E402
 from cloud.vad import Segmenter, SileroVad, SpeechEnd  # noqa: E402
 from local.pipeline import file_source  # noqa: E402
@@ -54,24 +51,6 @@ def turn(engine, cfg: Config, utterance) -> tuple[float, float, str]:  # noqa: A
     return first, total, reply
 
 
-def start_server(max_tokens: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MOI_LLM_MAX_TOKENS": str(max_tokens)}
-    proc = subprocess.Popen([sys.executable, "-m", "local.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    probe = HttpEngine(RemoteConfig(url))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not probe.health():
-        time.sleep(0.25)
-    if not probe.health():
-        proc.kill()
-        raise SystemExit("moi serve did not start")
-    return proc, url
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--utterances", type=int, default=6)
@@ -86,7 +65,7 @@ def main() -> None:
     local = LocalEngine(cfg)
     with console.status("loading models here and in `moi serve`…"):
         local.warm()
-        proc, url = start_server(args.max_tokens)
+        proc, url = start_server(env={"MOI_LLM_MAX_TOKENS": str(args.max_tokens)})
     try:
         remote = HttpEngine(RemoteConfig(url, read_timeout_s=120, first_byte_s=120))
         turn(local, cfg, utterances[0])  # warm-up, both paths

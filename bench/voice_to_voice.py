@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import queue
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import AUDIO_DIR, SPEECH, console, show  # noqa: E402
+from _common import AUDIO_DIR, SPEECH, console, show, start_server  # noqa: E402
 from shared.audio import SPEECH_RATE, Audio, decode  # noqa: E402
 from tests import pulse  # noqa: E402
 
@@ -98,12 +97,6 @@ def card() -> None:
     subprocess.run(["pactl", "set-default-sink", OUT], check=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) -> tuple[list[Turn], np.ndarray, float]:
     """One live moi run: each question played after the previous reply has been heard."""
     server = None
@@ -115,11 +108,8 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
     if mode == "busy":  # another program keeps one core busy the whole run, as on a working laptop
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     if mode == "remote":
-        port = free_port()
-        server = subprocess.Popen([str(BIN / "moi"), "serve", "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_http(port)
-        cmd += ["--remote", "--url", f"http://127.0.0.1:{port}"]
+        server, url = start_server()
+        cmd += ["--remote", "--url", url]
     else:
         cmd += ["--local"]  # local, silence, busy
     rec_path = tmp / f"{mode}.raw"
@@ -175,19 +165,6 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
                 proc.wait(10)
     pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
     return turns, pcm, rec_started
-
-
-def _wait_http(port: int) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise SystemExit("moi serve did not come up")
 
 
 def _next(lines: queue.Queue, timeout: float, proc: subprocess.Popen) -> tuple[float, dict]:
