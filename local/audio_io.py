@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from local.echo import FarEnd
 from shared.audio import SPEECH_RATE, Audio
 from shared.errors import AudioError
 
@@ -99,21 +100,38 @@ class MicSource:
         self.device = _device(device, "input")
         self.rate = _open_rate(self.sd, self.device, "input")
         self.block = int(self.rate * BLOCK_S)
-        self._q: queue.Queue[np.ndarray] = queue.Queue(maxsize=max(4, int(max_queue_s / BLOCK_S)))
+        self._q: queue.Queue[tuple[float, np.ndarray]] = queue.Queue(maxsize=max(4, int(max_queue_s / BLOCK_S)))
         self.overflows = 0
         self.stall_s = stall_s
         self._stream = None
         self._closed = threading.Event()
         self._error: str | None = None
         self.max_s = max_s  # stop after this much audio (None: until closed)
+        self.captured_at = 0.0  # monotonic time of the first sample of the chunk last yielded
+        self._anchor, self._frames = 0.0, 0  # the capture clock: time of frame 0, frames so far
 
     def _callback(self, indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
         if status.input_overflow:
             self.overflows += 1
         try:
-            self._q.put_nowait(indata[:, 0].copy())
+            self._q.put_nowait((self._clock(frames, status.input_overflow), indata[:, 0].copy()))
         except queue.Full:
             self.overflows += 1
+
+    def _clock(self, frames: int, lost: bool) -> float:
+        """Monotonic time of this block's first sample at the ADC: arrival time less PortAudio's
+        input latency, smoothed over blocks. (PortAudio's own ADC times jump by 100+ ms on
+        ALSA's PulseAudio plugin; the arrival of callbacks is steady to a fraction of a ms.)"""
+        latency = self._stream.latency if self._stream is not None else 0.0
+        anchor = time.monotonic() - latency - self._frames / self.rate - frames / self.rate
+        if self._frames == 0 or lost:  # the first block, or PortAudio dropped some: start afresh
+            self._anchor = anchor
+        elif anchor < self._anchor:  # a block can only come late, never early: the earliest is right
+            self._anchor = anchor
+        else:  # creep towards later ones, to follow clock drift
+            self._anchor += 0.002 * (anchor - self._anchor)
+        self._frames += frames
+        return self._anchor + (self._frames - frames) / self.rate
 
     def _finished(self) -> None:
         if not self._closed.is_set():
@@ -153,7 +171,7 @@ class MicSource:
             # A sound server can take seconds to start a stream; after that, a gap is a stall.
             wait = self.stall_s if delivered else max(self.stall_s, START_TIMEOUT_S)
             try:
-                block = self._q.get(timeout=wait)
+                adc, block = self._q.get(timeout=wait)
             except queue.Empty:
                 if self._closed.is_set():
                     return
@@ -161,6 +179,7 @@ class MicSource:
             delivered += len(block) / self.rate
             if resampler is not None:
                 block = resampler.resample_chunk(block)
+            self.captured_at = adc
             yield Audio(block, SPEECH_RATE)
 
 
@@ -168,7 +187,9 @@ class Player:
     """Plays :class:`Audio` on an output device; ``stop`` silences it at once.
 
     Audio is resampled to the device rate on the way in; the PortAudio callback only copies
-    from a buffer. ``stopped_at`` is the monotonic time the last ``stop`` took effect.
+    from a buffer. ``stopped_at`` is the monotonic time the last ``stop`` took effect. ``far``
+    receives every block sent to the speaker, silence included, with the time it reaches the
+    DAC: the echo canceller's reference.
     """
 
     def __init__(self, device: str | int | None = None) -> None:
@@ -182,6 +203,7 @@ class Player:
         self.stopped_at: float | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self.far = FarEnd(self.rate)
         self._stream = self.sd.OutputStream(
             device=self.device, channels=1, samplerate=self.rate, dtype="float32",
             blocksize=int(self.rate * 0.02), latency="low", callback=self._callback,
@@ -198,6 +220,10 @@ class Player:
         outdata[: len(chunk), 0] = chunk
         outdata[len(chunk) :, 0] = 0.0
         self.played_s += len(chunk) / self.rate
+        ahead = t.outputBufferDacTime - t.currentTime if t.outputBufferDacTime > 0 else 0.0
+        if not 0.0 < ahead < 2.0:  # PortAudio gave no DAC time: its reported latency
+            ahead = self._stream.latency
+        self.far.write(time.monotonic() + ahead, outdata[:, 0])
 
     @property
     def playing(self) -> bool:

@@ -41,7 +41,9 @@ URL = typer.Option(
 API_KEY = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key.")
 FALLBACK = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails.")
 BARGE_IN = typer.Option(
-    "half", "--barge-in", help="half: ignore the mic while moi speaks (laptop speakers); full: speech cuts in (headset)."
+    "auto", "--barge-in",
+    help="auto: speech cuts in once the echo canceller has learnt the speaker (laptop speakers); "
+         "half: ignore the mic while moi speaks; full: speech cuts in (headset).",
 )
 
 
@@ -239,15 +241,21 @@ def ui(
     input_device: Optional[str] = typer.Option(None, "--input-device", help="Microphone for the page's mic input."),
     barge_in: str = BARGE_IN,
     preload: bool = typer.Option(True, "--preload/--lazy", help="Load the models before serving the page."),
+    speaker: bool = typer.Option(
+        False, "--speaker/--page", help="Play replies on this machine's speaker (echo-cancelled mic), or in the page."
+    ),
+    output_device: Optional[str] = typer.Option(None, "--output-device", help="--speaker: output device index or name."),
 ) -> None:
-    """Serve the web live view: waveforms before/after VAD and of the reply, the chat, per-turn
-    timings, the engine that answered, and a Stop button. The reply plays in the browser."""
+    """Serve the web live view: waveforms before/after VAD (and after echo cancelling) and of
+    the reply, the chat, per-turn timings, the engine that answered, and a Stop button. The
+    reply plays in the browser, or with --speaker on this machine (then speech over it cuts in)."""
     from local.web import run_ui
 
     try:
         cfg = Config.load()
         engine = None if local else _remote_engine(cfg, url, api_key, fallback)
-        run_ui(cfg, engine, host=host, port=port, preload=preload, barge_in=barge_in, input_device=input_device)
+        run_ui(cfg, engine, host=host, port=port, preload=preload, barge_in=barge_in, input_device=input_device,
+               speaker=speaker, output_device=output_device)
     except MoiError as exc:
         raise fail(str(exc)) from None
 

@@ -12,6 +12,10 @@ Barge-in modes, because a laptop's microphone hears its own speaker:
   wait their turn instead.
 - ``full`` (headsets): speech from the user while moi answers stops playback at once, cancels
   the rest of the reply (LLM generation and pending TTS), and becomes the next turn.
+- ``auto`` (the default: laptop speakers with an echo canceller): the VAD listens to the
+  microphone after :mod:`local.echo` took moi's voice out, and acts as ``full`` once the
+  canceller has converged (``EchoCanceller.converged``); before that, and with no canceller
+  (``pipeline.echo`` is None), it acts as ``half``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from shared.audio import Audio
 from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechStarted, Status
 
-BARGE_IN_MODES = ("half", "full")
+BARGE_IN_MODES = ("auto", "half", "full")
 log = logging.getLogger("moi.live")
 
 
@@ -45,7 +49,7 @@ class LiveSession:
         status_every_s: float = 0.1,
     ) -> None:
         if barge_in not in BARGE_IN_MODES:
-            raise MoiError(f"unknown barge-in mode {barge_in!r}: use half (speakers) or full (headset)")
+            raise MoiError(f"unknown barge-in mode {barge_in!r}: use auto (echo cancelled), half (speakers) or full (headset)")
         self.pipeline = pipeline
         self.source = source
         self.player = player
@@ -67,6 +71,14 @@ class LiveSession:
     @property
     def answering(self) -> bool:
         return self._busy.is_set() or (self.player is not None and self.player.playing)
+
+    @property
+    def full_duplex(self) -> bool:
+        """Whether speech over a reply cuts it now (see the module's barge-in modes)."""
+        if self.barge_in == "auto":  # a source that cannot hear the player waits its turn
+            echo = self.pipeline.echo
+            return self.hears_player and echo is not None and getattr(echo, "converged", True)
+        return self.barge_in == "full"
 
     def stop_reply(self, reason: str = "stop", trigger: float | None = None) -> None:
         """Cut the current reply: playback now, generation and pending TTS at the next step."""
@@ -105,17 +117,21 @@ class LiveSession:
 
     def _capture(self) -> None:
         next_status = 0.0
+        muted = False
         try:
             for item in self.pipeline.listen(self.source, self.clock):
                 if self._done.is_set():
                     break
                 if isinstance(item, Audio):
-                    if self.answering and self.barge_in == "half" and self.hears_player:
+                    if muted:
                         continue  # moi's own voice, or speech over it: shown, not acted on
                     self._utterances.put(item)
                     continue
-                if isinstance(item, SpeechStarted) and self.answering and self.barge_in == "full":
-                    self.stop_reply("barge-in", trigger=time.monotonic())
+                if isinstance(item, SpeechStarted):
+                    # an utterance that starts over a reply is judged once, as it starts
+                    muted = self.answering and self.hears_player and not self.full_duplex
+                    if self.answering and self.full_duplex:
+                        self.stop_reply("barge-in", trigger=time.monotonic())
                 self.events.put(item)
                 if self.clock() >= next_status:
                     next_status = self.clock() + self.status_every_s

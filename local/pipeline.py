@@ -1,7 +1,8 @@
-"""The pipeline: source → meter → VAD → meter → utterance → ``engine.turn`` → events.
+"""The pipeline: source → meter → (echo canceller → meter) → VAD → meter → utterance →
+``engine.turn`` → events.
 
-The listening half (meters before and after the VAD, the Silero segmenter cutting utterances)
-runs here; each utterance is handed to the engine's turn (:mod:`cloud.turn`, wherever the
+The listening half (meters before the echo canceller, after it and after the VAD, the Silero
+segmenter cutting utterances) runs here; each utterance is handed to the engine's turn (:mod:`cloud.turn`, wherever the
 engine runs) with the conversation so far, and the thread learns each exchange. Variants (the
 seed talk's build-up): ``transcribe`` stops at the transcript, ``echo`` has Kokoro speak back
 what Whisper heard, ``chat`` answers through SmolLM2. Every event carries ``t``, seconds on a
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,8 @@ class Pipeline:
         self.variant = variant
         self.thread = thread or Thread(cfg.llm.system_prompt, cfg.llm.max_turns)
         self.cancel = threading.Event()  # Stop: ends the reply in progress
+        # Takes moi's voice out of the microphone (local.echo.EchoCanceller), when it hears one
+        self.echo: Callable[[Audio, float], Audio] | None = None
         self.turns = 0
         self.failures = 0
 
@@ -69,16 +72,22 @@ class Pipeline:
                 yield item
 
     def listen(self, source: Iterable[Audio], clock: Clock | None = None) -> Iterator[Event | Audio]:
-        """The front half: meters and VAD events, and each utterance (an Audio) as it ends."""
+        """The front half: meters and VAD events, and each utterance (an Audio) as it ends.
+        With ``echo`` set, ``source`` is a microphone that says when each chunk was captured
+        (``captured_at``, as :class:`local.audio_io.MicSource` does)."""
         clock = clock or Stopwatch()
         tick = SPEECH_RATE * self.cfg.tick_ms // 1000
-        pre, post = LevelMeter(tick), LevelMeter(tick)
+        pre, aec, post = LevelMeter(tick), LevelMeter(tick), LevelMeter(tick)
         self.segmenter.reset()
         for chunk in source:
             if chunk.sample_rate != SPEECH_RATE:
                 chunk = chunk.resample(SPEECH_RATE)
             for end, level in pre.feed(chunk.samples):
                 yield MeterTick(clock(), "pre", level.peak_db, level.rms_db, end / SPEECH_RATE)
+            if self.echo is not None:
+                chunk = self.echo(chunk, source.captured_at)  # type: ignore[attr-defined]
+                for end, level in aec.feed(chunk.samples):
+                    yield MeterTick(clock(), "aec", level.peak_db, level.rms_db, end / SPEECH_RATE)
             vad_events = self.segmenter.feed(chunk)
             for end, level in post.feed(self.segmenter.gated):
                 yield MeterTick(clock(), "post", level.peak_db, level.rms_db, end / SPEECH_RATE)

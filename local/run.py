@@ -16,6 +16,7 @@ from rich.markup import escape
 from local.audio_io import Player
 from cloud.engine import LocalEngine
 from shared.engine import ROLES_FOR, Engine
+from local.echo import INSTALL, canceller
 from local.live import LiveSession
 from local.pipeline import Pipeline, file_source, reply_audio
 from local.view import KeyReader, ViewState, format_timings, render
@@ -130,15 +131,37 @@ class paced:  # noqa: N801 - used like the generator function it replaces
             yield chunk
 
 
+def attach_echo(
+    pipeline: Pipeline, source: Iterable[Audio], player: object | None, cfg: Config, barge_in: str,
+) -> str | None:
+    """``--barge-in auto`` on a microphone that hears moi's speaker: put an echo canceller on
+    the capture path (``cfg.echo_canceller``) when ``player`` is moi's own (a
+    :class:`local.audio_io.Player`, whose ``far`` end is the reference). Without one, returns the
+    line to say once: speech over a reply is not heard (``auto`` then acts as ``half``)."""
+    if barge_in != "auto" or player is None or not hasattr(source, "captured_at"):
+        return None
+    far = getattr(player, "far", None)
+    if far is None:
+        return "echo cancellation needs the reply on this machine's speaker (moi ui --speaker): barge-in is half"
+    pipeline.echo = canceller(far, cfg.echo_canceller)
+    if pipeline.echo is not None:
+        return None
+    why = "is off" if cfg.echo_canceller == "off" else f"is not installed (`{INSTALL['livekit']}`)"
+    return f"echo cancellation {why}: speech over a reply is not heard (barge-in is half)"
+
+
 def run_live(
     cfg: Config, source: Iterable[Audio], player: Player | None, *, variant: str = "chat",
-    barge_in: str = "half", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
+    barge_in: str = "auto", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
     hears_player: bool = True,
 ) -> int:
     """Run a live session until the source ends or the user quits; ``mode``: view | quiet | json."""
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
     pipeline = build(cfg, variant, err if mode != "json" else None, engine)
+    note = attach_echo(pipeline, source, player, cfg, barge_in)
+    if note:
+        err.print(f"[dim]{escape(note)}[/]")
     session = LiveSession(pipeline, source, player, barge_in=barge_in, hears_player=hears_player).start()
     keys = KeyReader(session.stop_reply, session.close).start()
     state = ViewState(width=max(20, min(100, out.width - 24)))

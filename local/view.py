@@ -78,6 +78,7 @@ class Line:
 class ViewState:
     width: int = 64
     pre: deque = field(default_factory=lambda: deque(maxlen=400))
+    aec: deque = field(default_factory=lambda: deque(maxlen=400))  # empty unless a canceller runs
     post: deque = field(default_factory=lambda: deque(maxlen=400))
     reply: deque = field(default_factory=lambda: deque(maxlen=400))
     lines: deque = field(default_factory=lambda: deque(maxlen=12))
@@ -89,7 +90,7 @@ class ViewState:
 
     def apply(self, ev: Event) -> None:
         if isinstance(ev, MeterTick):
-            (self.pre if ev.stage == "pre" else self.post).append(ev.rms_db)
+            {"pre": self.pre, "aec": self.aec, "post": self.post}[ev.stage].append(ev.rms_db)
             if ev.stage == "post" and not self.speaking:
                 self.reply.append(FLOOR_DB)
         elif isinstance(ev, Status):
@@ -140,8 +141,10 @@ def render(state: ViewState, hint: str = "Stop: space/Enter · quit: q or Ctrl-C
     meters.add_column(style="dim", width=10)
     meters.add_column()
     meters.add_column(justify="right", width=8)
-    for label, values, style in (("before VAD", state.pre, "yellow"), ("after VAD", state.post, "green"),
-                                 ("reply", state.reply, "magenta")):
+    tracks = [("before VAD", state.pre, "yellow"), ("after VAD", state.post, "green"), ("reply", state.reply, "magenta")]
+    if state.aec:
+        tracks.insert(1, ("echo gone", state.aec, "dark_orange"))
+    for label, values, style in tracks:
         last = values[-1] if values else FLOOR_DB
         meters.add_row(label, Text(bars(values, w), style=style), f"{last:5.0f} dB" if last > FLOOR_DB else "   -∞ dB")
     chat = Text()

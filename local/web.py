@@ -60,12 +60,13 @@ def allowed_hosts(host: str) -> frozenset[str] | None:
 
 def create_ui_app(
     cfg: Config, engine: Engine | None = None, *, sample: Path | None = None, tick_s: float = 0.05,
-    barge_in: str = "half", input_device: str | None = None, max_upload_mb: int = 50, host: str = "127.0.0.1",
+    barge_in: str = "auto", input_device: str | None = None, max_upload_mb: int = 50, host: str = "127.0.0.1",
+    speaker: bool = False, output_device: str | None = None,
 ) -> FastAPI:
     """The web live view over ``engine`` (default: a LocalEngine on ``cfg``). Models load when a
     page starts a pipeline (or before, see :func:`run_ui`)."""
     if barge_in not in BARGE_IN_MODES:
-        raise ConfigError(f"unknown barge-in mode {barge_in!r}: use half (speakers) or full (headset)")
+        raise ConfigError(f"unknown barge-in mode {barge_in!r}: use auto, half (speakers) or full (headset)")
     if sample is None:
         from local.cli import SAMPLE
 
@@ -73,7 +74,7 @@ def create_ui_app(
     engine = engine or LocalEngine(cfg)
     uploads = tempfile.TemporaryDirectory(prefix="moi-ui-")
     hub = Hub(cfg, engine, sample, tick_s=tick_s, barge_in=barge_in, input_device=input_device,
-              upload_dir=Path(uploads.name))
+              upload_dir=Path(uploads.name), speaker=speaker, output_device=output_device)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -155,7 +156,8 @@ def port_free(host: str, port: int) -> bool:
 
 def run_ui(
     cfg: Config, engine: Engine | None = None, *, host: str = "127.0.0.1", port: int = 8080,
-    preload: bool = True, barge_in: str = "half", input_device: str | None = None, console=None,
+    preload: bool = True, barge_in: str = "auto", input_device: str | None = None, console=None,
+    speaker: bool = False, output_device: str | None = None,
 ) -> None:
     """Serve the web live view until Ctrl-C. ``preload``: load every model first, so the
     first Start answers at once."""
@@ -170,7 +172,8 @@ def run_ui(
     if not port_free(host, port):
         raise ConfigError(f"port {port} on {host} is in use: pick another with --port")
     engine = engine or LocalEngine(cfg)
-    app = create_ui_app(cfg, engine, barge_in=barge_in, input_device=input_device, host=host)
+    app = create_ui_app(cfg, engine, barge_in=barge_in, input_device=input_device, host=host, speaker=speaker,
+                        output_device=output_device)
     if preload:
         build(cfg, "chat", console, engine)
     if host not in LOOPBACK:

@@ -28,7 +28,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from shared.engine import Engine
 from local.live import LiveSession
 from local.pipeline import file_source
-from local.run import build, paced
+from local.run import attach_echo, build, paced
 from shared.audio import Audio, decode
 from shared.config import Config
 from shared.errors import AudioError, ConfigError, MoiError
@@ -45,7 +45,7 @@ class UiPipeline:
     id: str
     label: str
     variant: str  # local.pipeline.VARIANTS
-    panels: tuple[str, ...]  # of "pre", "post", "reply"
+    panels: tuple[str, ...]  # of "pre", "post", "reply" ("aec" shows with "pre" when a canceller runs)
     stages: tuple[str, ...]  # drawn as the chain of elements
 
 
@@ -175,12 +175,14 @@ class Hub:
     """The one live session all pages share, and the ticker that streams it to them."""
 
     def __init__(
-        self, cfg: Config, engine: Engine, sample: Path, *, tick_s: float = 0.05, barge_in: str = "half",
+        self, cfg: Config, engine: Engine, sample: Path, *, tick_s: float = 0.05, barge_in: str = "auto",
         input_device: str | None = None, upload_dir: Path, max_uploads: int = 8, max_upload_s: float = 1800.0,
+        speaker: bool = False, output_device: str | None = None,
     ) -> None:
         self.cfg, self.engine, self.sample = cfg, engine, sample
         self.tick_s, self.barge_in, self.input_device = tick_s, barge_in, input_device
         self.upload_dir, self.max_uploads, self.max_upload_s = upload_dir, max_uploads, max_upload_s
+        self.speaker, self.output_device = speaker, output_device  # replies on this machine's speaker
         self.clients: set[Client] = set()
         self.uploads: dict[str, Upload] = {}
         self.session: LiveSession | None = None
@@ -188,6 +190,7 @@ class Hub:
         self.choice = {"pipeline": "chat", "input": "sample"}
         self.history: deque[dict] = deque(maxlen=2000)  # this session's events, for pages that join
         self.pre: deque[float] = deque(maxlen=600)
+        self.aec: deque[float] = deque(maxlen=600)  # after the echo canceller, when one runs
         self.post: deque[float] = deque(maxlen=600)
         self.status: dict | None = None
         self.stopped_turn = 0  # reply audio of this turn and earlier is not sent
@@ -205,7 +208,8 @@ class Hub:
             "inputs": [{"id": k, "label": v} for k, v in INPUTS.items()],
             "uploads": [{"id": u.id, "name": u.name, "seconds": round(u.seconds, 2)} for u in self.uploads.values()],
             "state": self.state, "choice": self.choice, "history": list(self.history),
-            "pre": list(self.pre), "post": list(self.post), "status": self.status,
+            "pre": list(self.pre), "aec": list(self.aec), "post": list(self.post), "status": self.status,
+            "playback": "speaker" if self.speaker else "page",
             "clients": len(self.clients), "tick_ms": round(self.tick_s * 1000),
         })
 
@@ -254,6 +258,7 @@ class Hub:
                 self.choice = {"pipeline": pipeline_id, "input": input_spec}
                 self.history.clear()
                 self.pre.clear()
+                self.aec.clear()
                 self.post.clear()
                 self.stopped_turn = 0
                 self.status = None
@@ -262,8 +267,12 @@ class Hub:
                             input_label=self._input_label(input_spec))
                 pipeline = await asyncio.to_thread(build, self.cfg, choice.variant, None, self.engine)
                 source = await asyncio.to_thread(self._source, input_spec)
+                playback = await asyncio.to_thread(self._playback)
+                note = attach_echo(pipeline, source, playback, self.cfg, self.barge_in)
+                if note:
+                    self.notice(type="note", message=note)
                 self.session = LiveSession(
-                    pipeline, source, BrowserPlayback(), barge_in=self.barge_in, hears_player=input_spec == "mic"
+                    pipeline, source, playback, barge_in=self.barge_in, hears_player=input_spec == "mic"
                 ).start()
                 self.state = "running"
                 self.notice(type="session", state="running", pipeline=pipeline_id, input=input_spec,
@@ -294,9 +303,19 @@ class Hub:
         if session is None:
             return
         await asyncio.to_thread(session.close)
+        close_player = getattr(session.player, "close", None)
+        if close_player is not None:
+            await asyncio.to_thread(close_player)
         self.state = "idle"
         self.broadcast({"type": "stop_playback", "turn": session.pipeline.turns})
         self.notice(type="session", state="idle", reason=reason)
+
+    def _playback(self):  # noqa: ANN202 - the session's player
+        if not self.speaker:
+            return BrowserPlayback()
+        from local.audio_io import Player
+
+        return Player(self.output_device)
 
     def _source(self, spec: str):  # an iterable of Audio with close()
         if spec == "mic":
@@ -345,8 +364,7 @@ class Hub:
                 log.exception("tick failed")
 
     async def tick(self) -> None:
-        pre: list[float] = []
-        post: list[float] = []
+        meters: dict[str, list[float]] = {"pre": [], "aec": [], "post": []}
         events, frames = self._pending, []
         self._pending = []
         session, ended = self.session, False
@@ -360,7 +378,7 @@ class Hub:
                     ended = True
                     break
                 if isinstance(ev, MeterTick):
-                    (pre if ev.stage == "pre" else post).append(round(ev.rms_db, 1))
+                    meters[ev.stage].append(round(ev.rms_db, 1))
                 elif isinstance(ev, Status):
                     self.status = to_dict(ev)
                 elif isinstance(ev, ReplyAudio):
@@ -375,10 +393,11 @@ class Hub:
                     d = to_dict(ev)
                     events.append(d)
                     self.history.append(d)
-        self.pre.extend(pre)
-        self.post.extend(post)
+        self.pre.extend(meters["pre"])
+        self.aec.extend(meters["aec"])
+        self.post.extend(meters["post"])
         self.broadcast({
-            "type": "tick", "seq": next(self._seq), "state": self.state, "pre": pre, "post": post,
+            "type": "tick", "seq": next(self._seq), "state": self.state, **meters,
             "events": events, "status": self.status, "clients": len(self.clients),
         })
         for frame in frames:

@@ -24,10 +24,11 @@ class Event:
 
 @dataclass(frozen=True)
 class MeterTick(Event):
-    """Levels of the last tick interval, before (``pre``) or after (``post``) the VAD."""
+    """Levels of the last tick interval: the microphone as it came (``pre``), after the echo
+    canceller took moi's voice out (``aec``, when one runs), after the VAD (``post``)."""
 
     type: ClassVar[str] = "meter"
-    stage: Literal["pre", "post"]
+    stage: Literal["pre", "aec", "post"]
     peak_db: float
     rms_db: float
     audio_t: float  # position in the input stream (s)

@@ -61,3 +61,25 @@ def record(path: str | Path) -> subprocess.Popen:
     return subprocess.Popen(
         ["parec", f"--device={SPEAKER}.monitor", "--rate=16000", "--channels=1", "--format=s16le", "--raw", str(path)]
     )
+
+
+def echo_path(gain_db: float = -9.0, delay_ms: int = 50) -> int:
+    """Make the virtual microphone hear the virtual speaker, as a laptop's does: a loopback
+    from the speaker's monitor into the microphone sink, ``gain_db`` down and ``delay_ms``
+    late. Returns the module id for :func:`remove_echo_path`."""
+    out = subprocess.run(
+        ["pactl", "load-module", "module-loopback", f"source={SPEAKER}.monitor", f"sink={MIC}",
+         f"latency_msec={delay_ms}", "adjust_time=0", "source_dont_move=true", "sink_dont_move=true"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    module = int(out.strip())
+    inputs = subprocess.run(["pactl", "list", "short", "sink-inputs"], capture_output=True, text=True).stdout
+    for line in inputs.splitlines():
+        fields = line.split()
+        if len(fields) > 1 and fields[1] == str(module):
+            subprocess.run(["pactl", "set-sink-input-volume", fields[0], f"{gain_db}dB"], check=True)
+    return module
+
+
+def remove_echo_path(module: int) -> None:
+    subprocess.run(["pactl", "unload-module", str(module)], capture_output=True)

@@ -195,8 +195,38 @@ def test_the_microphone_through_the_page(open_page, question):
     page.wait_for_function("() => /dublin/i.test(document.querySelector('.msg.you .text')?.textContent || '')",
                            timeout=SLOW_MS)
     assert page.evaluate(INK, "wave-pre") > 50 and page.evaluate(INK, "wave-post") > 50
+    # The reply plays in the page, out of reach of an echo canceller: the page says what that means.
+    assert "moi ui --speaker" in page.text_content("#chat")
+    assert page.is_hidden("[data-panel=aec]")
     page.click("#end")
     page.wait_for_function("() => moi.state === 'idle'", timeout=60_000)
+
+
+def test_with_the_speaker_the_page_shows_the_mic_after_echo_cancelling(browser, runners, question):
+    """`moi ui --speaker`: replies play on this machine, the echo canceller runs on the mic,
+    and the page draws a third track, the microphone after it; its own playback is muted."""
+    from tests import pulse
+
+    pulse.start()
+    app = create_ui_app(CFG, LocalEngine(CFG, runners), speaker=True)
+    with serve(app, lifespan="on") as url:
+        ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+        try:
+            page = ctx.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("() => window.moi && moi.hellos >= 1", timeout=30_000)
+            assert page.evaluate("() => moi.player.muted")
+            start(page, "vad", "mic")
+            assert app.state.hub.session.pipeline.echo is not None
+            pulse.play(question).wait()
+            page.wait_for_function("() => /dublin/i.test(document.querySelector('.msg.you .text')?.textContent || '')",
+                                   timeout=SLOW_MS)
+            assert page.is_visible("[data-panel=aec]")
+            assert page.evaluate(INK, "wave-aec") > 50  # the question, still there after the canceller
+            assert "--speaker" not in page.text_content("#chat")
+        finally:
+            end_session(url, app.state.hub)
+            ctx.close()
 
 
 def test_a_file_that_is_not_audio_is_refused_clearly(open_page, server, tmp_path):

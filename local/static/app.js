@@ -48,14 +48,19 @@ class Player {
   constructor() {
     this.ctx = null; this.analyser = null; this.sources = new Set();
     this.nextAt = 0; this.stoppedTurn = 0; this.played = 0; this.dropped = 0; this.stops = 0;
+    this._muted = false;
   }
+  get muted() { return this._muted; }
+  set muted(on) { this._muted = on; if (this.gain) this.gain.gain.value = on ? 0 : 1; }
   unlock() {  // call from a user gesture: browsers start audio only after one
     if (!this.ctx) {
       const Ctx = window.AudioContext || window.webkitAudioContext;
       this.ctx = new Ctx();
       this.analyser = this.ctx.createAnalyser();
       this.analyser.fftSize = 2048;
-      this.analyser.connect(this.ctx.destination);
+      this.gain = this.ctx.createGain();  // 0 when the reply plays on the server's speaker
+      this.gain.gain.value = this.muted ? 0 : 1;
+      this.analyser.connect(this.gain).connect(this.ctx.destination);
       this.samples = new Float32Array(this.analyser.fftSize);
     }
     if (this.ctx.state === "suspended") this.ctx.resume();
@@ -146,7 +151,10 @@ function updateButtons() {
 function showPanels(pipelineId) {
   const p = moi.pipelines[pipelineId];
   if (!p) return;
-  for (const el of document.querySelectorAll("[data-panel]")) el.hidden = !p.panels.includes(el.dataset.panel);
+  for (const el of document.querySelectorAll("[data-panel]")) {
+    const panel = el.dataset.panel;  // "aec" shows beside "pre" once a canceller sends levels
+    el.hidden = panel === "aec" ? !(moi.aec && p.panels.includes("pre")) : !p.panels.includes(panel);
+  }
   const stages = $("stages");
   stages.replaceChildren(...p.stages.map((s) => Object.assign(document.createElement("li"), { textContent: s })));
 }
@@ -186,6 +194,8 @@ function clearSession() {
   $("chat").replaceChildren();
   $("timings").tBodies[0].replaceChildren();
   for (const t of Object.values(moi.tracks)) t.clear();
+  moi.aec = false;
+  for (const el of document.querySelectorAll('[data-panel="aec"]')) el.hidden = true;
   moi.player.reset();
   moi.turn = 0;
   showEngine(null);
@@ -243,6 +253,7 @@ function apply(ev) {
       chatLine("note error", `${ev.turn ? `turn ${ev.turn} failed` : "error"}: ${ev.message}`, ev.turn);
       if (!ev.turn) showError(ev.message);
       break;
+    case "note": chatLine("note", ev.message); break;
     case "speech_start": $("listening").classList.add("on"); break;
     case "speech_end": $("listening").classList.remove("on"); break;
   }
@@ -271,8 +282,8 @@ function onHello(msg) {
   clearSession();
   setState(msg.state);
   for (const ev of msg.history) apply(ev);
-  for (const v of msg.pre) moi.tracks.pre.push(v);
-  for (const v of msg.post) moi.tracks.post.push(v);
+  moi.player.muted = msg.playback === "speaker";  // the reply plays on the server's speaker
+  meters(msg);
   showPanels(msg.state === "idle" ? pick.value : msg.choice.pipeline);
   applyStatus(msg.status);
   showClients(msg.clients);
@@ -285,10 +296,14 @@ function showClients(n) {
   conn.textContent = n > 1 ? `connected · ${n} pages share this session` : "connected";
 }
 
+function meters(msg) {
+  for (const name of ["pre", "aec", "post"]) for (const v of msg[name] || []) moi.tracks[name].push(v);
+  if (msg.aec && msg.aec.length && !moi.aec) { moi.aec = true; showPanels(moi.pipeline || $("pipeline").value); }
+}
+
 function onTick(msg) {
   moi.ticks++;
-  for (const v of msg.pre) moi.tracks.pre.push(v);
-  for (const v of msg.post) moi.tracks.post.push(v);
+  meters(msg);
   for (const ev of msg.events) apply(ev);
   if (msg.state !== moi.state) setState(msg.state);
   applyStatus(msg.status);
@@ -395,7 +410,7 @@ function everyColumn() {  // the reply track: what is playing, 20 columns a seco
 
 function init() {
   const css = getComputedStyle(document.documentElement);
-  for (const [name, color] of [["pre", "--pre"], ["post", "--post"], ["reply", "--reply"]]) {
+  for (const [name, color] of [["pre", "--pre"], ["aec", "--aec"], ["post", "--post"], ["reply", "--reply"]]) {
     moi.tracks[name] = new Track($("wave-" + name), name, css.getPropertyValue(color).trim());
   }
   $("start").onclick = start;

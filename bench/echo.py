@@ -1,0 +1,299 @@
+"""Talking over moi on laptop speakers: the echo cancellers side by side, offline and live.
+
+Offline (the same signals for each canceller): ten real Kokoro replies through a simulated
+laptop echo path (30–80 ms late, 6–12 dB down, a short room tail), a fresh canceller for each.
+Per canceller: echo removed once converged (ERLE), the turns moi's own voice would start (the
+Silero segmenter on what is left: in the first 1.5 s of a reply, while the canceller learns,
+and after), the word error rate of a person talking over moi (who stops 0.3 s later, as on a
+barge-in) against the same speech alone, and the CPU the canceller costs per second of audio,
+as a share of one core.
+
+Live (`moi --input mic --output speaker`, defaults: `--barge-in auto`): the virtual microphone
+hears the virtual speaker through a PulseAudio loopback (9 dB down, 50 ms late). Each trial
+plays a real question; while moi answers it, another real sentence is played over the reply,
+1 s into it; that reply is cut, the sentence is answered, and that answer plays out untouched.
+One recording bus holds both ends (bench/voice_to_voice.py's card), so "the person's first
+sample → the speaker silent" is read from the recording: the sentence is found there and
+subtracted, and what is left is moi. A warm-up turn first lets the canceller converge, as the
+first reply of a session does. Reported per canceller: self-interruptions (a turn or a cut
+that no person caused; target 0), interruptions detected (target ≥ 9 of 10), median time to
+silence (target ≤ 0.3 s), and the WER of the interrupting sentences as moi heard them over its
+voice against the same sentences alone (target within +0.05).
+
+Runs outside CI (about 3 minutes a canceller live); nothing else should run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import SPEECH, console, show  # noqa: E402
+from voice_to_voice import BIN, IN, REC, card, find, frames_db, questions  # noqa: E402
+from shared.audio import SPEECH_RATE as R, Audio, decode  # noqa: E402
+from tests import pulse  # noqa: E402
+
+REPLIES = [
+    "Sure. The capital of France is Paris, a city on the Seine with about two million people.",
+    "I can help with that. Start with a short list, then pick the one thing that matters most today.",
+    "The weather tomorrow looks mild, with a little rain in the morning and sun after lunch.",
+    "A good cup of tea needs water just off the boil and three to five minutes to steep.",
+    "Dublin is on the east coast of Ireland. You can get there by ferry or by plane.",
+    "That is a great question. Most people find that a walk after dinner helps them sleep.",
+    "Here is a quick recipe: pasta, garlic, olive oil, a pinch of chili, and some parsley.",
+    "The train leaves at a quarter past nine from platform four, and it takes two hours.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen in the leaf.",
+    "If you want to learn to code, pick one small project and build it from start to finish.",
+]
+PATHS = [(30, -6.0), (45, -9.0), (60, -12.0), (80, -9.0), (50, -6.0)]  # (delay ms, gain dB)
+AUDIBLE_DB = -45.0
+TARGETS = {"self": 0, "detected": 9, "silence_s": 0.3, "wer": 0.05}
+
+
+def laptop(far: np.ndarray, delay_ms: int, gain_db: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    d = delay_ms * R // 1000
+    h = np.zeros(d + int(0.07 * R))
+    h[d] = 1.0
+    tail = len(h) - d - 1
+    h[d + 1 :] = rng.standard_normal(tail) * np.exp(-np.arange(tail) / (0.02 * R)) * 0.15
+    return (np.convolve(far, h)[: len(far)] * 10 ** (gain_db / 20)).astype(np.float32)
+
+
+def wer(reference: str, heard: str) -> float:
+    import jiwer
+
+    from shared.text import spoken_words
+
+    ref = " ".join(spoken_words(reference))
+    return jiwer.wer(ref, " ".join(spoken_words(heard)) or "<nothing>") if ref else 0.0
+
+
+def offline(names: list[str]) -> list[list[object]]:
+    from cloud.stt import SpeechToText
+    from cloud.tts import TextToSpeech
+    from cloud.vad import Segmenter, SileroVad, SpeechStart
+    from local import echo
+    from shared.config import Config
+    from shared.models import resolve
+
+    tts, stt = TextToSpeech(resolve("tts")), SpeechToText(resolve("stt"))
+    seg = Segmenter(SileroVad(resolve("vad").path), Config().vad)
+    speech = decode(SPEECH)
+    replies = [tts.synthesize(text).resample(R).samples for text in REPLIES]
+    people = [speech.slice(5.0 * i, 5.0 * i + 4.0).samples for i in range(len(replies))]
+    alone = [stt.transcribe(Audio(p, R)).text for p in people]
+
+    def starts(x: np.ndarray) -> list[float]:
+        seg.reset()
+        return [e.at for e in seg.feed(x) + seg.flush() if isinstance(e, SpeechStart)]
+
+    def run(name: str, mic: np.ndarray, far: np.ndarray) -> tuple[np.ndarray, float]:
+        fc = echo.FrameCanceller(echo.backend(name))
+        t = time.process_time()
+        out = np.concatenate([fc(mic[i : i + 512], far[i : i + 512]) for i in range(0, len(mic), 512)])
+        return out, time.process_time() - t
+
+    rows = []
+    for name in ["none", *names]:
+        erles, early, late, wers, cpu, seconds = [], 0, 0, [], 0.0, 0.0
+        for i, (reply, person) in enumerate(zip(replies, people)):
+            delay, gain = PATHS[i % len(PATHS)]
+            far = np.concatenate([np.zeros(R // 2, np.float32), reply, np.zeros(R, np.float32)])
+            mic = laptop(far, delay, gain, i)
+            out, spent = (mic, 0.0) if name == "none" else run(name, mic, far)
+            cpu, seconds = cpu + spent, seconds + len(mic) / R
+            span = slice(int(2.5 * R), R // 2 + len(reply))
+            erles.append(10 * np.log10(np.mean(mic[span] ** 2) / (np.mean(out[span] ** 2) + 1e-12)))
+            s = starts(out)
+            early += sum(t < 2.0 for t in s)
+            late += sum(t >= 2.0 for t in s)
+            # the person talks over the middle of the reply; moi stops 0.3 s later
+            at = R // 2 + len(reply) // 2
+            cut = np.concatenate([far, np.zeros(len(person), np.float32)])
+            cut[at + int(0.3 * R) :] = 0
+            mic2 = laptop(cut, delay, gain, i)
+            mic2[at : at + len(person)] += person
+            out2, _ = (mic2, 0.0) if name == "none" else run(name, mic2, cut)
+            wers.append(wer(alone[i], stt.transcribe(Audio(out2[at : at + len(person)], R)).text))
+        rows.append([name, f"{statistics.median(erles):.1f} dB", early, late,
+                     f"{statistics.mean(wers):.3f}", f"{100 * cpu / seconds:.2f} %" if name != "none" else "-"])
+    return rows
+
+
+def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path) -> dict:
+    """One `moi` run with canceller ``name``: a warm-up turn, then ``trials`` interrupted replies."""
+    card()
+    loop = pulse.echo_path(gain_db=-9.0, delay_ms=50)
+    env = {**os.environ, "MOI_ECHO_CANCELLER": name, "COLUMNS": "200"}
+    cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--json", "--no-meters"]
+    rec_path = tmp / f"{name}.raw"
+    rec = subprocess.Popen(["parec", f"--device={REC}.monitor", "--rate=16000", "--channels=1", "--format=s16le",
+                            "--raw", "--latency-msec=10", str(rec_path)])
+    rec_started = time.monotonic()
+    moi = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+    events: queue.Queue[tuple[float, dict]] = queue.Queue()
+    log: list[tuple[float, dict]] = []
+
+    def read() -> None:
+        for line in moi.stdout:
+            try:
+                events.put((time.monotonic(), json.loads(line)))
+            except json.JSONDecodeError:
+                pass
+
+    def until(pred, timeout: float) -> bool:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                t, ev = events.get(timeout=0.1)
+            except queue.Empty:
+                if moi.poll() is not None:
+                    raise SystemExit(f"moi ended: {moi.stderr.read()[-2000:]}")
+                continue
+            log.append((t, ev))
+            if pred(ev):
+                return True
+        return False
+
+    def play(clip: Audio) -> float:
+        path = tmp / "clip.wav"
+        clip.save_wav(path)
+        t = time.monotonic()
+        subprocess.Popen(["paplay", f"--device={IN}", str(path)])
+        return t
+
+    def quiet(seconds: float) -> None:  # let a reply play out, then a pause
+        heard = 0.0
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end:
+            if until(lambda ev: ev["type"] == "reply_audio", 0.1):
+                heard += log[-1][1]["audio"]["seconds"]
+                t_end = max(t_end, time.monotonic() + heard + 1.0)
+
+    threading.Thread(target=read, daemon=True).start()
+    people: list[tuple[float, str, Audio]] = []  # (played at, text, clip) of everything we said
+    try:
+        until(lambda ev: ev["type"] == "status", 180)
+        time.sleep(1.0)
+        text, clip = clips[0]  # warm-up: one question answered and heard in full
+        people.append((play(clip), text, clip))
+        until(lambda ev: ev["type"] == "turn_done", 60)
+        quiet(2.0)
+        for i in range(trials):
+            q_text, q = clips[(2 * i + 1) % len(clips)]
+            o_text, over = clips[(2 * i + 2) % len(clips)]
+            people.append((play(q), q_text, q))
+            until(lambda ev: ev["type"] == "reply_audio", 60)
+            time.sleep(1.0)
+            people.append((play(over), o_text, over))
+            if until(lambda ev: ev["type"] == "transcript", over.seconds + 10):  # heard: wait for its answer
+                until(lambda ev: ev["type"] == "turn_done", 60)
+            quiet(2.0)
+    finally:
+        moi.terminate()
+        try:
+            moi.wait(10)
+        except subprocess.TimeoutExpired:
+            moi.kill()
+        rec.terminate()
+        rec.wait(5)
+        pulse.remove_echo_path(loop)
+    pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
+    return measure(name, log, people, pcm, rec_started)
+
+
+def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict:  # noqa: ANN001
+    def by_person(t: float, after: float) -> bool:  # within ``after`` s of the end of something we said
+        return any(u - 0.2 <= t <= u + clip.seconds + after for u, _, clip in people)
+
+    self_turns = sum(1 for t, ev in log if ev["type"] == "transcript" and not by_person(t, 4.0))
+    self_cuts = sum(1 for t, ev in log if ev["type"] == "stopped" and not by_person(t, 1.2))
+    detected, silences, wers = 0, [], []
+    interruptions = people[2::2]
+    for t, text, clip in interruptions:
+        stops = [u for u, ev in log if ev["type"] == "stopped" and t <= u <= t + clip.seconds + 1.2]
+        heard = [ev["text"] for u, ev in log if ev["type"] == "transcript" and t <= u <= t + clip.seconds + 8]
+        if not stops:
+            continue
+        detected += 1
+        wers.append(wer(text, heard[0] if heard else ""))
+        near = int((t - rec_started) * R)
+        at = find(clip, pcm, near, R)
+        seg = pcm[at : at + len(clip)]
+        gain = float(np.dot(seg, clip.samples) / (np.dot(clip.samples, clip.samples) + 1e-12))
+        moi_only = pcm.copy()
+        moi_only[at : at + len(clip)] -= gain * clip.samples  # what is left is moi's voice
+        db = frames_db(moi_only[at : at + int(3 * R)])
+        loud = np.flatnonzero(db > AUDIBLE_DB)
+        # silent from the first frame after which nothing audible follows for 300 ms
+        end = next((f for f in loud if not ((db[f + 1 : f + 31]) > AUDIBLE_DB).any()), None)
+        if end is not None:
+            silences.append((end + 1) / 100)
+    return {"name": name, "self_turns": self_turns, "self_cuts": self_cuts, "detected": detected,
+            "trials": len(interruptions), "silence": statistics.median(silences) if silences else float("nan"),
+            "worst": max(silences) if silences else float("nan"), "wer": statistics.mean(wers) if wers else float("nan")}
+
+
+def main() -> None:
+    from local import echo
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cancellers", default=",".join(echo.BACKENDS), help="comma-separated (installed ones run)")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--no-live", action="store_true", help="only the offline comparison")
+    args = parser.parse_args()
+    names = []
+    for name in args.cancellers.split(","):
+        try:
+            echo.backend(name)
+            names.append(name)
+        except ImportError as exc:
+            console.print(f"[dim]{name}: not installed ({exc}): {echo.INSTALL.get(name, '')}[/]")
+    with console.status("offline: ten replies through each canceller…"):
+        rows = offline(names)
+    show("Echo cancellers offline: 10 Kokoro replies, laptop echo 30–80 ms late, 6–12 dB down",
+         ["canceller", "echo removed (median)", "own turns, first 1.5 s", "own turns, after",
+          "WER over moi (alone: 0)", "CPU per s of audio (one core)"], rows)
+    if args.no_live:
+        return
+    clips = questions(2 * args.trials + 1)
+    clips = [clips[i % len(clips)] for i in range(2 * args.trials + 1)]
+    alone = _alone_wer(clips)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            with console.status(f"live: {name}, {args.trials} interrupted replies…"):
+                results.append(live(name, clips, args.trials, Path(tmp)))
+    show("Talking over moi, live on the virtual card (loopback 9 dB down, 50 ms late)",
+         ["canceller", "self-interruptions (target 0)", "interruptions heard (≥ 9/10)",
+          "to silence, median (≤ 0.3 s)", "worst", f"WER over moi (alone {alone:.3f}, ≤ +0.05)"],
+         [[r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}", f"{r['silence']:.3f} s",
+           f"{r['worst']:.3f} s", f"{r['wer']:.3f}"] for r in results])
+
+
+def _alone_wer(clips: list[tuple[str, Audio]]) -> float:
+    """The interrupting sentences transcribed alone by moi's default Whisper: the WER baseline."""
+    from cloud.stt import SpeechToText
+    from shared.models import resolve
+
+    stt = SpeechToText(resolve("stt"))
+    over = clips[2::2]
+    return statistics.mean(wer(text, stt.transcribe(clip).text) for text, clip in over)
+
+
+if __name__ == "__main__":
+    main()

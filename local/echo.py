@@ -1,0 +1,247 @@
+"""Acoustic echo cancellation: the microphone without moi's own voice.
+
+A laptop's microphone hears its speaker. :class:`FarEnd` keeps what the player handed to the
+speaker, stamped with the time PortAudio says each block reaches the DAC; :class:`EchoCanceller`
+takes each microphone chunk with the time its first sample left the ADC, cuts the reference
+for the same span of time, and lets a canceller remove it, 10 ms at a time. What is left is
+the person, so speech over a reply can stop it (``--barge-in auto``) while moi's voice never
+starts a turn.
+
+Cancellers, measured against each other on the same recordings in ``bench/echo.py``:
+``livekit`` (WebRTC's AEC3 through LiveKit's SDK, the default), ``pywebrtc`` (AEC3 through the
+pywebrtc-audio bindings) and ``speex`` (SpeexDSP's MDF filter, the system libspeexdsp).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from shared.audio import SPEECH_RATE, Audio
+from shared.errors import ConfigError
+
+FRAME = SPEECH_RATE // 100  # cancellers take 10 ms frames
+KEEP_S = 3.0  # reference kept behind the microphone: the longest echo path we can follow
+# The reference is cut this much later than the microphone's time says, so that an input
+# latency PortAudio under-reports cannot put the echo ahead of its reference (no canceller
+# can remove an echo before its cause); AEC3 finds the delay left itself (0.5 s and more).
+LEAD_S = 0.1
+SLIP_S = 0.02  # how far the two clocks may drift apart before the reference is cut afresh
+# Trusted once it has removed this much of moi's voice over this much of it: a canceller that
+# has not converged yet (the first second or two of the first reply) lets echo through.
+TRUST_DB, TRUST_S = 15.0, 1.0
+FAR_ACTIVE = 1e-3 ** 2  # reference power above -60 dBFS: the speaker is playing something
+
+Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (near, far) int16[FRAME] -> int16[FRAME]
+
+
+class FarEnd:
+    """What the speaker played, block by block, with the monotonic time each block's first
+    sample reaches the DAC. The player's callback writes; the capture thread reads."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._blocks: deque[tuple[float, np.ndarray]] = deque(maxlen=int(KEEP_S * rate / 64) + 16)
+
+    def write(self, dac_time: float, samples: np.ndarray) -> None:
+        with self._lock:
+            self._blocks.append((dac_time, samples.copy()))
+
+    def take(self) -> list[tuple[float, np.ndarray]]:
+        with self._lock:
+            blocks = list(self._blocks)
+            self._blocks.clear()
+        return blocks
+
+
+def _to_int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def _livekit() -> Backend:
+    from livekit import rtc
+
+    apm = rtc.AudioProcessingModule(echo_cancellation=True, high_pass_filter=True)
+    apm.set_stream_delay_ms(0)  # the reference is already cut at the microphone's time
+
+    def process(near: np.ndarray, far: np.ndarray) -> np.ndarray:
+        apm.process_reverse_stream(rtc.AudioFrame(far.tobytes(), SPEECH_RATE, 1, FRAME))
+        frame = rtc.AudioFrame(near.tobytes(), SPEECH_RATE, 1, FRAME)
+        apm.process_stream(frame)
+        return np.frombuffer(frame.data, np.int16)
+
+    return process
+
+
+def _pywebrtc() -> Backend:
+    from pywebrtc_audio import AudioProcessor
+
+    apm = AudioProcessor(SPEECH_RATE, 1, echo_cancellation=True, high_pass_filter=True)
+    return lambda near, far: apm.process(near, far)
+
+
+def _speex() -> Backend:
+    try:
+        from speexdsp_aec import SpeexAec
+
+        aec = SpeexAec(SPEECH_RATE, frame_ms=10, filter_tail_ms=200)
+    except RuntimeError as exc:  # the package is there, the C library is not
+        raise ImportError(str(exc)) from exc
+    return lambda near, far: np.frombuffer(aec.process(near, far), np.int16)
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"livekit": _livekit, "pywebrtc": _pywebrtc, "speex": _speex}
+INSTALL = {"livekit": "pip install livekit", "pywebrtc": "pip install pywebrtc-audio",
+           "speex": "pip install speexdsp-aec (and libspeexdsp: apt install libspeexdsp1 / brew install speexdsp)"}
+
+
+def backend(name: str) -> Backend:
+    """A fresh canceller: ``name`` is one of BACKENDS. ImportError when it is not installed."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown echo canceller {name!r}: choose one of {', '.join(BACKENDS)}, auto or off")
+    return BACKENDS[name]()
+
+
+class FrameCanceller:
+    """A backend fed float32 16 kHz chunks of any length: returns as many cleaned samples as it
+    takes in, one frame (10 ms) behind until the first frame is full."""
+
+    def __init__(self, process: Backend) -> None:
+        self.process = process
+        self._near = np.zeros(0, np.float32)
+        self._far = np.zeros(0, np.float32)
+        self._out = np.zeros(FRAME, np.float32)  # the frame of latency, silent at the start
+
+    def __call__(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
+        self._near = np.concatenate([self._near, near])
+        self._far = np.concatenate([self._far, far])
+        n = len(self._near) // FRAME
+        cleaned = [self._out]
+        for i in range(n):
+            s = slice(i * FRAME, (i + 1) * FRAME)
+            cleaned.append(self.process(_to_int16(self._near[s]), _to_int16(self._far[s])).astype(np.float32) / 32768.0)
+        self._near, self._far = self._near[n * FRAME :], self._far[n * FRAME :]
+        out = np.concatenate(cleaned)
+        take = len(near)
+        self._out = out[take:]
+        return out[:take]
+
+
+class EchoCanceller:
+    """Removes the speaker's sound (``far``) from microphone chunks.
+
+    ``__call__(chunk, captured_at)``: ``chunk`` is 16 kHz microphone audio, ``captured_at`` the
+    monotonic time of its first sample. The reference for that span is cut from ``far``
+    (resampled to 16 kHz once, as it arrives), so the canceller only has the acoustic path
+    left to find. ``seconds`` and ``cpu_s`` count the audio processed and the thread CPU
+    time spent on it, for the cost per second of audio.
+    """
+
+    def __init__(self, far: FarEnd, name: str = "livekit") -> None:
+        self.name = name
+        self.far = far
+        self._cancel = FrameCanceller(backend(name))
+        self._ref = np.zeros(0, np.float32)  # the reference at 16 kHz ...
+        self._ref_t = 0.0  # ... and the DAC time of its first sample
+        self._resampler = None
+        self._next_dac: float | None = None  # where the next far block should start
+        self.seconds = 0.0
+        self.cpu_s = 0.0
+        self.resyncs = 0  # times the speaker's timeline had to be picked up afresh
+        self._pos: float | None = None  # DAC time of the next reference sample to hand out
+        self.slips = 0  # times the microphone's clock had drifted too far from the speaker's
+        self._far_s = 0.0  # seconds of speaker sound heard so far ...
+        self._mic_e = self._out_e = 0.0  # ... and the energy in and out over them (decaying)
+        self.converged = False  # it has earned trust: see TRUST_DB
+
+    def _pull(self) -> None:
+        """Append the blocks the player wrote since the last call to the 16 kHz reference."""
+        for dac, block in self.far.take():
+            gap = None if self._next_dac is None else dac - self._next_dac
+            if gap is None or abs(gap) > 0.02:  # first block, or the stream restarted/underran
+                self.resyncs += 1
+                self._resampler = self._new_resampler()
+                self._ref, self._ref_t = np.zeros(0, np.float32), dac
+            self._next_dac = dac + len(block) / self.far.rate
+            self._ref = np.concatenate([self._ref, self._resample(block)])
+
+    def _new_resampler(self):  # noqa: ANN202 - a soxr.ResampleStream, or None at 16 kHz
+        if self.far.rate == SPEECH_RATE:
+            return None
+        import soxr
+
+        return soxr.ResampleStream(self.far.rate, SPEECH_RATE, 1, dtype="float32")
+
+    def _resample(self, block: np.ndarray) -> np.ndarray:
+        return block if self._resampler is None else self._resampler.resample_chunk(block)
+
+    def reference(self, start: float, n: int) -> np.ndarray:
+        """The next ``n`` samples of the 16 kHz reference, for microphone audio captured from
+        monotonic time ``start`` on (zeros where the speaker played nothing we know of).
+
+        The reference runs on in step with the microphone, sample for sample, whatever the
+        jitter of the two clocks: a canceller's filter is a fixed delay line and cannot follow
+        a reference that shifts by a few samples each block. Only when the clocks drift apart
+        by more than ``SLIP_S`` is it cut afresh at ``start``.
+        """
+        self._pull()
+        if self._pos is None or abs(start - self._pos) > SLIP_S:
+            self.slips += self._pos is not None
+            self._pos = start
+        i = int(round((self._pos - self._ref_t) * SPEECH_RATE))
+        self._pos += n / SPEECH_RATE
+        out = np.zeros(n, np.float32)
+        lo, hi = max(i, 0), min(i + n, len(self._ref))
+        if hi > lo:
+            out[lo - i : hi - i] = self._ref[lo:hi]
+        drop = min(max(i + n, 0), len(self._ref))  # what is used will not be asked for again
+        self._ref, self._ref_t = self._ref[drop:], self._ref_t + drop / SPEECH_RATE
+        return out
+
+    def __call__(self, chunk: Audio, captured_at: float) -> Audio:
+        cpu = time.thread_time()
+        far = self.reference(captured_at + LEAD_S, len(chunk.samples))
+        cleaned = self._cancel(chunk.samples, far)
+        self.cpu_s += time.thread_time() - cpu
+        self.seconds += chunk.seconds
+        self._learn(chunk.samples, far, cleaned)
+        return Audio(cleaned, SPEECH_RATE)
+
+    @property
+    def erle_db(self) -> float:
+        """Echo return loss enhancement: how much quieter the microphone is after cancelling,
+        over the recent audio while the speaker played (0 before it has played anything)."""
+        return 10.0 * float(np.log10((self._mic_e + 1e-12) / (self._out_e + 1e-12))) if self._far_s else 0.0
+
+    def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> None:
+        if len(far) == 0 or float(np.mean(np.square(far))) < FAR_ACTIVE:
+            return
+        decay = 0.97  # about a second of memory at 32 ms chunks
+        self._far_s += len(far) / SPEECH_RATE
+        self._mic_e = decay * self._mic_e + float(np.sum(np.square(mic)))
+        self._out_e = decay * self._out_e + float(np.sum(np.square(out)))
+        if not self.converged and self._far_s >= TRUST_S and self.erle_db >= TRUST_DB:
+            self.converged = True
+
+
+def canceller(far: FarEnd, spec: str = "auto") -> EchoCanceller | None:
+    """The echo canceller ``spec`` names for a player's ``far`` end: ``auto`` takes the first of
+    BACKENDS that is installed (None when none is), ``off`` is None, a name must be installed."""
+    if spec == "off":
+        return None
+    if spec != "auto":
+        try:
+            return EchoCanceller(far, spec)
+        except ImportError as exc:
+            raise ConfigError(f"echo canceller {spec!r} is not installed ({exc}): {INSTALL[spec]}") from exc
+    for name in BACKENDS:
+        try:
+            return EchoCanceller(far, name)
+        except ImportError:
+            continue
+    return None

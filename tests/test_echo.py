@@ -1,0 +1,229 @@
+"""Echo cancellation: moi's own voice out of the microphone, the person's kept.
+
+The offline tests run each canceller on real speech through a simulated laptop echo path; the
+live ones make the virtual microphone hear the virtual speaker (a PulseAudio loopback, 9 dB
+down and 50 ms late) and run a whole session over it.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+from cloud.engine import LocalEngine
+from cloud.vad import Segmenter, SpeechStart
+from local import echo
+from local.audio_io import MicSource, Player
+from local.echo import FRAME, EchoCanceller, FarEnd, FrameCanceller, canceller
+from local.live import LiveSession
+from local.pipeline import Pipeline
+from local.run import attach_echo
+from shared.audio import SPEECH_RATE, Audio
+from shared.config import Config
+from shared.errors import ConfigError
+from shared.events import MeterTick, ReplyAudio, ReplyStopped, Transcript, TurnDone
+from tests import pulse
+from tests.conftest import words
+from tests.test_live import collect, has
+
+CFG = Config.load(env={}, llm__max_tokens=40)
+R = SPEECH_RATE
+
+
+def _installed(name: str) -> bool:
+    try:
+        echo.backend(name)
+        return True
+    except ImportError:
+        return False
+
+
+INSTALLED = [name for name in echo.BACKENDS if _installed(name)]
+WEBRTC = [name for name in ("livekit", "pywebrtc") if name in INSTALLED]
+
+
+def laptop(far: np.ndarray, delay_ms: int = 50, gain_db: float = -9.0, seed: int = 0) -> np.ndarray:
+    """``far`` as a laptop's microphone hears its speaker: late, quieter, with a short room tail."""
+    rng = np.random.default_rng(seed)
+    d = delay_ms * R // 1000
+    h = np.zeros(d + int(0.07 * R))
+    h[d] = 1.0
+    tail = len(h) - d - 1
+    h[d + 1 :] = rng.standard_normal(tail) * np.exp(-np.arange(tail) / (0.02 * R)) * 0.15
+    return (np.convolve(far, h)[: len(far)] * 10 ** (gain_db / 20)).astype(np.float32)
+
+
+def speech_starts(vad_model, samples: np.ndarray) -> list[float]:
+    seg = Segmenter(vad_model, CFG.vad)
+    return [e.at for e in seg.feed(samples) + seg.flush() if isinstance(e, SpeechStart)]
+
+
+@pytest.fixture(scope="module")
+def reply(tts) -> Audio:
+    """moi's voice: a real Kokoro reply of ~12 s."""
+    return tts.synthesize(
+        "Sure. The capital of France is Paris, a city on the Seine with about two million people. "
+        "It is known for the Eiffel Tower, the Louvre, and its cafes."
+    ).resample(R)
+
+
+def run_offline(name: str, mic: np.ndarray, far: np.ndarray) -> np.ndarray:
+    """``mic`` through a fresh canceller ``name`` with ``far`` as its (aligned) reference, in
+    the 32 ms chunks a microphone delivers."""
+    fc = FrameCanceller(echo.backend(name))
+    step = 512
+    return np.concatenate([fc(mic[i : i + step], far[i : i + step]) for i in range(0, len(mic), step)])
+
+
+def test_frame_canceller_keeps_length_and_order():
+    """Chunks of any size come back as long as they went in, one 10 ms frame late."""
+    fc = FrameCanceller(lambda near, far: near)  # the plumbing alone: a canceller that keeps all
+    x = np.arange(2000, dtype=np.float32) / 4000
+    out = np.concatenate([fc(x[i : i + n], np.zeros(n, np.float32)) for i, n in ((0, 512), (512, 7), (519, 1481))])
+    assert len(out) == len(x)
+    np.testing.assert_allclose(out[FRAME:], x[: len(x) - FRAME], atol=1 / 32768)
+
+
+@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed (pip install livekit)")
+@pytest.mark.parametrize("name", WEBRTC)
+def test_webrtc_removes_moi_and_keeps_the_person(name, reply, speech60, vad_model, stt):
+    far = np.concatenate([np.zeros(R, np.float32), reply.samples, np.zeros(R, np.float32)])
+    echo_only = laptop(far)
+    assert speech_starts(vad_model, echo_only), "the echo alone must sound like speech to the VAD"
+    cleaned = run_offline(name, echo_only, far)
+    span = slice(3 * R, R + len(reply))  # after two seconds of moi's voice to converge on
+    erle = 10 * np.log10(np.mean(echo_only[span] ** 2) / np.mean(cleaned[span] ** 2))
+    assert erle > 20, f"{name}: only {erle:.1f} dB of echo removed"
+    # Converged, moi's voice never starts a turn. (Before, in the first second or so of the
+    # first reply, it may: that is why `auto` waits for EchoCanceller.converged.)
+    assert [t for t in speech_starts(vad_model, cleaned) if t > 3.0] == []
+
+    # The person talks over moi, who stops 0.3 s later (barge-in): their words come through.
+    person = speech60.slice(20.0, 26.0).samples
+    at = R + len(reply) // 2
+    cut = np.concatenate([far, np.zeros(len(person), np.float32)])
+    cut[at + int(0.3 * R) :] = 0
+    mic = laptop(cut)
+    mic[at : at + len(person)] += person
+    cleaned = run_offline(name, mic, cut)
+    alone = stt.transcribe(Audio(person, R)).text
+    heard = stt.transcribe(Audio(cleaned[at : at + len(person)], R)).text
+    assert words(alone) - words(heard) <= {"and"}, (alone, heard)
+
+
+@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
+def test_reference_follows_the_microphone_sample_for_sample():
+    """Jittery capture times (callbacks arrive late by up to 8 ms) must not shift the
+    reference: it runs on in step with the microphone, so a canceller sees a fixed path."""
+    far = FarEnd(48_000)
+    aec = EchoCanceller(far, WEBRTC[0])
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(48_000 * 4) / 48_000)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    t0, written, mic_t, out = 100.0, 0, 100.0, []
+    for _ in range(100):
+        while t0 + written / 48_000 < mic_t + 0.3:  # the player runs ahead of the microphone
+            far.write(t0 + written / 48_000, tone[written : written + 960])
+            written += 960
+        out.append(aec.reference(mic_t + rng.uniform(0, 0.008), 512))
+        mic_t += 512 / R
+    ref = np.concatenate(out)[R // 10 :]
+    assert np.min(np.abs(ref).reshape(-1, 40).max(axis=1)) > 0.45  # the tone throughout, no gaps
+    # A pure tone obeys x[n+1] + x[n-1] = 2 cos(w) x[n]; a reference that skipped or repeated
+    # even one sample would break it by ~0.09 there.
+    w = 2 * np.pi * 440 / R
+    assert np.max(np.abs(ref[2:] + ref[:-2] - 2 * np.cos(w) * ref[1:-1])) < 0.01
+    assert aec.slips == 0
+
+
+def test_canceller_choice():
+    assert canceller(FarEnd(R), "off") is None
+    with pytest.raises(ConfigError, match="unknown echo canceller"):
+        canceller(FarEnd(R), "nonesuch")
+
+
+def test_without_a_canceller_auto_is_half_and_says_so(monkeypatch, engine, vad_model):
+    """The import fails: auto falls back to half-duplex, with one line that says so."""
+    for name in echo.BACKENDS:
+        monkeypatch.setitem(echo.BACKENDS, name, _missing)
+    player_far = type("P", (), {"far": FarEnd(R)})()
+    source = type("Mic", (), {"captured_at": 0.0})()
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo")
+    note = attach_echo(pipe, source, player_far, CFG, "auto")
+    assert pipe.echo is None and "not installed" in note and "pip install livekit" in note
+    session = LiveSession(pipe, [], player_far, barge_in="auto")
+    assert not session.full_duplex  # speech over a reply is not acted on
+    with pytest.raises(ConfigError, match="not installed"):
+        canceller(FarEnd(R), "livekit")
+
+
+def _missing():
+    raise ImportError("no module named 'livekit'")
+
+
+# --- live, on the virtual sound card with an echo path ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(runners):
+    return LocalEngine(CFG, runners)
+
+
+@pytest.fixture
+def echo_path():
+    pulse.start()
+    module = pulse.echo_path(gain_db=-9.0, delay_ms=50)
+    yield
+    pulse.remove_echo_path(module)
+
+
+@pytest.fixture(scope="module")
+def long_line(tmp_path_factory, speech60):
+    path = tmp_path_factory.mktemp("echo") / "long.wav"
+    Audio.concat([Audio.silence(0.3), speech60.slice(2.4, 7.1), Audio.silence(0.3)]).save_wav(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def question(tmp_path_factory, speech60):
+    path = tmp_path_factory.mktemp("echo") / "question.wav"
+    Audio.concat([Audio.silence(0.5), speech60.slice(0.0, 2.3), Audio.silence(1.5)]).save_wav(path)
+    return path
+
+
+@pytest.mark.skipif(not INSTALLED, reason="no echo canceller installed")
+def test_live_echo_makes_no_turn_and_talking_over_it_does(echo_path, engine, vad_model, long_line, question):
+    player = Player()
+    mic = MicSource().start()
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo")
+    assert attach_echo(pipe, mic, player, CFG, "auto") is None
+    live = LiveSession(pipe, mic, player, barge_in="auto").start()
+    try:
+        # 1. moi repeats a long line; its voice comes back through the "air" into the mic.
+        pulse.play(long_line).wait()
+        events = collect(live, has(ReplyAudio))
+        first_reply = sum(isinstance(e, ReplyAudio) for e in events) and live.pipeline.turns
+        while player.playing or live.answering:
+            events += collect(live, lambda ev: False, timeout=0.2)
+        events += collect(live, lambda ev: False, timeout=1.5)  # the tail of the echo, and after
+        assert live.pipeline.turns == first_reply == 1, "moi's own voice started a turn"
+        assert not any(isinstance(e, ReplyStopped) for e in events), "moi's own voice cut its reply"
+        assert pipe.echo.converged, f"the canceller did not converge (ERLE {pipe.echo.erle_db:.1f} dB)"
+        assert any(isinstance(e, MeterTick) and e.stage == "aec" for e in events)
+
+        # 2. Again, and this time the person talks over the reply: it stops, and they are answered.
+        pulse.play(long_line).wait()
+        collect(live, has(ReplyAudio))
+        time.sleep(0.5)
+        assert player.playing
+        injected = time.monotonic() + 0.5  # the question file leads with 0.5 s of silence
+        pulse.play(question)
+        stop = [e for e in collect(live, has(ReplyStopped), timeout=10) if isinstance(e, ReplyStopped)]
+        assert stop and stop[0].reason == "barge-in"
+        assert player.stopped_at - injected < 0.4, f"stopped {1000 * (player.stopped_at - injected):.0f} ms after"
+        more = collect(live, lambda ev: has(Transcript)(ev) and has(TurnDone)(ev), timeout=30)
+    finally:
+        live.close()
+        mic.close()
+        player.close()
+    heard = [e.text for e in more if isinstance(e, Transcript)]
+    assert heard and "dublin" in words(heard[-1]), heard  # the interruption became the next turn
