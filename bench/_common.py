@@ -46,6 +46,25 @@ def show(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], c
     console.print(table)
 
 
+def end(*procs: subprocess.Popen | None, timeout: float = 10) -> None:
+    """Terminate each process (None: skipped) and wait for it; kill one that will not go."""
+    for proc in procs:
+        if proc is None:
+            continue
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def record_bus(path: Path, device: str) -> subprocess.Popen:
+    """Record ``device`` (a PulseAudio source) to ``path`` as 16 kHz mono s16le, 10 ms latency."""
+    return subprocess.Popen(["parec", f"--device={device}", "--rate=16000", "--channels=1", "--format=s16le",
+                             "--raw", "--latency-msec=10", str(path)])
+
+
 def start_server(*args: str, env: Mapping[str, str] | None = None, timeout: float = 300) -> tuple[subprocess.Popen, str]:
     """A real `moi serve` (with ``args``, e.g. ``--api-key``) on a free loopback port, in a
     process of its own; returns once its /health answers. ``env``: added to this environment."""

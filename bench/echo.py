@@ -8,7 +8,7 @@ and after), the word error rate of a person talking over moi (who stops 0.3 s la
 barge-in) against the same speech alone, and the CPU the canceller costs per second of audio,
 as a share of one core.
 
-Live (`moi --input mic --output speaker`, defaults: `--barge-in auto`): the virtual microphone
+Live (`moi --input mic --output speaker --barge-in auto`, otherwise defaults): the virtual microphone
 hears the virtual speaker through a PulseAudio loopback (9 dB down, 50 ms late). Each trial
 plays a real question; while moi answers it, another real sentence is played over the reply,
 1 s into it; that reply is cut, the sentence is answered, and that answer plays out untouched.
@@ -41,10 +41,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import SPEECH, console, show  # noqa: E402
+from _common import SPEECH, console, end, record_bus, show  # noqa: E402
 from voice_to_voice import BIN, IN, REC, card, find, frames_db, questions  # noqa: E402
 from shared.audio import SPEECH_RATE as R, Audio, decode  # noqa: E402
 from tests import pulse  # noqa: E402
+from tests.room import laptop_echo  # noqa: E402
 
 REPLIES = [
     "Sure. The capital of France is Paris, a city on the Seine with about two million people.",
@@ -59,18 +60,8 @@ REPLIES = [
     "If you want to learn to code, pick one small project and build it from start to finish.",
 ]
 PATHS = [(30, -6.0), (45, -9.0), (60, -12.0), (80, -9.0), (50, -6.0)]  # (delay ms, gain dB)
-AUDIBLE_DB = -45.0
+AUDIBLE_DB = -35.0  # moi's voice once the person is subtracted (what is left of them: -40..-60 dB)
 TARGETS = {"self": 0, "detected": 9, "silence_s": 0.3, "wer": 0.05}
-
-
-def laptop(far: np.ndarray, delay_ms: int, gain_db: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    d = delay_ms * R // 1000
-    h = np.zeros(d + int(0.07 * R))
-    h[d] = 1.0
-    tail = len(h) - d - 1
-    h[d + 1 :] = rng.standard_normal(tail) * np.exp(-np.arange(tail) / (0.02 * R)) * 0.15
-    return (np.convolve(far, h)[: len(far)] * 10 ** (gain_db / 20)).astype(np.float32)
 
 
 def wer(reference: str, heard: str) -> float:
@@ -113,7 +104,7 @@ def offline(names: list[str]) -> list[list[object]]:
         for i, (reply, person) in enumerate(zip(replies, people)):
             delay, gain = PATHS[i % len(PATHS)]
             far = np.concatenate([np.zeros(R // 2, np.float32), reply, np.zeros(R, np.float32)])
-            mic = laptop(far, delay, gain, i)
+            mic = laptop_echo(far, delay, gain, i)
             out, spent = (mic, 0.0) if name == "none" else run(name, mic, far)
             cpu, seconds = cpu + spent, seconds + len(mic) / R
             span = slice(int(2.5 * R), R // 2 + len(reply))
@@ -125,7 +116,7 @@ def offline(names: list[str]) -> list[list[object]]:
             at = R // 2 + len(reply) // 2
             cut = np.concatenate([far, np.zeros(len(person), np.float32)])
             cut[at + int(0.3 * R) :] = 0
-            mic2 = laptop(cut, delay, gain, i)
+            mic2 = laptop_echo(cut, delay, gain, i)
             mic2[at : at + len(person)] += person
             out2, _ = (mic2, 0.0) if name == "none" else run(name, mic2, cut)
             wers.append(wer(alone[i], stt.transcribe(Audio(out2[at : at + len(person)], R)).text))
@@ -134,15 +125,14 @@ def offline(names: list[str]) -> list[list[object]]:
     return rows
 
 
-def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path) -> dict:
+def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, status=None) -> dict:  # noqa: ANN001
     """One `moi` run with canceller ``name``: a warm-up turn, then ``trials`` interrupted replies."""
     card()
     loop = pulse.echo_path(gain_db=-9.0, delay_ms=50)
     env = {**os.environ, "MOI_ECHO_CANCELLER": name, "COLUMNS": "200"}
-    cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--json", "--no-meters"]
+    cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--barge-in", "auto", "--json", "--no-meters"]
     rec_path = tmp / f"{name}.raw"
-    rec = subprocess.Popen(["parec", f"--device={REC}.monitor", "--rate=16000", "--channels=1", "--format=s16le",
-                            "--raw", "--latency-msec=10", str(rec_path)])
+    rec = record_bus(rec_path, f"{REC}.monitor")
     rec_started = time.monotonic()
     moi = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
     events: queue.Queue[tuple[float, dict]] = queue.Queue()
@@ -176,13 +166,11 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path) -> d
         subprocess.Popen(["paplay", f"--device={IN}", str(path)])
         return t
 
-    def quiet(seconds: float) -> None:  # let a reply play out, then a pause
-        heard = 0.0
-        t_end = time.monotonic() + seconds
-        while time.monotonic() < t_end:
+    def quiet(pause: float) -> None:  # let the reply play out (its pieces queue up), then a pause
+        ends = time.monotonic()
+        while time.monotonic() < ends + pause:
             if until(lambda ev: ev["type"] == "reply_audio", 0.1):
-                heard += log[-1][1]["audio"]["seconds"]
-                t_end = max(t_end, time.monotonic() + heard + 1.0)
+                ends = max(ends, log[-1][0]) + log[-1][1]["audio"]["seconds"]
 
     threading.Thread(target=read, daemon=True).start()
     people: list[tuple[float, str, Audio]] = []  # (played at, text, clip) of everything we said
@@ -194,6 +182,8 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path) -> d
         until(lambda ev: ev["type"] == "turn_done", 60)
         quiet(2.0)
         for i in range(trials):
+            if status is not None:
+                status.update(f"live: {name}, interrupted reply {i + 1} of {trials}…")
             q_text, q = clips[(2 * i + 1) % len(clips)]
             o_text, over = clips[(2 * i + 2) % len(clips)]
             people.append((play(q), q_text, q))
@@ -204,15 +194,11 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path) -> d
                 until(lambda ev: ev["type"] == "turn_done", 60)
             quiet(2.0)
     finally:
-        moi.terminate()
-        try:
-            moi.wait(10)
-        except subprocess.TimeoutExpired:
-            moi.kill()
-        rec.terminate()
-        rec.wait(5)
+        end(moi, rec)
         pulse.remove_echo_path(loop)
     pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
+    (tmp / f"{name}.events.json").write_text(json.dumps(
+        {"rec_started": rec_started, "people": [(t, text) for t, text, _ in people], "events": log}))
     return measure(name, log, people, pcm, rec_started)
 
 
@@ -255,6 +241,8 @@ def main() -> None:
     parser.add_argument("--cancellers", default=",".join(echo.BACKENDS), help="comma-separated (installed ones run)")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--no-live", action="store_true", help="only the offline comparison")
+    parser.add_argument("--no-offline", action="store_true", help="only the live runs")
+    parser.add_argument("--keep", help="a folder for each live run's recording and events")
     args = parser.parse_args()
     names = []
     for name in args.cancellers.split(","):
@@ -263,26 +251,30 @@ def main() -> None:
             names.append(name)
         except ImportError as exc:
             console.print(f"[dim]{name}: not installed ({exc}): {echo.INSTALL.get(name, '')}[/]")
-    with console.status("offline: ten replies through each canceller…"):
-        rows = offline(names)
-    show("Echo cancellers offline: 10 Kokoro replies, laptop echo 30–80 ms late, 6–12 dB down",
-         ["canceller", "echo removed (median)", "own turns, first 1.5 s", "own turns, after",
-          "WER over moi (alone: 0)", "CPU per s of audio (one core)"], rows)
+    if not args.no_offline:
+        with console.status("offline: ten replies through each canceller…"):
+            rows = offline(names)
+        show("Echo cancellers offline: 10 Kokoro replies, laptop echo 30–80 ms late, 6–12 dB down",
+             ["canceller", "echo removed (median)", "own turns, first 1.5 s", "own turns, after",
+              "WER over moi (alone: 0)", "CPU per s of audio (one core)"], rows)
     if args.no_live:
         return
     clips = questions(2 * args.trials + 1)
     clips = [clips[i % len(clips)] for i in range(2 * args.trials + 1)]
     alone = _alone_wer(clips)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    columns = ["canceller", "self-interruptions (target 0)", "interruptions heard (≥ 9/10)",
+               "to silence, median (≤ 0.3 s)", "worst", f"WER over moi (alone {alone:.3f}, ≤ +0.05)"]
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(args.keep or scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         for name in names:
-            with console.status(f"live: {name}, {args.trials} interrupted replies…"):
-                results.append(live(name, clips, args.trials, Path(tmp)))
-    show("Talking over moi, live on the virtual card (loopback 9 dB down, 50 ms late)",
-         ["canceller", "self-interruptions (target 0)", "interruptions heard (≥ 9/10)",
-          "to silence, median (≤ 0.3 s)", "worst", f"WER over moi (alone {alone:.3f}, ≤ +0.05)"],
-         [[r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}", f"{r['silence']:.3f} s",
-           f"{r['worst']:.3f} s", f"{r['wer']:.3f}"] for r in results])
+            with console.status(f"live: {name}…") as status:
+                r = live(name, clips, args.trials, tmp, status)
+            rows.append([r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}",
+                         f"{r['silence']:.3f} s", f"{r['worst']:.3f} s", f"{r['wer']:.3f}"])
+            console.print(f"{name}: " + ", ".join(f"{c.split(' (')[0]} {v}" for c, v in zip(columns[1:], rows[-1][1:])))
+    show("Talking over moi, live on the virtual card (loopback 9 dB down, 50 ms late)", columns, rows)
 
 
 def _alone_wer(clips: list[tuple[str, Audio]]) -> float:

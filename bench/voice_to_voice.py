@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import AUDIO_DIR, SPEECH, console, show, start_server  # noqa: E402
+from _common import AUDIO_DIR, SPEECH, console, end, record_bus, show, start_server  # noqa: E402
 from shared.audio import SPEECH_RATE, Audio, decode  # noqa: E402
 from tests import pulse  # noqa: E402
 
@@ -113,8 +113,7 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
     else:
         cmd += ["--local"]  # local, silence, busy
     rec_path = tmp / f"{mode}.raw"
-    rec = subprocess.Popen(["parec", f"--device={REC}.monitor", "--rate=16000", "--channels=1", "--format=s16le",
-                            "--raw", "--latency-msec=10", str(rec_path)])
+    rec = record_bus(rec_path, f"{REC}.monitor")
     rec_started = time.monotonic()
     moi = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
     lines: queue.Queue[tuple[float, dict]] = queue.Queue()
@@ -152,17 +151,7 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
                 except queue.Empty:
                     break
     finally:
-        moi.terminate()
-        try:
-            moi.wait(10)
-        except subprocess.TimeoutExpired:
-            moi.kill()
-        rec.terminate()
-        rec.wait(5)
-        for proc in (server, busy):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
+        end(moi, rec, server, busy)
     pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
     return turns, pcm, rec_started
 

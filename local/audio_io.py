@@ -84,6 +84,33 @@ def _open_rate(sd, device, kind: str) -> int:  # noqa: ANN001
     raise AudioError(f"{kind} device {info['name']!r} accepts none of the rates tried (16/44.1/48 kHz)")
 
 
+class StreamClock:
+    """The monotonic time of each block of a stream, from the times its callbacks see.
+
+    A callback can run late, never early, so the earliest-looking start of frame 0 over the
+    blocks so far is the right one; it creeps towards later ones to follow a clock that
+    drifts, and starts afresh when frames were lost (``restart``). The echo canceller needs the
+    microphone's timeline steady to the sample, not jittering per block. (Not for output: an
+    output stream's buffer is filled in bursts, callbacks run early too.)
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.anchor = 0.0  # monotonic time of frame 0
+        self.frames = 0
+
+    def __call__(self, stamp: float, frames: int, restart: bool = False) -> float:
+        """The time of this block's first frame; ``stamp``: that time as the callback saw it."""
+        anchor = stamp - self.frames / self.rate
+        if self.frames == 0 or restart or anchor < self.anchor:
+            self.anchor = anchor
+        else:
+            self.anchor += 0.002 * (anchor - self.anchor)
+        t = self.anchor + self.frames / self.rate
+        self.frames += frames
+        return t
+
+
 class MicSource:
     """The microphone as an iterator of 16 kHz :class:`Audio` chunks.
 
@@ -108,30 +135,19 @@ class MicSource:
         self._error: str | None = None
         self.max_s = max_s  # stop after this much audio (None: until closed)
         self.captured_at = 0.0  # monotonic time of the first sample of the chunk last yielded
-        self._anchor, self._frames = 0.0, 0  # the capture clock: time of frame 0, frames so far
+        self._clock = StreamClock(self.rate)
 
     def _callback(self, indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
         if status.input_overflow:
             self.overflows += 1
         try:
-            self._q.put_nowait((self._clock(frames, status.input_overflow), indata[:, 0].copy()))
+            # the ADC time of the first frame: arrival less PortAudio's input latency (its own ADC
+            # times jump by 100+ ms on ALSA's PulseAudio plugin; callback arrival is steady)
+            latency = self._stream.latency if self._stream is not None else 0.0
+            stamp = time.monotonic() - latency - frames / self.rate
+            self._q.put_nowait((self._clock(stamp, frames, status.input_overflow), indata[:, 0].copy()))
         except queue.Full:
             self.overflows += 1
-
-    def _clock(self, frames: int, lost: bool) -> float:
-        """Monotonic time of this block's first sample at the ADC: arrival time less PortAudio's
-        input latency, smoothed over blocks. (PortAudio's own ADC times jump by 100+ ms on
-        ALSA's PulseAudio plugin; the arrival of callbacks is steady to a fraction of a ms.)"""
-        latency = self._stream.latency if self._stream is not None else 0.0
-        anchor = time.monotonic() - latency - self._frames / self.rate - frames / self.rate
-        if self._frames == 0 or lost:  # the first block, or PortAudio dropped some: start afresh
-            self._anchor = anchor
-        elif anchor < self._anchor:  # a block can only come late, never early: the earliest is right
-            self._anchor = anchor
-        else:  # creep towards later ones, to follow clock drift
-            self._anchor += 0.002 * (anchor - self._anchor)
-        self._frames += frames
-        return self._anchor + (self._frames - frames) / self.rate
 
     def _finished(self) -> None:
         if not self._closed.is_set():
@@ -223,6 +239,8 @@ class Player:
         ahead = t.outputBufferDacTime - t.currentTime if t.outputBufferDacTime > 0 else 0.0
         if not 0.0 < ahead < 2.0:  # PortAudio gave no DAC time: its reported latency
             ahead = self._stream.latency
+        # Not smoothed like the microphone's: PortAudio fills the output buffer in bursts, so a
+        # callback can run early as well as late; its DAC time is what counts.
         self.far.write(time.monotonic() + ahead, outdata[:, 0])
 
     @property

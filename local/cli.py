@@ -41,9 +41,9 @@ URL = typer.Option(
 API_KEY = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key.")
 FALLBACK = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails.")
 BARGE_IN = typer.Option(
-    "auto", "--barge-in",
-    help="auto: speech cuts in once the echo canceller has learnt the speaker (laptop speakers); "
-         "half: ignore the mic while moi speaks; full: speech cuts in (headset).",
+    "half", "--barge-in",
+    help="half: ignore the mic while moi speaks (laptop speakers); auto: an echo canceller on the mic, and "
+         "speech over a reply cuts in (laptop speakers, still cuts itself now and then); full: speech cuts in (headset).",
 )
 
 

@@ -14,7 +14,8 @@ Barge-in modes, because a laptop's microphone hears its own speaker:
   the rest of the reply (LLM generation and pending TTS), and becomes the next turn.
 - ``auto`` (the default: laptop speakers with an echo canceller): the VAD listens to the
   microphone after :mod:`local.echo` took moi's voice out, and acts as ``full`` once the
-  canceller has converged (``EchoCanceller.converged``); before that, and with no canceller
+  canceller has converged (``EchoCanceller.converged``) and for speech that is more than moi's
+  residual echo (``EchoCanceller.near_end``); before that, and with no canceller
   (``pipeline.echo`` is None), it acts as ``half``.
 """
 
@@ -128,9 +129,12 @@ class LiveSession:
                     self._utterances.put(item)
                     continue
                 if isinstance(item, SpeechStarted):
-                    # an utterance that starts over a reply is judged once, as it starts
-                    muted = self.answering and self.hears_player and not self.full_duplex
-                    if self.answering and self.full_duplex:
+                    # an utterance that starts over a reply is judged once, as it starts: with a
+                    # canceller, speech that is mostly moi's own residual echo is not the person
+                    echo = self.pipeline.echo if self.barge_in == "auto" else None
+                    own = echo is not None and not getattr(echo, "near_end", lambda: True)()
+                    muted = self.answering and self.hears_player and (not self.full_duplex or own)
+                    if self.answering and self.full_duplex and not own:
                         self.stop_reply("barge-in", trigger=time.monotonic())
                 self.events.put(item)
                 if self.clock() >= next_status:

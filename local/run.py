@@ -146,13 +146,13 @@ def attach_echo(
     pipeline.echo = canceller(far, cfg.echo_canceller)
     if pipeline.echo is not None:
         return None
-    why = "is off" if cfg.echo_canceller == "off" else f"is not installed (`{INSTALL['livekit']}`)"
+    why = "is off" if cfg.echo_canceller == "off" else f"is not installed (`{INSTALL['pywebrtc']}`)"
     return f"echo cancellation {why}: speech over a reply is not heard (barge-in is half)"
 
 
 def run_live(
     cfg: Config, source: Iterable[Audio], player: Player | None, *, variant: str = "chat",
-    barge_in: str = "auto", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
+    barge_in: str = "half", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
     hears_player: bool = True,
 ) -> int:
     """Run a live session until the source ends or the user quits; ``mode``: view | quiet | json."""

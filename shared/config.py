@@ -111,7 +111,7 @@ class Config:
     llm: LlmConfig = field(default_factory=LlmConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
     tick_ms: int = 50  # meter tick period
-    echo_canceller: str = "auto"  # auto (the first installed of local.echo's) | livekit | pywebrtc | speex | off
+    echo_canceller: str = "auto"  # auto (the first installed of local.echo's) | pywebrtc | livekit | speex | off
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -24,7 +24,8 @@ from shared.errors import ConfigError
 from shared.events import MeterTick, ReplyAudio, ReplyStopped, Transcript, TurnDone
 from tests import pulse
 from tests.conftest import words
-from tests.test_live import collect, has
+from tests.room import laptop_echo
+from tests.test_live import collect, has, long_line, question  # noqa: F401 - fixtures
 
 CFG = Config.load(env={}, llm__max_tokens=40)
 R = SPEECH_RATE
@@ -39,18 +40,7 @@ def _installed(name: str) -> bool:
 
 
 INSTALLED = [name for name in echo.BACKENDS if _installed(name)]
-WEBRTC = [name for name in ("livekit", "pywebrtc") if name in INSTALLED]
-
-
-def laptop(far: np.ndarray, delay_ms: int = 50, gain_db: float = -9.0, seed: int = 0) -> np.ndarray:
-    """``far`` as a laptop's microphone hears its speaker: late, quieter, with a short room tail."""
-    rng = np.random.default_rng(seed)
-    d = delay_ms * R // 1000
-    h = np.zeros(d + int(0.07 * R))
-    h[d] = 1.0
-    tail = len(h) - d - 1
-    h[d + 1 :] = rng.standard_normal(tail) * np.exp(-np.arange(tail) / (0.02 * R)) * 0.15
-    return (np.convolve(far, h)[: len(far)] * 10 ** (gain_db / 20)).astype(np.float32)
+WEBRTC = [name for name in ("pywebrtc", "livekit") if name in INSTALLED]
 
 
 def speech_starts(vad_model, samples: np.ndarray) -> list[float]:
@@ -84,11 +74,11 @@ def test_frame_canceller_keeps_length_and_order():
     np.testing.assert_allclose(out[FRAME:], x[: len(x) - FRAME], atol=1 / 32768)
 
 
-@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed (pip install livekit)")
+@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed (pip install pywebrtc-audio)")
 @pytest.mark.parametrize("name", WEBRTC)
 def test_webrtc_removes_moi_and_keeps_the_person(name, reply, speech60, vad_model, stt):
     far = np.concatenate([np.zeros(R, np.float32), reply.samples, np.zeros(R, np.float32)])
-    echo_only = laptop(far)
+    echo_only = laptop_echo(far)
     assert speech_starts(vad_model, echo_only), "the echo alone must sound like speech to the VAD"
     cleaned = run_offline(name, echo_only, far)
     span = slice(3 * R, R + len(reply))  # after two seconds of moi's voice to converge on
@@ -103,7 +93,7 @@ def test_webrtc_removes_moi_and_keeps_the_person(name, reply, speech60, vad_mode
     at = R + len(reply) // 2
     cut = np.concatenate([far, np.zeros(len(person), np.float32)])
     cut[at + int(0.3 * R) :] = 0
-    mic = laptop(cut)
+    mic = laptop_echo(cut)
     mic[at : at + len(person)] += person
     cleaned = run_offline(name, mic, cut)
     alone = stt.transcribe(Audio(person, R)).text
@@ -149,15 +139,24 @@ def test_without_a_canceller_auto_is_half_and_says_so(monkeypatch, engine, vad_m
     source = type("Mic", (), {"captured_at": 0.0})()
     pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo")
     note = attach_echo(pipe, source, player_far, CFG, "auto")
-    assert pipe.echo is None and "not installed" in note and "pip install livekit" in note
+    assert pipe.echo is None and "not installed" in note and "pip install pywebrtc-audio" in note
     session = LiveSession(pipe, [], player_far, barge_in="auto")
     assert not session.full_duplex  # speech over a reply is not acted on
     with pytest.raises(ConfigError, match="not installed"):
-        canceller(FarEnd(R), "livekit")
+        canceller(FarEnd(R), "pywebrtc")
+
+
+def test_a_reply_played_in_the_page_cannot_be_cancelled(engine, vad_model):
+    """`moi ui` plays replies in the browser: nothing to take the reference from, and it says so."""
+    from local.web_hub import BrowserPlayback
+
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo")
+    note = attach_echo(pipe, type("Mic", (), {"captured_at": 0.0})(), BrowserPlayback(), CFG, "auto")
+    assert pipe.echo is None and "moi ui --speaker" in note
 
 
 def _missing():
-    raise ImportError("no module named 'livekit'")
+    raise ImportError("no module named 'pywebrtc_audio'")
 
 
 # --- live, on the virtual sound card with an echo path ------------------------------------
@@ -174,20 +173,6 @@ def echo_path():
     module = pulse.echo_path(gain_db=-9.0, delay_ms=50)
     yield
     pulse.remove_echo_path(module)
-
-
-@pytest.fixture(scope="module")
-def long_line(tmp_path_factory, speech60):
-    path = tmp_path_factory.mktemp("echo") / "long.wav"
-    Audio.concat([Audio.silence(0.3), speech60.slice(2.4, 7.1), Audio.silence(0.3)]).save_wav(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def question(tmp_path_factory, speech60):
-    path = tmp_path_factory.mktemp("echo") / "question.wav"
-    Audio.concat([Audio.silence(0.5), speech60.slice(0.0, 2.3), Audio.silence(1.5)]).save_wav(path)
-    return path
 
 
 @pytest.mark.skipif(not INSTALLED, reason="no echo canceller installed")
@@ -219,7 +204,9 @@ def test_live_echo_makes_no_turn_and_talking_over_it_does(echo_path, engine, vad
         pulse.play(question)
         stop = [e for e in collect(live, has(ReplyStopped), timeout=10) if isinstance(e, ReplyStopped)]
         assert stop and stop[0].reason == "barge-in"
-        assert player.stopped_at - injected < 0.4, f"stopped {1000 * (player.stopped_at - injected):.0f} ms after"
+        # promptly, not instantly: AEC3 holds the person down while both talk (bench/echo.py has
+        # the figure against its 0.3 s target); a canceller gone wrong takes seconds or never
+        assert player.stopped_at - injected < 0.8, f"stopped {1000 * (player.stopped_at - injected):.0f} ms after"
         more = collect(live, lambda ev: has(Transcript)(ev) and has(TurnDone)(ev), timeout=30)
     finally:
         live.close()
