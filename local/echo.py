@@ -189,8 +189,10 @@ class EchoCanceller:
                 self.gaps += 1
                 if gap > 0:
                     self._ref = np.concatenate([self._ref, np.zeros(int(round(gap * SPEECH_RATE)), np.float32)])
-                else:
-                    self._ref = self._ref[: max(0, len(self._ref) - int(round(-gap * SPEECH_RATE)))]
+                elif (drop := int(round(-gap * SPEECH_RATE))) < len(self._ref):
+                    self._ref = self._ref[: len(self._ref) - drop]
+                else:  # stamped before anything held (a stream restarted after underruns): start there
+                    self._ref, self._ref_t = np.zeros(0, np.float32), dac
             self._next_dac = dac + len(block) / self.far.rate
             self._ref = np.concatenate([self._ref, x])
 
