@@ -16,7 +16,6 @@ filter over the system libspeexdsp: 14 dB, not enough).
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -147,8 +146,7 @@ class EchoCanceller:
     ``__call__(chunk, captured_at)``: ``chunk`` is 16 kHz microphone audio, ``captured_at`` the
     monotonic time of its first sample. The reference for that span is cut from ``far``
     (resampled to 16 kHz once, as it arrives), so the canceller only has the acoustic path
-    left to find. ``seconds`` and ``cpu_s`` count the audio processed and the thread CPU
-    time spent on it, for the cost per second of audio.
+    left to find. ``seconds``: the microphone audio processed so far (the canceller's clock).
     """
 
     def __init__(self, far: FarEnd, name: str = "pywebrtc") -> None:
@@ -160,7 +158,6 @@ class EchoCanceller:
         self._resampler = self._new_resampler()
         self._next_dac: float | None = None  # where the next far block should start
         self.seconds = 0.0
-        self.cpu_s = 0.0
         self.gaps = 0  # times the speaker's stream jumped (an underrun, a restart)
         self._pos: float | None = None  # DAC time of the next reference sample to hand out
         self.slips = 0  # times the microphone's clock had drifted too far from the speaker's
@@ -169,7 +166,6 @@ class EchoCanceller:
         self.converged = False  # it has earned trust: see TRUST_DB
         self._recent: deque[tuple[int, float, float, bool]] = deque()  # (samples, mic, out energy, far on)
         self._recent_n = 0
-        self._t = 0.0  # seconds of microphone audio processed
         self._far_last = -1e9  # when the speaker was last heard playing ...
         self._far_since = -1e9  # ... and since when it has played without a pause
 
@@ -230,10 +226,8 @@ class EchoCanceller:
         return out
 
     def __call__(self, chunk: Audio, captured_at: float) -> Audio:
-        cpu = time.thread_time()
         far = self.reference(captured_at + LEAD_S, len(chunk.samples))
         cleaned = self._cancel(chunk.samples, far)
-        self.cpu_s += time.thread_time() - cpu
         self.seconds += chunk.seconds
         self._learn(chunk.samples, far, cleaned)
         return Audio(cleaned, SPEECH_RATE)
@@ -250,7 +244,7 @@ class EchoCanceller:
         enough through (NEAR_DB)."""
         if not any(active for *_, active in self._recent):
             return True
-        if self._t - self._far_since < ONSET_S:
+        if self.seconds - self._far_since < ONSET_S:
             return False
         mic = sum(m for _, m, _, _ in self._recent)
         out = sum(o for _, _, o, _ in self._recent)
@@ -260,11 +254,10 @@ class EchoCanceller:
         active = len(far) > 0 and float(np.mean(np.square(far))) >= FAR_ACTIVE
         self._recent.append((len(mic), float(np.sum(np.square(mic))), float(np.sum(np.square(out))), active))
         self._recent_n += len(mic)
-        self._t += len(mic) / SPEECH_RATE
         if active:
-            if self._t - self._far_last > PAUSE_S:
-                self._far_since = self._t
-            self._far_last = self._t
+            if self.seconds - self._far_last > PAUSE_S:
+                self._far_since = self.seconds
+            self._far_last = self.seconds
         while self._recent_n - self._recent[0][0] >= NEAR_S * SPEECH_RATE:
             self._recent_n -= self._recent.popleft()[0]
         if not active:
