@@ -166,11 +166,11 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, stat
         subprocess.Popen(["paplay", f"--device={IN}", str(path)])
         return t
 
-    def quiet(pause: float) -> None:  # let the reply play out (its pieces queue up), then a pause
-        ends = time.monotonic()
-        while time.monotonic() < ends + pause:
-            if until(lambda ev: ev["type"] == "reply_audio", 0.1):
-                ends = max(ends, log[-1][0]) + log[-1][1]["audio"]["seconds"]
+    def quiet(pause: float) -> None:  # until moi has said nothing for ``pause`` s (its status says)
+        last, deadline = time.monotonic(), time.monotonic() + 120
+        while time.monotonic() < min(last + pause, deadline):
+            if until(lambda ev: ev["type"] == "status" and ev["speaking"], 0.1):
+                last = time.monotonic()
 
     threading.Thread(target=read, daemon=True).start()
     people: list[tuple[float, str, Audio]] = []  # (played at, text, clip) of everything we said

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -87,25 +88,39 @@ def _open_rate(sd, device, kind: str) -> int:  # noqa: ANN001
 class StreamClock:
     """The monotonic time of each block of a stream, from the times its callbacks see.
 
-    A callback can run late, never early, so the earliest-looking start of frame 0 over the
-    blocks so far is the right one; it creeps towards later ones to follow a clock that
-    drifts, and starts afresh when frames were lost (``restart``). The echo canceller needs the
-    microphone's timeline steady to the sample, not jittering per block. (Not for output: an
-    output stream's buffer is filled in bursts, callbacks run early too.)
+    A stream is a run of samples at a fixed rate, so frame ``k`` is at ``anchor + k / rate``;
+    only ``anchor`` has to be found, from callback times that jitter. The echo canceller needs
+    both timelines steady to the sample (its filter is a fixed delay line), not jittering per
+    block. An input callback can run late, never early, so the earliest-looking start of frame 0
+    over the blocks so far is the right one (``late_only``); it creeps towards later ones to
+    follow a clock that drifts. An output stream's buffer is filled in bursts (on ALSA's
+    PulseAudio plugin, blocks 0 and 40 ms apart instead of every 20 ms), so its callbacks run
+    early as well as late: there the anchor is the median of the recent ones. Either starts
+    afresh when the stream broke (``restart``: frames lost, an underrun).
     """
 
-    def __init__(self, rate: int) -> None:
+    WINDOW = 64  # callbacks the output median is taken over (~1.3 s of 20 ms blocks)
+
+    def __init__(self, rate: int, late_only: bool = True) -> None:
         self.rate = rate
+        self.late_only = late_only
         self.anchor = 0.0  # monotonic time of frame 0
         self.frames = 0
+        self._recent: deque[float] = deque(maxlen=self.WINDOW)
 
     def __call__(self, stamp: float, frames: int, restart: bool = False) -> float:
         """The time of this block's first frame; ``stamp``: that time as the callback saw it."""
         anchor = stamp - self.frames / self.rate
-        if self.frames == 0 or restart or anchor < self.anchor:
-            self.anchor = anchor
+        if restart:
+            self._recent.clear()
+        if self.late_only:
+            if self.frames == 0 or restart or anchor < self.anchor:
+                self.anchor = anchor
+            else:
+                self.anchor += 0.002 * (anchor - self.anchor)
         else:
-            self.anchor += 0.002 * (anchor - self.anchor)
+            self._recent.append(anchor)
+            self.anchor = float(np.median(self._recent))
         t = self.anchor + self.frames / self.rate
         self.frames += frames
         return t
@@ -220,6 +235,7 @@ class Player:
         self._idle = threading.Event()
         self._idle.set()
         self.far = FarEnd(self.rate)
+        self._clock = StreamClock(self.rate, late_only=False)
         self._stream = self.sd.OutputStream(
             device=self.device, channels=1, samplerate=self.rate, dtype="float32",
             blocksize=int(self.rate * 0.02), latency="low", callback=self._callback,
@@ -239,9 +255,10 @@ class Player:
         ahead = t.outputBufferDacTime - t.currentTime if t.outputBufferDacTime > 0 else 0.0
         if not 0.0 < ahead < 2.0:  # PortAudio gave no DAC time: its reported latency
             ahead = self._stream.latency
-        # Not smoothed like the microphone's: PortAudio fills the output buffer in bursts, so a
-        # callback can run early as well as late; its DAC time is what counts.
-        self.far.write(time.monotonic() + ahead, outdata[:, 0])
+        # every block goes out, silence included, so the speaker's timeline is one run of
+        # samples, broken only by an underrun
+        dac = self._clock(time.monotonic() + ahead, frames, status.output_underflow)
+        self.far.write(dac, outdata[:, 0])
 
     @property
     def playing(self) -> bool:

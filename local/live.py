@@ -35,6 +35,7 @@ from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechStarted, Status
 
 BARGE_IN_MODES = ("auto", "half", "full")
+JOIN_S = 0.2  # a person heard this long through the canceller joins an utterance moi's echo began
 log = logging.getLogger("moi.live")
 
 
@@ -118,7 +119,9 @@ class LiveSession:
 
     def _capture(self) -> None:
         next_status = 0.0
-        muted = False
+        muted = False  # the utterance under way is not acted on
+        held = False  # ...because it sounded like moi's own echo: judged again as it goes on
+        joined: float | None = None  # since when (the canceller's clock) it has let a person through
         try:
             for item in self.pipeline.listen(self.source, self.clock):
                 if self._done.is_set():
@@ -129,13 +132,24 @@ class LiveSession:
                     self._utterances.put(item)
                     continue
                 if isinstance(item, SpeechStarted):
-                    # an utterance that starts over a reply is judged once, as it starts: with a
-                    # canceller, speech that is mostly moi's own residual echo is not the person
-                    echo = self.pipeline.echo if self.barge_in == "auto" else None
-                    own = echo is not None and not getattr(echo, "near_end", lambda: True)()
+                    own = self._own_echo()
                     muted = self.answering and self.hears_player and (not self.full_duplex or own)
+                    held, joined = muted and self.full_duplex and own, None
                     if self.answering and self.full_duplex and not own:
                         self.stop_reply("barge-in", trigger=time.monotonic())
+                elif held and self.answering and self.full_duplex:
+                    # moi's residual echo started the utterance and the person may join in: the
+                    # VAD sees one utterance, so only the canceller can tell that they did, and
+                    # only speech it lets through for a while counts (a leak flickers, a person
+                    # goes on)
+                    heard = self.pipeline.echo.seconds  # type: ignore[union-attr] - held: there is one
+                    if self._own_echo():
+                        joined = None
+                    elif joined is None:
+                        joined = heard
+                    elif heard - joined >= JOIN_S:
+                        muted = held = False
+                        self.stop_reply("barge-in")
                 self.events.put(item)
                 if self.clock() >= next_status:
                     next_status = self.clock() + self.status_every_s
@@ -173,6 +187,12 @@ class LiveSession:
         finally:
             self._finished.set()
             self.events.put(None)
+
+    def _own_echo(self) -> bool:
+        """Whether what the microphone hears now is moi's own residual echo rather than a person
+        (``auto`` with a canceller only: :meth:`local.echo.EchoCanceller.near_end`)."""
+        echo = self.pipeline.echo if self.barge_in == "auto" else None
+        return echo is not None and not getattr(echo, "near_end", lambda: True)()
 
     def _status(self) -> Status:
         overflows = getattr(self.source, "overflows", 0)

@@ -13,7 +13,7 @@ import pytest
 from cloud.engine import LocalEngine
 from cloud.vad import Segmenter, SpeechStart
 from local import echo
-from local.audio_io import MicSource, Player
+from local.audio_io import MicSource, Player, StreamClock
 from local.echo import FRAME, EchoCanceller, FarEnd, FrameCanceller, canceller
 from local.live import LiveSession
 from local.pipeline import Pipeline
@@ -125,6 +125,43 @@ def test_reference_follows_the_microphone_sample_for_sample():
     assert aec.slips == 0
 
 
+@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
+def test_a_speaker_fed_in_bursts_still_gives_one_steady_reference():
+    """ALSA's PulseAudio plugin runs the output callback in bursts (two blocks at once, then a
+    40 ms wait, with jitter): stamped as the callbacks run, the reference was cut and padded at
+    every burst and drifted a second from the echo. The player's StreamClock keeps the
+    speaker's timeline one run of samples, so the reference is the tone, unbroken."""
+    rate, block = 48_000, 960
+    far, clock = FarEnd(rate), StreamClock(rate, late_only=False)
+    aec = EchoCanceller(far, WEBRTC[0])
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(rate * 6) / rate)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    t0, written, mic_t, out = 100.0, 0, 100.0, []
+    for _ in range(150):
+        while t0 + written / rate < mic_t + 0.3:
+            burst_start = t0 + written / rate  # when this pair is due at the DAC ...
+            for k in range(2):  # ... both blocks of a burst are stamped at once, jittered
+                stamp = burst_start - 0.02 + rng.uniform(-0.008, 0.008) + 0.04
+                far.write(clock(stamp, block), tone[written : written + block])
+                written += block
+        out.append(aec.reference(mic_t, 512))
+        mic_t += 512 / R
+    ref = np.concatenate(out)[2 * R :]  # once the clock's median has settled
+    assert np.min(np.abs(ref).reshape(-1, 40).max(axis=1)) > 0.45  # the tone throughout, no gaps
+    w = 2 * np.pi * 440 / R
+    assert np.max(np.abs(ref[2:] + ref[:-2] - 2 * np.cos(w) * ref[1:-1])) < 0.01
+
+
+def test_stream_clock_restarts_after_an_underrun():
+    """An underrun breaks the speaker's run of samples: what follows is timed afresh."""
+    clock = StreamClock(1000, late_only=False)
+    for i in range(10):
+        assert clock(5.0 + i * 0.01, 10) == pytest.approx(5.0 + i * 0.01)
+    assert clock(7.0, 10, restart=True) == pytest.approx(7.0)  # not 5.1, where the run would be
+    mic = StreamClock(1000)  # an input: the earliest-looking start wins, late callbacks don't move it
+    assert mic(1.0, 10) == 1.0 and mic(1.05, 10) == pytest.approx(1.01, abs=1e-3)
+
+
 def test_canceller_choice():
     assert canceller(FarEnd(R), "off") is None
     with pytest.raises(ConfigError, match="unknown echo canceller"):
@@ -204,9 +241,9 @@ def test_live_echo_makes_no_turn_and_talking_over_it_does(echo_path, engine, vad
         pulse.play(question)
         stop = [e for e in collect(live, has(ReplyStopped), timeout=10) if isinstance(e, ReplyStopped)]
         assert stop and stop[0].reason == "barge-in"
-        # promptly, not instantly: AEC3 holds the person down while both talk (bench/echo.py has
-        # the figure against its 0.3 s target); a canceller gone wrong takes seconds or never
-        assert player.stopped_at - injected < 0.8, f"stopped {1000 * (player.stopped_at - injected):.0f} ms after"
+        # while the person is still talking (their 2.3 s of speech), not once they have finished:
+        # the speech itself cut it. How fast is bench/echo.py's figure, not a timed test's.
+        assert player.stopped_at - injected < 2.3, f"stopped {player.stopped_at - injected:.2f} s after they began"
         more = collect(live, lambda ev: has(Transcript)(ev) and has(TurnDone)(ev), timeout=30)
     finally:
         live.close()
