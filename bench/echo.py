@@ -20,7 +20,7 @@ that no person caused; target 0), interruptions detected (target ≥ 9 of 10), m
 silence (target ≤ 0.3 s), and the WER of the interrupting sentences as moi heard them over its
 voice against the same sentences alone (target within +0.05).
 
-Runs outside CI (about 3 minutes a canceller live); nothing else should run meanwhile.
+Runs outside CI (about 5 minutes a canceller live); nothing else should run meanwhile.
 """
 
 from __future__ import annotations
