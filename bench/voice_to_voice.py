@@ -105,13 +105,15 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
     if mode == "silence":  # the lever's baseline: turns end on 500 ms of silence, no turn-end model
         env["MOI_VAD_TURN_MODEL"] = "off"
     busy = None
+    if mode == "nospec":  # the lever's baseline: each turn starts when it is decided, not at the pause
+        env["MOI_VAD_SPECULATE_MS"] = "0"
     if mode == "busy":  # another program keeps one core busy the whole run, as on a working laptop
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     if mode == "remote":
         server, url = start_server()
         cmd += ["--remote", "--url", url]
     else:
-        cmd += ["--local"]  # local, silence, busy
+        cmd += ["--local"]  # local, silence, nospec, busy
     rec_path = tmp / f"{mode}.raw"
     rec = record_bus(rec_path, f"{REC}.monitor")
     rec_started = time.monotonic()
@@ -230,7 +232,9 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=6, help="sentences to ask (≥ 5)")
     ap.add_argument("--modes", default="local,remote",
                     help="comma list: local, remote (moi serve on loopback), silence (local without the turn-end "
-                    "model), busy (local with another process spinning on one core)")
+                    "model), nospec (local, turns not started at the pause), busy (local with another process "
+                    "spinning on one core)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the modes this many times, interleaved; rows pooled")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of quiet after each reply")
     ap.add_argument("--keep", type=Path, help="save each run's recording (WAV) and events here")
     args = ap.parse_args()
@@ -239,15 +243,18 @@ def main() -> None:
     card()
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="moi-v2v-") as tmp:
-        for mode in args.modes.split(","):
-            turns, pcm, started = session(mode, clips, Path(tmp), args.gap)
-            results[mode] = measure(turns, clips, pcm, started)
-            if args.keep:
-                args.keep.mkdir(parents=True, exist_ok=True)
-                Audio(pcm, SPEECH_RATE).save_wav(args.keep / f"{mode}.wav")
-                (args.keep / f"{mode}.json").write_text(json.dumps(
-                    {"rows": results[mode], "turns": [{"question": t.question, "played_at": t.played_at - started,
-                                                       "events": [e for _, e in t.events]} for t in turns]}, indent=1))
+        for round_ in range(args.rounds):
+            for mode in args.modes.split(","):
+                turns, pcm, started = session(mode, clips, Path(tmp), args.gap)
+                rows = measure(turns, clips, pcm, started)
+                results.setdefault(mode, []).extend(rows)
+                if args.keep:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    name = f"{mode}-{round_ + 1}" if args.rounds > 1 else mode
+                    Audio(pcm, SPEECH_RATE).save_wav(args.keep / f"{name}.wav")
+                    (args.keep / f"{name}.json").write_text(json.dumps(
+                        {"rows": rows, "turns": [{"question": t.question, "played_at": t.played_at - started,
+                                                  "events": [e for _, e in t.events]} for t in turns]}, indent=1))
     cols = ["latency", "cuts", "vad_wait", "decision", "stt", "llm_first_piece", "tts_first", "player"]
     for mode, rows in results.items():
         table = []
@@ -265,12 +272,14 @@ def main() -> None:
             table.append(["worst", f"{max(r['latency'] for r in ok):.2f}", *[""] * (len(cols) - 1)])
         title = {"local": "--local", "remote": "--remote (moi serve on loopback)",
                  "silence": "--local, turns ended by 500 ms of silence (MOI_VAD_TURN_MODEL=off)",
+                 "nospec": "--local, each turn started when decided (MOI_VAD_SPECULATE_MS=0)",
                  "busy": "--local, one core kept busy by another process"}[mode]
         show(f"voice to voice, {title}: end of speech → first reply sound (s)",
              ["question", "heard after", "turns", "VAD wait", "decision", "STT", "LLM → 1st", "TTS 1st",
               "player + I/O"],
              table, caption=f"target: median ≤ {TARGET_S} s · {os.cpu_count()} cores · turns: utterances moi cut from the "
-             "question (1 = answered once, at its end) · the recording's clock")
+             "question (1 = answered once, at its end) · decision < 0: the turn started that long before it was "
+             "decided (at the pause) · the recording's clock")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def speech_windows(audio: Audio, vad: SileroVad, cfg: VadConfig, max_gap_s: floa
     Packing matters for speed: Whisper encodes 30 s whatever it is given, so ten 3 s
     utterances cost ten encoder passes and one 30 s window costs one.
     """
-    seg = Segmenter(vad, cfg)
+    seg = Segmenter(vad, replace(cfg, speculate_ms=0))  # a file has no turns to start early
     events = []
     step = 30 * SPEECH_RATE
     for i in range(0, len(audio), step):

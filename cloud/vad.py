@@ -55,6 +55,23 @@ class SpeechStart:
 
 
 @dataclass(frozen=True)
+class SpeechPause:
+    """The speaker has been silent ``speculate_ms``: the utterance so far, should the turn end
+    in this pause (it may not: a :class:`SpeechResume` or the :class:`SpeechEnd` follows)."""
+
+    at: float  # stream time (s) of the pause's start (the end of the last speech window)
+    start: float  # stream time (s) where the utterance audio starts (as its SpeechEnd will say)
+    audio: Audio
+
+
+@dataclass(frozen=True)
+class SpeechResume:
+    """Speech again after a :class:`SpeechPause`: the utterance goes on."""
+
+    at: float
+
+
+@dataclass(frozen=True)
 class SpeechEnd:
     at: float  # stream time (s) where the utterance audio ends (post-roll included)
     start: float  # stream time (s) where the utterance audio starts (pre-roll included)
@@ -86,6 +103,8 @@ class Segmenter:
             )
         if cfg.max_utterance_s * 1000 <= cfg.min_speech_ms:
             raise ConfigError("VAD max_utterance_s must be longer than min_speech_ms")
+        if cfg.speculate_ms < 0:
+            raise ConfigError(f"VAD speculate_ms ({cfg.speculate_ms}) must be 0 (off) or more")
         if not 0.0 < cfg.turn_threshold <= 1.0 or cfg.turn_silence_ms <= 0:
             raise ConfigError(
                 f"VAD turn_threshold ({cfg.turn_threshold}) must be in (0, 1] and turn_silence_ms "
@@ -104,6 +123,8 @@ class Segmenter:
         # silence alone would have ended it (a no waits on, up to the longest pause).
         self._asks = sorted({cfg.turn_silence_ms * ms, cfg.silence_ms * ms})
         self._wait_max = max(cfg.turn_max_silence_ms, cfg.silence_ms) * ms
+        # a pause this long is announced (SpeechPause) once, unless the turn has ended by then
+        self._speculate = cfg.speculate_ms * ms if cfg.speculate_ms else None
         self.reset()
 
     def reset(self) -> None:
@@ -120,6 +141,7 @@ class Segmenter:
         self._cut = 0  # where the current utterance's audio begins (pre-roll or flush point)
         self._last_speech = 0  # end of the last window at or above release
         self._asked = 0  # how often the turn-end model has judged the current pause
+        self._paused = False  # this pause was announced (SpeechPause)
         self.turn_p: float | None = None
         self.gated = np.zeros(0, np.float32)
         self.probs: list[float] = []  # probabilities of the windows run in the last feed
@@ -132,13 +154,13 @@ class Segmenter:
     def position(self) -> float:
         return self._next / SPEECH_RATE
 
-    def feed(self, chunk: Audio | np.ndarray) -> list[SpeechStart | SpeechEnd]:
+    def feed(self, chunk: Audio | np.ndarray) -> list[SpeechStart | SpeechPause | SpeechResume | SpeechEnd]:
         if isinstance(chunk, Audio):
             if chunk.sample_rate != SPEECH_RATE:
                 raise AudioError(f"the VAD takes {SPEECH_RATE} Hz audio, got {chunk.sample_rate} Hz: resample first")
             chunk = chunk.samples
         self._append(chunk)
-        events: list[SpeechStart | SpeechEnd] = []
+        events: list[SpeechStart | SpeechPause | SpeechResume | SpeechEnd] = []
         buf, base = self._store[: self._len], self._buf_start - CONTEXT  # stream index of buf[0]
         n_windows = (self._buf_start + len(buf) - CONTEXT - self._next) // WINDOW
         gate = np.zeros(n_windows, dtype=bool)
@@ -160,8 +182,18 @@ class Segmenter:
             else:
                 if p >= release:
                     self._last_speech, self._asked = end, 0
+                    if self._paused:
+                        self._paused = False
+                        events.append(SpeechResume(s / SPEECH_RATE))
                 if self._turn_over(end, base):
                     events.append(self._finish(self._last_speech + self._post, end))
+                elif (self._speculate is not None and not self._paused and end - self._last_speech >= self._speculate
+                      and self._last_speech - self._start >= self._min_speech):
+                    self._paused = True
+                    audio_end = min(self._last_speech + self._post, end)
+                    samples = self._store[self._cut - base : audio_end - base].copy()
+                    events.append(SpeechPause(self._last_speech / SPEECH_RATE, self._cut / SPEECH_RATE,
+                                              Audio(samples, SPEECH_RATE)))
                 elif end - self._cut >= self._max:
                     events.append(self._finish(end, end, forced=True))
                     if p >= release:  # speech goes on: continue seamlessly from here
@@ -189,7 +221,7 @@ class Segmenter:
         self.turn_p = self.turn_end(self._store[self._cut - base : end - base])
         return self.turn_p >= self.cfg.turn_threshold
 
-    def flush(self) -> list[SpeechStart | SpeechEnd]:
+    def flush(self) -> list[SpeechEnd]:
         """End of stream: close an utterance in progress."""
         if not self._speaking:
             return []
@@ -197,7 +229,7 @@ class Segmenter:
         return [self._finish(min(self._last_speech + self._post, stream_end), stream_end)]
 
     def _finish(self, audio_end: int, now: int, forced: bool = False) -> SpeechEnd:
-        self._speaking = False
+        self._speaking = self._paused = False
         cut = self._cut
         audio_end = min(audio_end, now)
         speech = self._last_speech - self._start

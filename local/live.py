@@ -67,6 +67,9 @@ class LiveSession:
         self._finished = threading.Event()  # the source ended and every queued turn was answered
         self._threads: list[threading.Thread] = []
         self._turn = 0
+        self._muted = False  # the utterance under way is not acted on
+        # a turn may start at a pause, before it is decided, while nothing else is answered
+        pipeline.may_speculate = lambda: not self._muted and not self.answering
 
     # --- control -----------------------------------------------------------------------
 
@@ -102,6 +105,7 @@ class LiveSession:
     def close(self) -> None:
         self._done.set()
         self.pipeline.cancel.set()
+        self.pipeline.drop_speculation()
         close = getattr(self.source, "close", None)
         if close is not None:
             close()
@@ -119,7 +123,6 @@ class LiveSession:
 
     def _capture(self) -> None:
         next_status = 0.0
-        muted = False  # the utterance under way is not acted on
         held = False  # ...because it sounded like moi's own echo: judged again as it goes on
         joined: float | None = None  # since when (the canceller's clock) it has let a person through
         try:
@@ -127,14 +130,14 @@ class LiveSession:
                 if self._done.is_set():
                     break
                 if isinstance(item, Audio):
-                    if muted:
+                    if self._muted:
                         continue  # moi's own voice, or speech over it: shown, not acted on
                     self._utterances.put(item)
                     continue
                 if isinstance(item, SpeechStarted):
                     own = self._own_echo()
-                    muted = self.answering and self.hears_player and (not self.full_duplex or own)
-                    held, joined = muted and self.full_duplex and own, None
+                    self._muted = self.answering and self.hears_player and (not self.full_duplex or own)
+                    held, joined = self._muted and self.full_duplex and own, None
                     if self.answering and self.full_duplex and not own:
                         self.stop_reply("barge-in", trigger=time.monotonic())
                 elif held and self.answering and self.full_duplex:
@@ -148,7 +151,7 @@ class LiveSession:
                     elif joined is None:
                         joined = heard
                     elif heard - joined >= JOIN_S:
-                        muted = held = False
+                        self._muted = held = False
                         self.stop_reply("barge-in")
                 self.events.put(item)
                 if self.clock() >= next_status:

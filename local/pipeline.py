@@ -12,13 +12,15 @@ monotonic clock since the run started.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from cloud.vad import Segmenter, SpeechEnd, SpeechStart
+from cloud.streams import close_iterator
+from cloud.vad import Segmenter, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 from local.meter import LevelMeter
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
@@ -38,8 +40,73 @@ def file_source(path: str | Path, chunk_s: float = 0.1) -> Iterator[Audio]:
         yield Audio(audio.samples[i : i + step], SPEECH_RATE)
 
 
+class Speculation:
+    """A turn started at a pause, before the turn is decided (``SpeechPause``): it runs in a
+    thread of its own and its events wait here. Confirmed (the turn ended in that pause), they
+    become the turn's, as if it had started then; dropped (the person went on), it is cancelled
+    and nothing of it is shown, played or added to the conversation."""
+
+    def __init__(
+        self, engine: Engine, utterance: Audio, request: TurnRequest, start: float, clock: Clock,
+        one_at_a_time: threading.Lock,
+    ) -> None:
+        self.start = start  # where the utterance starts in the stream: its SpeechEnd says the same
+        self.cancel = threading.Event()
+        self.dropped = False
+        self.utterance: Audio | None = None  # confirmed: the utterance whose turn this is
+        self._out: queue.Queue[object] = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, args=(engine, utterance, request, clock, one_at_a_time), name="moi-speculate",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(self, engine: Engine, utterance: Audio, request: TurnRequest, clock: Clock, lock: threading.Lock) -> None:
+        events = None
+        try:
+            with lock:  # behind a dropped one that is still stopping (its Whisper pass cannot be cut)
+                if self.dropped:
+                    return
+                events = engine.turn(utterance, request, cancel=self.cancel, clock=clock)
+                for ev in events:
+                    if self.dropped:
+                        break
+                    self._out.put(ev)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the turn
+            self._out.put(exc)
+        finally:
+            close_iterator(events)
+            self._out.put(_DONE)
+
+    def events(self) -> Iterator[Event]:
+        """The turn's events: those that waited, then the rest as they come. Closed early, the
+        turn is cancelled, as closing an engine's turn does."""
+        done = False
+        try:
+            while (item := self._out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+            done = True
+        finally:
+            if not done:
+                self.cancel.set()
+
+    def drop(self) -> None:
+        self.dropped = True
+        self.cancel.set()
+
+
+
+_DONE = object()
+
+
 class Pipeline:
-    """Runs one variant over a source; ``run`` yields events as they happen."""
+    """Runs one variant over a source; ``run`` yields events as they happen.
+
+    ``may_speculate``: set by a live session, says whether a turn may start at a pause, before
+    the turn is decided (nothing else is answering); None (a file): turns start when decided.
+    """
 
     def __init__(
         self,
@@ -61,6 +128,11 @@ class Pipeline:
         self.echo: Callable[[Audio, float], Audio] | None = None
         self.turns = 0
         self.failures = 0
+        self.may_speculate: Callable[[], bool] | None = None
+        self._lock = threading.Lock()  # the listening thread starts and drops, the turn's adopts
+        self._spec: Speculation | None = None  # the turn started at the current pause
+        self._one_at_a_time = threading.Lock()  # the engine runs one turn at a time
+        self.speculated = self.dropped = 0  # turns started at a pause; of those, dropped
 
     def run(self, source: Iterable[Audio]) -> Iterator[Event]:
         """The whole pipeline in this thread: each utterance's turn runs as it ends."""
@@ -94,37 +166,67 @@ class Pipeline:
             yield from self._handle(vad_events, clock)
         yield from self._handle(self.segmenter.flush(), clock)
 
-    def _handle(self, vad_events: list[SpeechStart | SpeechEnd], clock: Clock) -> Iterator[Event | Audio]:
+    def _handle(self, vad_events: list[SpeechStart | SpeechPause | SpeechResume | SpeechEnd], clock: Clock,
+                ) -> Iterator[Event | Audio]:
         for ev in vad_events:
             if isinstance(ev, SpeechStart):
                 yield SpeechStarted(clock(), ev.at)
-                continue
-            seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
-            yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p)
-            if ev.audio is not None:
-                yield ev.audio
+            elif isinstance(ev, SpeechPause):
+                self._speculate(ev, clock)
+            elif isinstance(ev, SpeechResume):
+                with self._lock:
+                    self._drop()
+            else:
+                with self._lock:
+                    if self._spec is not None and self._spec.start == ev.start and ev.audio is not None and not ev.forced:
+                        self._spec.utterance = ev.audio  # the turn ended in the pause it started at
+                    else:
+                        self._drop()
+                seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
+                yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p)
+                if ev.audio is not None:
+                    yield ev.audio
+
+    def _speculate(self, pause: SpeechPause, clock: Clock) -> None:
+        """Start the turn at this pause, if the session allows it (it waits for a dropped one
+        that is still stopping: one turn at a time on the engine)."""
+        if self.may_speculate is None or not self.may_speculate() or self.variant == "transcribe":
+            return
+        with self._lock:
+            self._drop()
+            self._spec = Speculation(self.engine, pause.audio, self._request(self.turns + 1), pause.start, clock,
+                                     self._one_at_a_time)
+            self.speculated += 1
+
+    def drop_speculation(self) -> None:
+        """Cancel a turn started at a pause (the session is ending)."""
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Cancel the speculation under way (the lock held); it stops on its own."""
+        if self._spec is not None:
+            self._spec.drop()
+            self._spec = None
+            self.dropped += 1
 
     def turn(self, utterance: Audio, clock: Clock | None = None) -> Iterator[Event]:
         """One utterance through ``engine.turn``; the thread learns the exchange. Any failure,
         whatever raised it, ends this turn with an ``ErrorEvent``, never the run."""
         clock = clock or Stopwatch()
+        with self._lock:
+            if self._spec is not None and self._spec.utterance is not utterance:
+                self._drop()  # not this utterance's
+            spec, self._spec = self._spec, None
         self.turns += 1
         n = self.turns
-        self.cancel.clear()
-        llm = self.cfg.llm
-        request = TurnRequest(
-            messages=tuple(self.thread.messages(max_chars=self._thread_budget())),
-            options=ChatOptions(
-                max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed,
-                repeat_penalty=llm.repeat_penalty,
-            ),
-            variant=self.variant,
-            voice=None if self.cfg.tts.voice == "auto" else self.cfg.tts.voice,
-            language=self.cfg.stt.language,
-            turn=n,
-        )
         heard = ""
-        events = self.engine.turn(utterance, request, cancel=self.cancel, clock=clock)
+        if spec is not None:  # started at the pause: it has a head start
+            self.cancel = spec.cancel  # Stop reaches it as any turn
+            events: Iterator[Event] = spec.events()
+        else:
+            self.cancel.clear()
+            events = self._alone(utterance, self._request(n), clock)
         try:
             for ev in events:
                 if isinstance(ev, Transcript):
@@ -137,10 +239,31 @@ class Pipeline:
             log.debug("turn %d failed", n, exc_info=exc)  # the traceback, for whoever turns logging on
             yield ErrorEvent(clock(), _describe(exc), n)
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
+            close_iterator(events)
 
+    def _alone(self, utterance: Audio, request: TurnRequest, clock: Clock) -> Iterator[Event]:
+        """``engine.turn``, once a turn started at a pause and dropped has stopped."""
+        with self._one_at_a_time:
+            events = self.engine.turn(utterance, request, cancel=self.cancel, clock=clock)
+            try:
+                yield from events
+            finally:
+                close_iterator(events)
+
+    def _request(self, n: int) -> TurnRequest:
+        """Turn ``n``: the conversation so far and the reply options."""
+        llm = self.cfg.llm
+        return TurnRequest(
+            messages=tuple(self.thread.messages(max_chars=self._thread_budget())),
+            options=ChatOptions(
+                max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed,
+                repeat_penalty=llm.repeat_penalty,
+            ),
+            variant=self.variant,
+            voice=None if self.cfg.tts.voice == "auto" else self.cfg.tts.voice,
+            language=self.cfg.stt.language,
+            turn=n,
+        )
 
     def _thread_budget(self) -> int:
         """Characters of conversation that fit the model's context with room for the reply and

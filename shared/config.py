@@ -50,6 +50,10 @@ class VadConfig:
     turn_silence_ms: int = 200
     turn_threshold: float = 0.5
     turn_max_silence_ms: int = 1000
+    # Speculation: after speculate_ms of silence the turn is started before it is decided (live
+    # only; its events wait until the turn ends there, and it is dropped if the person goes on).
+    # 0: off.
+    speculate_ms: int = 96
 
 
 @dataclass(frozen=True)

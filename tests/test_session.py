@@ -22,7 +22,8 @@ from local.run import paced
 from local.web_hub import BrowserPlayback
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import ReplyText, Transcript
+from shared.events import ReplyAudio, ReplyText, Transcript, TurnDone
+from shared.models import resolve
 from tests.conftest import ROOT, words
 
 
@@ -118,3 +119,56 @@ def file_source_of(audio, chunk_s=0.1):
     step = int(chunk_s * audio.sample_rate)
     for i in range(0, len(audio), step):
         yield Audio(audio.samples[i : i + step], audio.sample_rate)
+
+
+class HeardPlayback(BrowserPlayback):
+    """The page's playback that also keeps what it was handed: what a person would have heard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.played: list[Audio] = []
+
+    def play(self, audio: Audio) -> None:
+        self.played.append(audio)
+        super().play(audio)
+
+
+def test_a_turn_started_at_a_pause_the_person_talks_past_leaves_no_trace(runners, vad_model, speech60):
+    """Speculation: 96 ms into a pause moi starts the turn before it is decided. The lecturer
+    pauses 0.8 s mid-sentence ("And the answer that comes back is, ... well, I wouldn't start
+    from here, sonny."): the turn started there is dropped when he goes on, and nothing of it is
+    shown, played or remembered; the turn started at his last pause is the one answered."""
+    from cloud.turn_end import SmartTurn
+
+    cfg = Config.load(env={}, llm__max_tokens=24)
+    spoken = Audio.concat([Audio.silence(0.5), speech60.slice(2.5, 4.75), speech60.slice(4.55, 4.85),
+                           speech60.slice(4.75, 7.0), Audio.silence(0.5)])
+    source = paced(chain(file_source_of(spoken), repeat(Audio.silence(0.1))))
+    segmenter = Segmenter(vad_model, cfg.vad, SmartTurn(resolve("turn").path))
+    pipe = Pipeline(LocalEngine(cfg, runners), segmenter, cfg, "chat")
+    player = HeardPlayback()
+    live = LiveSession(pipe, source, player, hears_player=False).start()
+    events, deadline = [], time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            try:
+                ev = live.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            events.append(ev)
+            if isinstance(ev, TurnDone):
+                break
+        time.sleep(1.0)  # anything a dropped turn would still say, it would say now
+        while not live.events.empty():
+            events.append(live.events.get_nowait())
+    finally:
+        live.close()
+    assert pipe.speculated >= 2 and pipe.dropped >= 1, "no turn was started at the mid-sentence pause"
+    assert pipe.dropped == pipe.speculated - 1  # the last one, started at the final pause, was answered
+    heard = [e.text for e in events if isinstance(e, Transcript)]
+    assert len(heard) == 1 and {"answer", "sonny"} <= words(heard[0]), heard  # the whole thought, once
+    turn_events = [e for e in events if isinstance(e, (Transcript, ReplyAudio, ReplyText, TurnDone))]
+    assert {e.turn for e in turn_events} == {1}
+    assert [(m.role, m.content) for m in pipe.thread.messages()][1:] == [
+        ("user", heard[0]), ("assistant", next(e.text for e in events if isinstance(e, ReplyText)))]
+    assert player.played == [e.audio for e in events if isinstance(e, ReplyAudio)] != []

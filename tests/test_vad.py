@@ -140,6 +140,24 @@ def test_short_blips_are_dropped_and_silence_tolerance_bridges_pauses():
     assert utt.at == pytest.approx(88 * WINDOW / SPEECH_RATE)
 
 
+def test_a_pause_is_announced_once_and_so_is_the_speech_that_follows_it():
+    """SpeechPause at speculate_ms of silence (the utterance so far, as its SpeechEnd would cut
+    it), SpeechResume when speech comes back, and no announcement once the turn has ended."""
+    from cloud.vad import SpeechPause, SpeechResume
+
+    probs = [0.0] * 10 + [0.9] * 20 + [0.0] * 6 + [0.9] * 20 + [0.0] * 20
+    events, audio = scripted(probs, silence_ms=400, speculate_ms=96, pre_roll_ms=0, post_roll_ms=64)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["SpeechStart", "SpeechPause", "SpeechResume", "SpeechPause", "SpeechEnd"]
+    first, second, end = events[1], events[3], events[4]
+    assert first.at == pytest.approx(30 * WINDOW / SPEECH_RATE) and second.at == pytest.approx(56 * WINDOW / SPEECH_RATE)
+    assert first.start == second.start == end.start
+    assert np.array_equal(second.audio.samples, end.audio.samples)  # the turn started there hears the same
+    assert np.array_equal(first.audio.samples, audio.samples[10 * WINDOW : 30 * WINDOW + 64 * 16])
+    off, _ = scripted(probs, silence_ms=400, speculate_ms=0, pre_roll_ms=0, post_roll_ms=64)
+    assert not [e for e in off if isinstance(e, (SpeechPause, SpeechResume))]
+
+
 def test_pre_and_post_roll_come_from_the_stream():
     probs = [0.0] * 30 + [0.9] * 20 + [0.0] * 40
     events, audio = scripted(probs, silence_ms=400, pre_roll_ms=192, post_roll_ms=128)
