@@ -125,12 +125,16 @@ def offline(names: list[str]) -> list[list[object]]:
     return rows
 
 
-def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, status=None) -> dict:  # noqa: ANN001
-    """One `moi` run with canceller ``name``: a warm-up turn, then ``trials`` interrupted replies."""
+def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, status=None,  # noqa: ANN001
+         barge_in: str = "auto", room: bool = True) -> dict:
+    """One `moi --barge-in BARGE_IN` run with canceller ``name``: a warm-up turn, then ``trials``
+    interrupted replies. ``room``: the microphone hears the speaker (a laptop); without it, a
+    headset (bench/live.py measures `full` so)."""
     card()
-    loop = pulse.echo_path(gain_db=-9.0, delay_ms=50)
+    loop = pulse.echo_path(gain_db=-9.0, delay_ms=50) if room else None
     env = {**os.environ, "MOI_ECHO_CANCELLER": name, "COLUMNS": "200"}
-    cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--barge-in", "auto", "--json", "--no-meters"]
+    cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--barge-in", barge_in, "--json",
+           "--no-meters"]
     rec_path = tmp / f"{name}.raw"
     rec = record_bus(rec_path, f"{REC}.monitor")
     rec_started = time.monotonic()
@@ -195,7 +199,8 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, stat
             quiet(2.0)
     finally:
         end(moi, rec)
-        pulse.remove_echo_path(loop)
+        if loop is not None:
+            pulse.remove_echo_path(loop)
     pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
     (tmp / f"{name}.events.json").write_text(json.dumps(
         {"rec_started": rec_started, "people": [(t, text) for t, text, _ in people], "events": log}))

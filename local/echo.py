@@ -42,7 +42,12 @@ FAR_ACTIVE = 1e-3 ** 2  # reference power above -60 dBFS: the speaker is playing
 NEAR_DB, NEAR_S = -20.0, 0.25
 # ...and not in the first ONSET_S of moi's voice after a pause: there, before the canceller has
 # caught the new sound, some echo gets through (measured live: replies cut 0.1-0.2 s in).
-ONSET_S, PAUSE_S = 0.4, 0.5
+ONSET_S, PAUSE_S = 0.4, 0.2
+# ...nor in the TAIL_S after moi's voice stops (a piece's or the reply's end): the echo of its
+# last words is still arriving (the path lags the reference by 0.1-0.25 s here) while the
+# reference is already silent, and the canceller lets that tail through (measured live: the
+# first reply of a session cut by its own last words).
+TAIL_S = 0.3
 
 Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (near, far) int16[FRAME] -> int16[FRAME]
 
@@ -240,11 +245,13 @@ class EchoCanceller:
 
     def near_end(self) -> bool:
         """Whether what the microphone heard over the last NEAR_S is more than moi's own echo:
-        True while the speaker is silent; while it plays, True only if the canceller let
-        enough through (NEAR_DB)."""
-        if not any(active for *_, active in self._recent):
+        True once the speaker has been silent for TAIL_S; while it plays, True only if the
+        canceller let enough through (NEAR_DB), and never at the onset or the tail of moi's
+        voice (ONSET_S, TAIL_S)."""
+        silent = self.seconds - self._far_last
+        if silent >= TAIL_S:
             return True
-        if self.seconds - self._far_since < ONSET_S:
+        if silent > 0.0 or self.seconds - self._far_since < ONSET_S:
             return False
         mic = sum(m for _, m, _, _ in self._recent)
         out = sum(o for _, _, o, _ in self._recent)
