@@ -42,7 +42,7 @@ FAR_ACTIVE = 1e-3 ** 2  # reference power above -60 dBFS: the speaker is playing
 NEAR_DB, NEAR_S = -20.0, 0.25
 # ...and not in the first ONSET_S of moi's voice after a pause: there, before the canceller has
 # caught the new sound, some echo gets through (measured live: replies cut 0.1-0.2 s in).
-ONSET_S, PAUSE_S = 0.4, 0.2
+ONSET_S, PAUSE_S = 0.4, 0.5
 # ...nor in the TAIL_S after moi's voice stops (a piece's or the reply's end): the echo of its
 # last words is still arriving (the path lags the reference by 0.1-0.25 s here) while the
 # reference is already silent, and the canceller lets that tail through (measured live: the

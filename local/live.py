@@ -123,7 +123,7 @@ class LiveSession:
 
     def _capture(self) -> None:
         next_status = 0.0
-        held = False  # ...because it sounded like moi's own echo: judged again as it goes on
+        held = False  # muted because it sounded like moi's own echo: judged again as it goes on
         joined: float | None = None  # since when (the canceller's clock) it has let a person through
         try:
             for item in self.pipeline.listen(self.source, self.clock):

@@ -196,6 +196,77 @@ def _missing():
     raise ImportError("no module named 'pywebrtc_audio'")
 
 
+class ScriptedCanceller:
+    """An echo canceller that passes the microphone through and says the person is there from
+    ``joins_at`` (seconds of audio) on: the session's side of barge-in, without a sound card."""
+
+    converged = True
+
+    def __init__(self, joins_at: float) -> None:
+        self.joins_at, self.seconds = joins_at, 0.0
+
+    def __call__(self, chunk: Audio, captured_at: float) -> Audio:
+        self.seconds += chunk.seconds
+        return chunk
+
+    def near_end(self) -> bool:
+        return self.seconds >= self.joins_at
+
+
+class Mic:
+    """Speech as a microphone delivers it (with capture times), then a quiet room."""
+
+    captured_at = 0.0
+
+    def __init__(self, audio: Audio) -> None:
+        self.audio = audio
+
+    def __iter__(self):
+        step = 512
+        for i in range(0, len(self.audio), step):
+            yield Audio(self.audio.samples[i : i + step], R)
+        while True:
+            time.sleep(0.01)
+            yield Audio.silence(0.032, R)
+
+
+@pytest.mark.parametrize("joins_at", [1.5, None])
+def test_a_person_who_joins_an_utterance_moi_s_echo_began_is_heard(engine, vad_model, speech60, joins_at):
+    """moi is talking; speech starts that the canceller calls moi's own echo, so it is held. When
+    the canceller then lets the person through (for JOIN_S), the reply stops and what they said
+    is the next turn; if it never does, nothing happens and the utterance is dropped."""
+    from local.live import JOIN_S
+    from local.web_hub import BrowserPlayback
+
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
+    pipe.echo = canceller = ScriptedCanceller(joins_at if joins_at is not None else 1e9)
+
+    class Playback(BrowserPlayback):  # notes where in the microphone's audio moi was cut off
+        cut_at: float | None = None
+
+        def stop(self) -> None:
+            if self.playing and self.cut_at is None:
+                self.cut_at = canceller.seconds
+            super().stop()
+
+    player = Playback()
+    player.play(Audio.silence(60.0))  # moi is answering throughout
+    spoken = Audio.concat([Audio.silence(0.5), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
+    live = LiveSession(pipe, Mic(spoken), player, barge_in="auto").start()
+    try:
+        events = collect(live, has(Transcript) if joins_at is not None else (lambda ev: False), timeout=8 if joins_at is None else 60)
+    finally:
+        live.close()
+    stops = [e for e in events if isinstance(e, ReplyStopped)]
+    heard = [e.text for e in events if isinstance(e, Transcript)]
+    if joins_at is None:
+        assert stops == [] and heard == [], (stops, heard)
+        return
+    assert [s.reason for s in stops] == ["barge-in"]
+    assert joins_at + JOIN_S <= player.cut_at < joins_at + JOIN_S + 0.2  # not before, and promptly after
+    assert heard and {"answer", "sonny"} <= words(heard[0]), heard  # the whole utterance, start included
+
+
 # --- live, on the virtual sound card with an echo path ------------------------------------
 
 
