@@ -169,7 +169,7 @@ class EchoCanceller:
         self._far_s = 0.0  # seconds of speaker sound heard so far ...
         self._mic_e = self._out_e = 0.0  # ... and the energy in and out over them (decaying)
         self.converged = False  # it has earned trust: see TRUST_DB
-        self._recent: deque[tuple[int, float, float, bool]] = deque()  # (samples, mic, out energy, far on)
+        self._recent: deque[tuple[int, float, float]] = deque()  # (samples, mic energy, out energy)
         self._recent_n = 0
         self._far_last = -1e9  # when the speaker was last heard playing ...
         self._far_since = -1e9  # ... and since when it has played without a pause
@@ -253,13 +253,13 @@ class EchoCanceller:
             return True
         if silent > 0.0 or self.seconds - self._far_since < ONSET_S:
             return False
-        mic = sum(m for _, m, _, _ in self._recent)
-        out = sum(o for _, _, o, _ in self._recent)
+        mic = sum(m for _, m, _ in self._recent)
+        out = sum(o for _, _, o in self._recent)
         return 10.0 * float(np.log10((out + 1e-12) / (mic + 1e-12))) >= NEAR_DB
 
     def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> None:
         active = len(far) > 0 and float(np.mean(np.square(far))) >= FAR_ACTIVE
-        self._recent.append((len(mic), float(np.sum(np.square(mic))), float(np.sum(np.square(out))), active))
+        self._recent.append((len(mic), float(np.sum(np.square(mic))), float(np.sum(np.square(out)))))
         self._recent_n += len(mic)
         if active:
             if self.seconds - self._far_last > PAUSE_S:

@@ -97,7 +97,6 @@ class Speculation:
         self.cancel.set()
 
 
-
 _DONE = object()
 
 
