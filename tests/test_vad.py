@@ -94,6 +94,8 @@ def test_rejects_wrong_rate_and_bad_config(vad_model):
     for bad in ({"turn_threshold": 2.0}, {"turn_threshold": 0.0}, {"turn_silence_ms": 0}):
         with pytest.raises(ConfigError, match="turn_"):  # a threshold of 2 would switch the model off unseen
             Segmenter(vad_model, VadConfig(**bad))
+    with pytest.raises(ConfigError, match="speculate_ms"):
+        Segmenter(vad_model, VadConfig(speculate_ms=-1))
 
 
 class ScriptedVad:
