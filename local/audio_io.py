@@ -236,6 +236,7 @@ class Player:
         self._idle.set()
         self.far = FarEnd(self.rate)
         self._clock = StreamClock(self.rate, late_only=False)
+        self._restarted = False  # stop() restarted the stream: its timeline starts afresh
         self._stream = self.sd.OutputStream(
             device=self.device, channels=1, samplerate=self.rate, dtype="float32",
             blocksize=int(self.rate * 0.02), latency="low", callback=self._callback,
@@ -257,7 +258,8 @@ class Player:
             ahead = self._stream.latency
         # every block goes out, silence included, so the speaker's timeline is one run of
         # samples, broken only by an underrun
-        dac = self._clock(time.monotonic() + ahead, frames, status.output_underflow)
+        restart, self._restarted = self._restarted or status.output_underflow, False
+        dac = self._clock(time.monotonic() + ahead, frames, restart)
         self.far.write(dac, outdata[:, 0])
 
     @property
@@ -278,7 +280,22 @@ class Player:
             self._buf, self._pos = np.zeros(0, np.float32), 0
             self._idle.set()
         if was_playing:
-            self.stopped_at = time.monotonic()
+            now = time.monotonic()
+            if not self.far.followed:
+                # what the sound server holds for the stream still plays out, for its whole depth
+                # (a PulseAudio null sink: 50 ms; through a combine sink 0.2-0.3 s; none of it
+                # in PortAudio's latency): a restart drops it and the speaker goes silent now
+                # (bench/live.py, on the recording: 485 -> 195 ms). Not while an echo
+                # canceller follows the speaker: the new run reaches it with another latency,
+                # which the canceller must find again while echo leaks (measured: more of moi's
+                # own voice taken for the person's, fewer interruptions heard)
+                try:
+                    self._stream.abort()
+                    self._restarted = True
+                    self._stream.start()
+                except self.sd.PortAudioError:  # gone: the next play() or close() says so
+                    pass
+            self.stopped_at = now
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)

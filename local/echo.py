@@ -60,6 +60,8 @@ class FarEnd:
         self.rate = rate
         self._lock = threading.Lock()
         self._blocks: deque[tuple[float, np.ndarray]] = deque(maxlen=int(KEEP_S * rate / 64) + 16)
+        # an echo canceller follows this speaker: its stream must keep one latency (Player.stop)
+        self.followed = False
 
     def write(self, dac_time: float, samples: np.ndarray) -> None:
         with self._lock:
@@ -157,6 +159,7 @@ class EchoCanceller:
     def __init__(self, far: FarEnd, name: str = "pywebrtc") -> None:
         self.name = name
         self.far = far
+        far.followed = True
         self._cancel = FrameCanceller(backend(name))
         self._ref = np.zeros(0, np.float32)  # the reference at 16 kHz ...
         self._ref_t = 0.0  # ... and the DAC time of its first sample

@@ -192,6 +192,49 @@ def test_stop_cuts_the_reply_and_the_conversation_continues(engine, vad_model, q
     assert len(live.pipeline.thread.messages()) >= 3
 
 
+def _tone_cut_after(tmp_path, followed: bool) -> tuple[list[float], float]:
+    """Play a tone, stop it 1.5 s in, then play 0.5 s more: the sounds the speaker's recording
+    holds (s) and the seconds handed to PortAudio before the stop."""
+    rate = 16_000
+    tone = Audio((0.3 * np.sin(2 * np.pi * 440 * np.arange(rate * 3) / rate)).astype(np.float32), rate)
+    raw = tmp_path / f"speaker-{followed}.raw"
+    rec = pulse.record(raw)
+    player = Player()
+    player.far.followed = followed  # what an echo canceller on this speaker sets
+    try:
+        time.sleep(0.5)
+        player.play(tone)
+        time.sleep(1.5)
+        player.stop()
+        handed = player.played_s
+        time.sleep(1.0)
+        player.play(Audio(tone.samples[: rate // 2], rate))
+        assert player.wait(timeout=5), "the speaker stopped playing after a stop"
+        time.sleep(0.5)
+    finally:
+        player.close()
+        rec.terminate()
+        rec.wait()
+    pcm = np.abs(np.frombuffer(raw.read_bytes(), "<i2").astype(np.float32) / 32768)
+    loud = pcm[: len(pcm) // 16 * 16].reshape(-1, 16).max(axis=1) > 0.05  # 1 ms frames
+    edges = np.diff(np.concatenate([[0], loud.astype(np.int8), [0]]))
+    return list((np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)) / 1000), handed
+
+
+def test_stop_drops_what_the_output_buffers_hold_and_the_speaker_plays_again(tmp_path):
+    """Sound the player handed on sits in the sound server's buffers (50 ms on this null sink,
+    0.2 s and more through a combine sink or a real device): a stop that only stopped feeding
+    them let all of it play. A stop restarts the stream, so less plays than was handed; not
+    while an echo canceller follows the speaker (its path would move), where all of it plays.
+    Either way the next reply plays in full."""
+    dropped, handed = _tone_cut_after(tmp_path, followed=False)
+    kept, handed_kept = _tone_cut_after(tmp_path, followed=True)
+    assert len(dropped) == len(kept) == 2, (dropped, kept)  # the cut reply, then the next one
+    assert kept[0] == pytest.approx(handed_kept, abs=0.02)
+    assert dropped[0] < handed - 0.025, (dropped[0], handed)  # what was buffered never played
+    assert dropped[1] == pytest.approx(0.5, abs=0.02) and kept[1] == pytest.approx(0.5, abs=0.02)
+
+
 def test_no_input_device_is_a_clear_error():
     with pytest.raises(AudioError, match="no input device 'no-such-mic'"):
         MicSource("no-such-mic")
