@@ -92,14 +92,17 @@ class StreamClock:
     only ``anchor`` has to be found, from callback times that jitter. The echo canceller needs
     both timelines steady to the sample (its filter is a fixed delay line), not jittering per
     block. An input callback can run late, never early, so the earliest-looking start of frame 0
-    over the blocks so far is the right one (``late_only``); it creeps towards later ones to
-    follow a clock that drifts. An output stream's buffer is filled in bursts (on ALSA's
-    PulseAudio plugin, blocks 0 and 40 ms apart instead of every 20 ms), so its callbacks run
-    early as well as late: there the anchor is the median of the recent ones. Either starts
-    afresh when the stream broke (``restart``: frames lost, an underrun).
+    over the recent blocks is the right one (``late_only``). Recent, not all: a stream can lose
+    frames without saying so (ALSA's PulseAudio plugin hides its overruns, e.g. while the models
+    load at start-up), and from then on every block is later than the count of frames says; the
+    earliest start over all blocks held the microphone's clock a second early for 40 s of a
+    session (measured), and the canceller removed nothing. An output stream's buffer is filled
+    in bursts (on ALSA's PulseAudio plugin, blocks 0 and 40 ms apart instead of every 20 ms), so
+    its callbacks run early as well as late: there the anchor is the median of the recent ones.
+    Either starts afresh when the stream broke (``restart``: frames lost, an underrun).
     """
 
-    WINDOW = 64  # callbacks the output median is taken over (~1.3 s of 20 ms blocks)
+    WINDOW = 64  # callbacks the anchor is taken over (~1.3 s of 20 ms blocks, 2 s of 32 ms ones)
 
     def __init__(self, rate: int, late_only: bool = True) -> None:
         self.rate = rate
@@ -110,17 +113,10 @@ class StreamClock:
 
     def __call__(self, stamp: float, frames: int, restart: bool = False) -> float:
         """The time of this block's first frame; ``stamp``: that time as the callback saw it."""
-        anchor = stamp - self.frames / self.rate
         if restart:
             self._recent.clear()
-        if self.late_only:
-            if self.frames == 0 or restart or anchor < self.anchor:
-                self.anchor = anchor
-            else:
-                self.anchor += 0.002 * (anchor - self.anchor)
-        else:
-            self._recent.append(anchor)
-            self.anchor = float(np.median(self._recent))
+        self._recent.append(stamp - self.frames / self.rate)
+        self.anchor = min(self._recent) if self.late_only else float(np.median(self._recent))
         t = self.anchor + self.frames / self.rate
         self.frames += frames
         return t
@@ -253,9 +249,11 @@ class Player:
         outdata[: len(chunk), 0] = chunk
         outdata[len(chunk) :, 0] = 0.0
         self.played_s += len(chunk) / self.rate
-        ahead = t.outputBufferDacTime - t.currentTime if t.outputBufferDacTime > 0 else 0.0
-        if not 0.0 < ahead < 2.0:  # PortAudio gave no DAC time: its reported latency
-            ahead = self._stream.latency
+        # PortAudio's own DAC time for the block cannot be trusted: on ALSA's PulseAudio plugin
+        # over a combine sink it said 1.35 s ahead for half a minute, then more than 2 s, while
+        # the sound came out 0.25 s after it was written (measured). The stream's latency is
+        # steady; what it leaves out, EchoDelay finds from the signals.
+        ahead = self._stream.latency
         # every block goes out, silence included, so the speaker's timeline is one run of
         # samples, broken only by an underrun
         restart, self._restarted = self._restarted or status.output_underflow, False

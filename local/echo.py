@@ -30,8 +30,19 @@ KEEP_S = 3.0  # reference kept behind the microphone: the longest echo path we c
 # latency PortAudio under-reports cannot put the echo ahead of its reference (no canceller
 # can remove an echo before its cause); AEC3 finds the delay left itself (0.5 s and more).
 LEAD_S = 0.1
+# Where the timestamps put the reference is only as good as the latencies the audio stack
+# reports: on the virtual card's combine sink PortAudio's DAC times ran 0.6 s late for the
+# first 40 s of a session (measured), where no canceller can follow. So the echo's delay is
+# also found from the signals (EchoDelay), and when the echo does not trail the reference by
+# a delay in REACH (the canceller then follows it: measured live, 50-220 ms), the reference is
+# moved so that it trails by TRAIL_S. Not otherwise: each move costs the canceller its filter.
+TRAIL_S, REACH = 0.05, (0.005, 0.2)
 SLIP_S = 0.02  # how far the two clocks may drift apart before the reference is cut afresh
-GAP_S = 0.01  # a jump in the speaker's DAC times larger than this is real (smaller ones: jitter)
+# The speaker's blocks follow each other sample for sample; only when their DAC times have moved
+# this far from that count is the stream taken to have jumped (an underrun, a restart). Smaller
+# moves are the jitter of the callbacks: following them cut and padded the reference 30 times a
+# second while moi spoke and the CPU was busy (measured live), and the canceller removed nothing.
+GAP_S = 0.05
 # Trusted once it has removed this much of moi's voice over this much of it: a canceller that
 # has not converged yet (the first second or two of the first reply) lets echo through.
 TRUST_DB, TRUST_S = 15.0, 1.0
@@ -122,6 +133,59 @@ def backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
+class EchoDelay:
+    """How far the echo in the microphone trails the reference, found by cross-correlating the
+    two (GCC-PHAT at 4 kHz over the last ``WINDOW_S``, lags within ``±REACH_S``), once every
+    ``EVERY_S`` while the speaker plays. ``update`` returns a delay only when two estimates in a
+    row agree and the correlation peak is clear (``MIN_PEAK``: unrelated signals peak at ~0.02,
+    moi's echo through a room at 0.1-0.15, through a loopback near 1), so a person talking over
+    moi, or a quiet stretch, cannot move the reference."""
+
+    WINDOW_S, REACH_S, EVERY_S, MIN_PEAK, AGREE_S = 4.0, 1.5, 0.5, 0.06, 0.01
+    DOWN = 4  # 16 kHz -> 4 kHz: plenty to place the reference for a canceller that finds the rest
+
+    def __init__(self) -> None:
+        self._n = int(self.WINDOW_S * SPEECH_RATE)
+        self._mic = np.zeros(self._n, np.float32)
+        self._ref = np.zeros(self._n, np.float32)
+        self._since = 0  # samples since the last estimate
+        self._filled = 0  # samples held since the last reset
+        self._last: float | None = None
+
+    def reset(self) -> None:
+        """The reference moved: what is held no longer matches it."""
+        self._filled, self._last = 0, None
+
+    def update(self, mic: np.ndarray, ref: np.ndarray) -> float | None:
+        n = len(mic)
+        self._mic = np.concatenate([self._mic[n:], mic])[-self._n :]
+        self._ref = np.concatenate([self._ref[n:], ref])[-self._n :]
+        self._since += n
+        self._filled = min(self._filled + n, self._n)
+        if self._since < self.EVERY_S * SPEECH_RATE or self._filled < self._n:
+            return None
+        self._since = 0
+        lag = self._estimate()
+        agreed = lag is not None and self._last is not None and abs(lag - self._last) <= self.AGREE_S
+        self._last = lag
+        return lag if agreed else None
+
+    def _estimate(self) -> float | None:
+        k = self.DOWN
+        mic = self._mic.reshape(-1, k).mean(axis=1)
+        ref = self._ref.reshape(-1, k).mean(axis=1)
+        if np.mean(ref**2) < FAR_ACTIVE or np.mean(mic**2) < FAR_ACTIVE * 1e-2:
+            return None
+        size = 1 << int(np.ceil(np.log2(2 * len(mic))))
+        spec = np.fft.rfft(mic, size) * np.conj(np.fft.rfft(ref, size))
+        cc = np.fft.irfft(spec / (np.abs(spec) + 1e-12), size)
+        reach = int(self.REACH_S * SPEECH_RATE / k)
+        lags = np.concatenate([np.arange(0, reach + 1), np.arange(-reach, 0)])
+        peaks = np.concatenate([cc[: reach + 1], cc[-reach:]])
+        best = int(np.argmax(peaks))
+        return float(lags[best]) * k / SPEECH_RATE if peaks[best] >= self.MIN_PEAK else None
+
+
 class FrameCanceller:
     """A backend fed float32 16 kHz chunks of any length: returns as many cleaned samples as it
     takes in, one frame (10 ms) behind until the first frame is full."""
@@ -168,6 +232,9 @@ class EchoCanceller:
         self.seconds = 0.0
         self.gaps = 0  # times the speaker's stream jumped (an underrun, a restart)
         self._pos: float | None = None  # DAC time of the next reference sample to hand out
+        self.delay = EchoDelay()
+        self.shift = LEAD_S  # the reference is cut this much later than the microphone's time
+        self.moves = 0  # times the reference was moved to where the echo was found
         self.slips = 0  # times the microphone's clock had drifted too far from the speaker's
         self._far_s = 0.0  # seconds of speaker sound heard so far ...
         self._mic_e = self._out_e = 0.0  # ... and the energy in and out over them (decaying)
@@ -178,10 +245,11 @@ class EchoCanceller:
         self._far_since = -1e9  # ... and since when it has played without a pause
 
     def _pull(self) -> None:
-        """Add the blocks the player wrote since the last call to the 16 kHz reference, each at
-        its DAC time: when the stream underran (the speaker played silence meanwhile), the gap
-        is filled with silence, and a block stamped earlier than the end of what is held
-        replaces the overlap, so the reference stays what the speaker played when."""
+        """Add the blocks the player wrote since the last call to the 16 kHz reference, one after
+        the other, sample for sample. Only where a block's DAC time is more than GAP_S away
+        from that count did the stream jump: when it underran (the speaker played silence
+        meanwhile), the gap is filled with silence, and a block stamped earlier than the end of
+        what is held replaces the overlap, so the reference stays what the speaker played when."""
         for dac, block in self.far.take():
             x = self._resample(block)
             if self._next_dac is None:  # the first block
@@ -197,7 +265,8 @@ class EchoCanceller:
                     self._ref = self._ref[: len(self._ref) - drop]
                 else:  # stamped before anything held (a stream restarted after underruns): start there
                     self._ref, self._ref_t = np.zeros(0, np.float32), dac
-            self._next_dac = dac + len(block) / self.far.rate
+                self._next_dac = dac
+            self._next_dac += len(block) / self.far.rate
             self._ref = np.concatenate([self._ref, x])
 
     def _new_resampler(self):  # noqa: ANN202 - a soxr.ResampleStream, or None at 16 kHz
@@ -229,15 +298,23 @@ class EchoCanceller:
         lo, hi = max(i, 0), min(i + n, len(self._ref))
         if hi > lo:
             out[lo - i : hi - i] = self._ref[lo:hi]
-        drop = min(max(i + n, 0), len(self._ref))  # what is used will not be asked for again
+        # what is used is kept for REACH_S, where a move of the reference may look for it again
+        drop = min(max(i + n - int(EchoDelay.REACH_S * SPEECH_RATE), 0), len(self._ref))
         self._ref, self._ref_t = self._ref[drop:], self._ref_t + drop / SPEECH_RATE
         return out
 
     def __call__(self, chunk: Audio, captured_at: float) -> Audio:
-        far = self.reference(captured_at + LEAD_S, len(chunk.samples))
+        far = self.reference(captured_at + self.shift, len(chunk.samples))
         cleaned = self._cancel(chunk.samples, far)
         self.seconds += chunk.seconds
         self._learn(chunk.samples, far, cleaned)
+        lag = self.delay.update(chunk.samples, far)
+        if lag is not None and not REACH[0] <= lag <= REACH[1]:  # move the reference: the next cut is afresh
+            self.shift -= lag - TRAIL_S
+            self.moves += 1
+            self.delay.reset()
+            self.converged = False  # the canceller's filter was for the old place: earn trust again
+            self._far_s = self._mic_e = self._out_e = 0.0
         return Audio(cleaned, SPEECH_RATE)
 
     @property
