@@ -47,10 +47,12 @@ GAP_S = 0.05
 # has not converged yet (the first second or two of the first reply) lets echo through.
 TRUST_DB, TRUST_S = 15.0, 1.0
 FAR_ACTIVE = 1e-3 ** 2  # reference power above -60 dBFS: the speaker is playing something
-# Speech that starts while the speaker plays counts as the person's only if the canceller
-# let at least this share of the microphone's energy through over the last NEAR_S: echo it
-# has learnt comes out 30-50 dB down, a person talking over it 0-15 dB.
-NEAR_DB, NEAR_S = -20.0, 0.25
+# Speech while the speaker plays counts as the person's only where the canceller let at least
+# NEAR_DB of the microphone's energy through, chunk by chunk, for PERSON_S of the last NEAR_S:
+# echo it has learnt comes out 30-50 dB down, a person talking over it 0-15 dB, and the echo
+# it lets slip when a clock jumps (measured live) comes in bursts of 30-100 ms.
+NEAR_DB, NEAR_S, PERSON_S = -20.0, 0.3, 0.15
+QUIET = 1e-3 ** 2  # a microphone chunk below -60 dBFS holds nobody
 # ...and not in the first ONSET_S of moi's voice after a pause: there, before the canceller has
 # caught the new sound, some echo gets through (measured live: replies cut 0.1-0.2 s in).
 ONSET_S, PAUSE_S = 0.4, 0.5
@@ -324,18 +326,16 @@ class EchoCanceller:
         return 10.0 * float(np.log10((self._mic_e + 1e-12) / (self._out_e + 1e-12))) if self._far_s else 0.0
 
     def near_end(self) -> bool:
-        """Whether what the microphone heard over the last NEAR_S is more than moi's own echo:
-        True once the speaker has been silent for TAIL_S; while it plays, True only if the
-        canceller let enough through (NEAR_DB), and never at the onset or the tail of moi's
-        voice (ONSET_S, TAIL_S)."""
+        """Whether a person is in what the microphone heard over the last NEAR_S, beside moi's
+        own echo: the canceller let the microphone through (NEAR_DB) for PERSON_S of it; while
+        moi's voice plays, never at its onset or in the TAIL_S after it stops (ONSET_S, TAIL_S).
+        A person, not silence: an utterance moi's echo began is held and judged again as it
+        goes on (local.live), and the pause between two pieces of a reply must not release it."""
         silent = self.seconds - self._far_last
-        if silent >= TAIL_S:
-            return True
-        if silent > 0.0 or self.seconds - self._far_since < ONSET_S:
+        if silent < TAIL_S and (silent > 0.0 or self.seconds - self._far_since < ONSET_S):
             return False
-        mic = sum(m for _, m, _ in self._recent)
-        out = sum(o for _, _, o in self._recent)
-        return 10.0 * float(np.log10((out + 1e-12) / (mic + 1e-12))) >= NEAR_DB
+        through = sum(n for n, m, o in self._recent if m > QUIET * n and o >= m * 10 ** (NEAR_DB / 10))
+        return through >= PERSON_S * SPEECH_RATE
 
     def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> None:
         active = len(far) > 0 and float(np.mean(np.square(far))) >= FAR_ACTIVE

@@ -35,7 +35,6 @@ from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechStarted, Status
 
 BARGE_IN_MODES = ("auto", "half", "full")
-JOIN_S = 0.2  # a person heard this long through the canceller joins an utterance moi's echo began
 log = logging.getLogger("moi.live")
 
 
@@ -124,7 +123,6 @@ class LiveSession:
     def _capture(self) -> None:
         next_status = 0.0
         held = False  # muted because it sounded like moi's own echo: judged again as it goes on
-        joined: float | None = None  # since when (the canceller's clock) it has let a person through
         try:
             for item in self.pipeline.listen(self.source, self.clock):
                 if self._done.is_set():
@@ -137,22 +135,16 @@ class LiveSession:
                 if isinstance(item, SpeechStarted):
                     own = self._own_echo()
                     self._muted = self.answering and self.hears_player and (not self.full_duplex or own)
-                    held, joined = self._muted and self.full_duplex and own, None
+                    held = self._muted and self.full_duplex and own
                     if self.answering and self.full_duplex and not own:
                         self.stop_reply("barge-in", trigger=time.monotonic())
-                elif held and self.answering and self.full_duplex:
-                    # moi's residual echo started the utterance and the person may join in: the
-                    # VAD sees one utterance, so only the canceller can tell that they did, and
-                    # only speech it lets through for a while counts (a leak flickers, a person
-                    # goes on)
-                    heard = self.pipeline.echo.seconds  # type: ignore[union-attr] - held: there is one
-                    if self._own_echo():
-                        joined = None
-                    elif joined is None:
-                        joined = heard
-                    elif heard - joined >= JOIN_S:
-                        self._muted = held = False
-                        self.stop_reply("barge-in")
+                elif held and self.answering and self.full_duplex and not self._own_echo():
+                    # moi's residual echo started the utterance, or a person did whom the
+                    # canceller has not let through for long enough yet (EchoCanceller.near_end):
+                    # the VAD sees one utterance, so only the canceller can tell that a person
+                    # is in it, and once it does, they are
+                    self._muted = held = False
+                    self.stop_reply("barge-in")
                 self.events.put(item)
                 if self.clock() >= next_status:
                     next_status = self.clock() + self.status_every_s
