@@ -95,10 +95,11 @@ class StreamClock:
     over the recent blocks is the right one (``late_only``). Recent, not all: a stream can lose
     frames without saying so (ALSA's PulseAudio plugin hides its overruns, e.g. while the models
     load at start-up), and from then on every block is later than the count of frames says; the
-    earliest start over all blocks held the microphone's clock a second early for 40 s of a
-    session (measured), and the canceller removed nothing. An output stream's buffer is filled
-    in bursts (on ALSA's PulseAudio plugin, blocks 0 and 40 ms apart instead of every 20 ms), so
-    its callbacks run early as well as late: there the anchor is the median of the recent ones.
+    earliest start over all blocks kept the time from before the loss (it crept towards later
+    ones by 0.2 % a block: a second's loss took a minute to follow). An output stream's buffer
+    is filled in bursts (on ALSA's PulseAudio plugin, blocks 0 and 40 ms apart instead of every
+    20 ms), so its callbacks run early as well as late: there the anchor is the median of the
+    recent ones.
     Either starts afresh when the stream broke (``restart``: frames lost, an underrun).
     """
 

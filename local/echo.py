@@ -28,7 +28,7 @@ FRAME = SPEECH_RATE // 100  # cancellers take 10 ms frames
 KEEP_S = 3.0  # reference kept behind the microphone: the longest echo path we can follow
 # The reference is cut this much later than the microphone's time says, so that an input
 # latency PortAudio under-reports cannot put the echo ahead of its reference (no canceller
-# can remove an echo before its cause); AEC3 finds the delay left itself (0.5 s and more).
+# can remove an echo before its cause); AEC3 finds the delay left itself, within REACH.
 LEAD_S = 0.1
 # Where the timestamps put the reference is only as good as the latencies the audio stack
 # reports: on the virtual card's combine sink PortAudio's DAC times ran 0.6 s late for the
@@ -148,8 +148,9 @@ class EchoDelay:
 
     def __init__(self) -> None:
         self._n = int(self.WINDOW_S * SPEECH_RATE)
-        self._mic = np.zeros(self._n, np.float32)
-        self._ref = np.zeros(self._n, np.float32)
+        self._mic = np.zeros(self._n, np.float32)  # rings: the capture thread writes every
+        self._ref = np.zeros(self._n, np.float32)  # chunk, an estimate reads them twice a second
+        self._at = 0  # where the next sample goes in both
         self._since = 0  # samples since the last estimate
         self._filled = 0  # samples held since the last reset
         self._last: float | None = None
@@ -159,9 +160,10 @@ class EchoDelay:
         self._filled, self._last = 0, None
 
     def update(self, mic: np.ndarray, ref: np.ndarray) -> float | None:
-        n = len(mic)
-        self._mic = np.concatenate([self._mic[n:], mic])[-self._n :]
-        self._ref = np.concatenate([self._ref[n:], ref])[-self._n :]
+        n = min(len(mic), self._n)
+        where = (self._at + np.arange(n)) % self._n
+        self._mic[where], self._ref[where] = mic[len(mic) - n :], ref[len(ref) - n :]
+        self._at = (self._at + n) % self._n
         self._since += n
         self._filled = min(self._filled + n, self._n)
         if self._since < self.EVERY_S * SPEECH_RATE or self._filled < self._n:
@@ -174,8 +176,8 @@ class EchoDelay:
 
     def _estimate(self) -> float | None:
         k = self.DOWN
-        mic = self._mic.reshape(-1, k).mean(axis=1)
-        ref = self._ref.reshape(-1, k).mean(axis=1)
+        mic = np.roll(self._mic, -self._at).reshape(-1, k).mean(axis=1)  # oldest first
+        ref = np.roll(self._ref, -self._at).reshape(-1, k).mean(axis=1)
         if np.mean(ref**2) < FAR_ACTIVE or np.mean(mic**2) < FAR_ACTIVE * 1e-2:
             return None
         size = 1 << int(np.ceil(np.log2(2 * len(mic))))
