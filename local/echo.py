@@ -33,7 +33,7 @@ LEAD_S = 0.1
 # Where the timestamps put the reference is only as good as the latencies the audio stack
 # reports: on the virtual card's combine sink PortAudio's DAC times ran 0.6 s late for the
 # first 40 s of a session (measured), where no canceller can follow. So the echo's delay is
-# also found from the signals (EchoDelay), and when the echo does not trail the reference by
+# also found from the signals (EchoPath), and when the echo does not trail the reference by
 # a delay in REACH (the canceller then follows it: measured live, 50-220 ms), the reference is
 # moved so that it trails by TRAIL_S. Not otherwise: each move costs the canceller its filter.
 TRAIL_S, REACH = 0.05, (0.005, 0.2)
@@ -52,6 +52,11 @@ FAR_ACTIVE = 1e-3 ** 2  # reference power above -60 dBFS: the speaker is playing
 # echo it has learnt comes out 30-50 dB down, a person talking over it 0-15 dB, and the echo
 # it lets slip when a clock jumps (measured live) comes in bursts of 30-100 ms.
 NEAR_DB, NEAR_S, PERSON_S = -20.0, 0.3, 0.15
+# ...and only where PERSON_SHARE of the microphone's sound over those NEAR_S is not moi's voice
+# (EchoPath.unexplained): the canceller's account fails when it does (AEC3 let a steady echo
+# through whole for 0.3 s, three times a run, measured live: 0.02-0.16 of it unexplained there,
+# a person talking over moi 0.75-1; moi alone through a simulated room stays under 0.46)
+PERSON_SHARE = 0.4
 QUIET = 1e-3 ** 2  # a microphone chunk below -60 dBFS holds nobody
 # ...and not in the first ONSET_S of moi's voice after a pause: there, before the canceller has
 # caught the new sound, some echo gets through (measured live: replies cut 0.1-0.2 s in).
@@ -135,21 +140,33 @@ def backend(name: str) -> Backend:
     return BACKENDS[name]()
 
 
-class EchoDelay:
-    """How far the echo in the microphone trails the reference, found by cross-correlating the
-    two (GCC-PHAT at 4 kHz over the last ``WINDOW_S``, lags within ``±REACH_S``), once every
-    ``EVERY_S`` while the speaker plays. ``update`` returns a delay only when two estimates in a
+class EchoPath:
+    """What the microphone hears of the reference, from the two signals themselves (the last
+    ``WINDOW_S`` of both, in rings the capture thread writes every chunk).
+
+    ``update`` says how far the echo trails the reference (GCC-PHAT at 4 kHz, lags within
+    ``±REACH_S``, once every ``EVERY_S`` while the speaker plays), only when two estimates in a
     row agree and the correlation peak is clear (``MIN_PEAK``: unrelated signals peak at ~0.02,
     moi's echo through a room at 0.1-0.15, through a loopback near 1), so a person talking over
-    moi, or a quiet stretch, cannot move the reference."""
+    moi, or a quiet stretch, cannot move the reference.
+
+    ``unexplained`` says how much of the recent microphone is *not* moi's voice: the canceller's
+    own account cannot be trusted when it fails (AEC3 let moi's echo through whole for 0.3 s at
+    a time on a steady, perfectly linear echo path, measured live), so near_end asks this too.
+    """
 
     WINDOW_S, REACH_S, EVERY_S, MIN_PEAK, AGREE_S = 4.0, 1.5, 0.5, 0.06, 0.01
     DOWN = 4  # 16 kHz -> 4 kHz: plenty to place the reference for a canceller that finds the rest
+    # unexplained(): the echo is looked for this far around the reference (it trails by 5-200 ms
+    # once placed, and a stream's jump moves it by tens of ms), then the microphone is split,
+    # frequency by frequency, into what a linear filter of the reference explains (the
+    # magnitude-squared coherence, Welch over SEGMENT samples) and the rest, in BAND
+    LAGS_S, SEGMENT, BAND = (-0.05, 0.45), 1024, (150.0, 4000.0)
 
     def __init__(self) -> None:
         self._n = int(self.WINDOW_S * SPEECH_RATE)
-        self._mic = np.zeros(self._n, np.float32)  # rings: the capture thread writes every
-        self._ref = np.zeros(self._n, np.float32)  # chunk, an estimate reads them twice a second
+        self._mic = np.zeros(self._n, np.float32)
+        self._ref = np.zeros(self._n, np.float32)
         self._at = 0  # where the next sample goes in both
         self._since = 0  # samples since the last estimate
         self._filled = 0  # samples held since the last reset
@@ -174,10 +191,14 @@ class EchoDelay:
         self._last = lag
         return lag if agreed else None
 
+    def _recent(self, ring: np.ndarray, n: int) -> np.ndarray:
+        """The last ``n`` samples written to ``ring``, oldest first."""
+        return ring[(self._at - n + np.arange(n)) % self._n]
+
     def _estimate(self) -> float | None:
         k = self.DOWN
-        mic = np.roll(self._mic, -self._at).reshape(-1, k).mean(axis=1)  # oldest first
-        ref = np.roll(self._ref, -self._at).reshape(-1, k).mean(axis=1)
+        mic = self._recent(self._mic, self._n).reshape(-1, k).mean(axis=1)
+        ref = self._recent(self._ref, self._n).reshape(-1, k).mean(axis=1)
         if np.mean(ref**2) < FAR_ACTIVE or np.mean(mic**2) < FAR_ACTIVE * 1e-2:
             return None
         size = 1 << int(np.ceil(np.log2(2 * len(mic))))
@@ -188,6 +209,35 @@ class EchoDelay:
         peaks = np.concatenate([cc[: reach + 1], cc[-reach:]])
         best = int(np.argmax(peaks))
         return float(lags[best]) * k / SPEECH_RATE if peaks[best] >= self.MIN_PEAK else None
+
+    def unexplained(self, seconds: float) -> float:
+        """The share (0-1) of the microphone's power over the last ``seconds`` that no linear
+        filter of the reference, at any lag in LAGS_S, explains: ~0 for moi's echo alone,
+        whatever the canceller made of it, the person's share of the sound when someone talks
+        over it. Per frequency, 1 - the magnitude-squared coherence of the two (Welch, SEGMENT
+        samples a quarter apart), weighted by the microphone's power; the lag that explains
+        the most wins, on a grid of SEGMENT / 8."""
+        seg, n = self.SEGMENT, int(seconds * SPEECH_RATE)
+        hop, step = seg // 4, seg // 8
+        lo, hi = (int(round(x * SPEECH_RATE / step)) * step for x in self.LAGS_S)
+        mic = self._recent(self._mic, n)
+        ref = self._recent(self._ref, n + hi)  # ref[j : j + n] lies (hi - j) samples behind mic
+        if lo < 0:  # the reference's future is not there yet: those lags are cut short
+            ref = np.concatenate([ref, np.zeros(-lo, np.float32)])
+        window = np.hanning(seg)
+        band = slice(int(self.BAND[0] * seg / SPEECH_RATE), int(self.BAND[1] * seg / SPEECH_RATE))
+
+        def spectra(x: np.ndarray, every: int) -> np.ndarray:
+            frames = np.lib.stride_tricks.sliding_window_view(x, seg)[::every]
+            return np.fft.rfft(frames * window, axis=1)[:, band]
+
+        a, b = spectra(mic, hop), spectra(ref, step)  # b: a frame at every lag step
+        frames = np.arange(len(a)) * (hop // step)
+        b = b[np.arange((hi - lo) // step + 1)[:, None] + frames[None, :]]  # (lags, frames, bins)
+        cross = np.abs(np.einsum("mf,lmf->lf", a, np.conj(b))) ** 2
+        pa, pb = np.sum(np.abs(a) ** 2, axis=0), np.sum(np.abs(b) ** 2, axis=1)
+        coherence = cross / (pa * pb + 1e-20)
+        return float(np.min(np.sum((1.0 - coherence) * pa, axis=1)) / (np.sum(pa) + 1e-20))
 
 
 class FrameCanceller:
@@ -236,7 +286,7 @@ class EchoCanceller:
         self.seconds = 0.0
         self.gaps = 0  # times the speaker's stream jumped (an underrun, a restart)
         self._pos: float | None = None  # DAC time of the next reference sample to hand out
-        self.delay = EchoDelay()
+        self.path = EchoPath()
         self.shift = LEAD_S  # the reference is cut this much later than the microphone's time
         self.moves = 0  # times the reference was moved to where the echo was found
         self.slips = 0  # times the microphone's clock had drifted too far from the speaker's
@@ -303,7 +353,7 @@ class EchoCanceller:
         if hi > lo:
             out[lo - i : hi - i] = self._ref[lo:hi]
         # what is used is kept for REACH_S, where a move of the reference may look for it again
-        drop = min(max(i + n - int(EchoDelay.REACH_S * SPEECH_RATE), 0), len(self._ref))
+        drop = min(max(i + n - int(EchoPath.REACH_S * SPEECH_RATE), 0), len(self._ref))
         self._ref, self._ref_t = self._ref[drop:], self._ref_t + drop / SPEECH_RATE
         return out
 
@@ -312,11 +362,11 @@ class EchoCanceller:
         cleaned = self._cancel(chunk.samples, far)
         self.seconds += chunk.seconds
         self._learn(chunk.samples, far, cleaned)
-        lag = self.delay.update(chunk.samples, far)
+        lag = self.path.update(chunk.samples, far)
         if lag is not None and not REACH[0] <= lag <= REACH[1]:  # move the reference: the next cut is afresh
             self.shift -= lag - TRAIL_S
             self.moves += 1
-            self.delay.reset()
+            self.path.reset()
             self.converged = False  # the canceller's filter was for the old place: earn trust again
             self._far_s = self._mic_e = self._out_e = 0.0
         return Audio(cleaned, SPEECH_RATE)
@@ -329,15 +379,17 @@ class EchoCanceller:
 
     def near_end(self) -> bool:
         """Whether a person is in what the microphone heard over the last NEAR_S, beside moi's
-        own echo: the canceller let the microphone through (NEAR_DB) for PERSON_S of it; while
-        moi's voice plays, never at its onset or in the TAIL_S after it stops (ONSET_S, TAIL_S).
-        A person, not silence: an utterance moi's echo began is held and judged again as it
-        goes on (local.live), and the pause between two pieces of a reply must not release it."""
+        own echo: the canceller let the microphone through (NEAR_DB) for PERSON_S of it, and
+        PERSON_SHARE of that sound is not moi's (no linear filter of the reference explains
+        it); while moi's voice plays, never at its onset or in the TAIL_S after it stops
+        (ONSET_S, TAIL_S). A person, not silence: an utterance moi's echo began is held and
+        judged again as it goes on (local.live), and the pause between two pieces of a reply
+        must not release it."""
         silent = self.seconds - self._far_last
         if silent < TAIL_S and (silent > 0.0 or self.seconds - self._far_since < ONSET_S):
             return False
         through = sum(n for n, m, o in self._recent if m > QUIET * n and o >= m * 10 ** (NEAR_DB / 10))
-        return through >= PERSON_S * SPEECH_RATE
+        return through >= PERSON_S * SPEECH_RATE and self.path.unexplained(NEAR_S) >= PERSON_SHARE
 
     def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> None:
         active = len(far) > 0 and float(np.mean(np.square(far))) >= FAR_ACTIVE
