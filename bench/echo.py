@@ -9,7 +9,7 @@ barge-in) against the same speech alone, and the CPU the canceller costs per sec
 as a share of one core.
 
 Live (`moi --input mic --output speaker --barge-in auto`, otherwise defaults): the virtual microphone
-hears the virtual speaker through a PulseAudio loopback (9 dB down, 50 ms late). Each trial
+hears the virtual speaker through a PulseAudio loopback (9 dB down, `--echo-db`, 50 ms late). Each trial
 plays a real question; while moi answers it, another real sentence is played over the reply,
 1 s into it; that reply is cut, the sentence is answered, and that answer plays out untouched.
 One recording bus holds both ends (bench/voice_to_voice.py's card), so "the person's first
@@ -126,12 +126,12 @@ def offline(names: list[str]) -> list[list[object]]:
 
 
 def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, status=None,  # noqa: ANN001
-         barge_in: str = "auto", room: bool = True) -> dict:
+         barge_in: str = "auto", room: bool = True, echo_db: float = -9.0) -> dict:
     """One `moi --barge-in BARGE_IN` run with canceller ``name``: a warm-up turn, then ``trials``
-    interrupted replies. ``room``: the microphone hears the speaker (a laptop); without it, a
-    headset (bench/live.py measures `full` so)."""
+    interrupted replies. ``room``: the microphone hears the speaker (a laptop), ``echo_db`` down;
+    without it, a headset (bench/live.py measures `full` so)."""
     card()
-    loop = pulse.echo_path(gain_db=-9.0, delay_ms=50) if room else None
+    loop = pulse.echo_path(gain_db=echo_db, delay_ms=50) if room else None
     env = {**os.environ, "MOI_ECHO_CANCELLER": name, "COLUMNS": "200"}
     cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--barge-in", barge_in, "--json",
            "--no-meters"]
@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--no-live", action="store_true", help="only the offline comparison")
     parser.add_argument("--no-offline", action="store_true", help="only the live runs")
     parser.add_argument("--keep", help="a folder for each live run's recording and events")
+    parser.add_argument("--echo-db", type=float, default=-9.0,
+                        help="how loud the speaker is in the microphone, live (the person's sentences: as recorded)")
     args = parser.parse_args()
     names = []
     for name in args.cancellers.split(","):
@@ -275,11 +277,11 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for name in names:
             with console.status(f"live: {name}…") as status:
-                r = live(name, clips, args.trials, tmp, status)
+                r = live(name, clips, args.trials, tmp, status, echo_db=args.echo_db)
             rows.append([r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}",
                          f"{r['silence']:.3f} s", f"{r['worst']:.3f} s", f"{r['wer']:.3f}"])
             console.print(f"{name}: " + ", ".join(f"{c.split(' (')[0]} {v}" for c, v in zip(columns[1:], rows[-1][1:])))
-    show("Talking over moi, live on the virtual card (loopback 9 dB down, 50 ms late)", columns, rows)
+    show(f"Talking over moi, live on the virtual card (loopback {-args.echo_db:g} dB down, 50 ms late)", columns, rows)
 
 
 def _alone_wer(clips: list[tuple[str, Audio]]) -> float:

@@ -73,11 +73,15 @@ def echo_path(gain_db: float = -9.0, delay_ms: int = 50) -> int:
         check=True, capture_output=True, text=True,
     ).stdout
     module = int(out.strip())
-    inputs = subprocess.run(["pactl", "list", "short", "sink-inputs"], capture_output=True, text=True).stdout
-    for line in inputs.splitlines():
-        fields = line.split()
-        if len(fields) > 1 and fields[1] == str(module):
-            subprocess.run(["pactl", "set-sink-input-volume", fields[0], f"{gain_db}dB"], check=True)
+    # the loopback's sink input is the one this module owns (`pactl list short` shows its sink,
+    # not its module: matching on that left the echo at 0 dB for sessions)
+    inputs = subprocess.run(["pactl", "list", "sink-inputs"], capture_output=True, text=True).stdout
+    owned = [block.split()[0].lstrip("#") for block in inputs.split("Sink Input ")[1:]
+             if f"Owner Module: {module}\n" in block]
+    if len(owned) != 1:
+        remove_echo_path(module)
+        raise RuntimeError(f"the echo path's loopback (module {module}) has {len(owned)} sink inputs, not one")
+    subprocess.run(["pactl", "set-sink-input-volume", owned[0], f"{gain_db}dB"], check=True)
     return module
 
 
