@@ -280,20 +280,18 @@ class Player:
             self._idle.set()
         if was_playing:
             now = time.monotonic()
-            if not self.far.followed:
-                # what the sound server holds for the stream still plays out, for its whole depth
-                # (a PulseAudio null sink: 50 ms; through a combine sink 0.2-0.3 s; none of it
-                # in PortAudio's latency): a restart drops it and the speaker goes silent now
-                # (bench/live.py, on the recording: 485 -> 195 ms). Not while an echo
-                # canceller follows the speaker: the new run reaches it with another latency,
-                # which the canceller must find again while echo leaks (measured: more of moi's
-                # own voice taken for the person's, fewer interruptions heard)
-                try:
-                    self._stream.abort()
-                    self._restarted = True
-                    self._stream.start()
-                except self.sd.PortAudioError:  # gone: the next play() or close() says so
-                    pass
+            # what the sound server holds for the stream still plays out, for its whole depth
+            # (a PulseAudio null sink: 50 ms; through a combine sink 0.2-0.3 s; none of it in
+            # PortAudio's latency): a restart drops it and the speaker goes silent now
+            # (bench/live.py, on the recording: 485 -> 195 ms). An echo canceller following the
+            # speaker finds the new run's latency again; the echo it lets slip meanwhile is not
+            # taken for a person (EchoCanceller.near_end asks EchoPath.unexplained)
+            try:
+                self._stream.abort()
+                self._restarted = True
+                self._stream.start()
+            except self.sd.PortAudioError:  # gone: the next play() or close() says so
+                pass
             self.stopped_at = now
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -49,9 +49,10 @@ TRUST_DB, TRUST_S = 15.0, 1.0
 FAR_ACTIVE = 1e-3 ** 2  # reference power above -60 dBFS: the speaker is playing something
 # Speech while the speaker plays counts as the person's only where the canceller let at least
 # NEAR_DB of the microphone's energy through, chunk by chunk, for PERSON_S of the last NEAR_S:
-# echo it has learnt comes out 30-50 dB down, a person talking over it 0-15 dB, and the echo
-# it lets slip when a clock jumps (measured live) comes in bursts of 30-100 ms.
-NEAR_DB, NEAR_S, PERSON_S = -20.0, 0.3, 0.15
+# echo it has learnt comes out 30-50 dB down, a person talking over it 0-15 dB. (PERSON_S was
+# 0.15 s, to outlast the 30-100 ms bursts of echo the canceller lets slip; PERSON_SHARE tells
+# those apart now, and each 0.1 s of it was 0.1 s more of moi talking over the person.)
+NEAR_DB, NEAR_S, PERSON_S = -20.0, 0.3, 0.06
 # ...and only where PERSON_SHARE of the microphone's sound over those NEAR_S is not moi's voice
 # (EchoPath.unexplained): the canceller's account fails when it does (AEC3 let a steady echo
 # through whole for 0.3 s, three times a run, measured live: 0.02-0.16 of it unexplained there,
@@ -78,8 +79,6 @@ class FarEnd:
         self.rate = rate
         self._lock = threading.Lock()
         self._blocks: deque[tuple[float, np.ndarray]] = deque(maxlen=int(KEEP_S * rate / 64) + 16)
-        # an echo canceller follows this speaker: its stream must keep one latency (Player.stop)
-        self.followed = False
 
     def write(self, dac_time: float, samples: np.ndarray) -> None:
         with self._lock:
@@ -277,7 +276,6 @@ class EchoCanceller:
     def __init__(self, far: FarEnd, name: str = "pywebrtc") -> None:
         self.name = name
         self.far = far
-        far.followed = True
         self._cancel = FrameCanceller(backend(name))
         self._ref = np.zeros(0, np.float32)  # the reference at 16 kHz ...
         self._ref_t = 0.0  # ... and the DAC time of its first sample
