@@ -32,7 +32,7 @@ from local.pipeline import Pipeline
 from shared.engine import Stopwatch
 from shared.audio import Audio
 from shared.errors import MoiError
-from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechStarted, Status
+from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechEnded, SpeechStarted, Status
 
 BARGE_IN_MODES = ("auto", "half", "full")
 log = logging.getLogger("moi.live")
@@ -138,6 +138,8 @@ class LiveSession:
                     held = self._muted and self.full_duplex and own
                     if self.answering and self.full_duplex and not own:
                         self.stop_reply("barge-in", trigger=time.monotonic())
+                elif isinstance(item, SpeechEnded):
+                    held = False  # over, and moi's own: dropped (a later person is no barge-in into it)
                 elif held and self.answering and self.full_duplex and not self._own_echo():
                     # moi's residual echo started the utterance, or a person did whom the
                     # canceller has not let through for long enough yet (EchoCanceller.near_end):

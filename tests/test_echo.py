@@ -304,11 +304,13 @@ class Mic:
             yield Audio.silence(0.032, R)
 
 
-@pytest.mark.parametrize("joins_at", [1.5, None])
+@pytest.mark.parametrize("joins_at", [1.5, None, 8.0])
 def test_a_person_who_joins_an_utterance_moi_s_echo_began_is_heard(engine, vad_model, speech60, joins_at):
     """moi is talking; speech starts that the canceller calls moi's own echo, so it is held. When
     the canceller then lets the person through, the reply stops and what they said is the next
-    turn; if it never does, nothing happens and the utterance is dropped."""
+    turn; if it never does, nothing happens and the utterance is dropped; nor if it only does
+    after the utterance is over (8 s: it ends at ~6 s): a held utterance that ended stays dropped
+    (it did not: measured live, moi cut itself off 8 s after an echo's utterance had ended)."""
     from local.web_hub import BrowserPlayback
 
     pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
@@ -327,12 +329,13 @@ def test_a_person_who_joins_an_utterance_moi_s_echo_began_is_heard(engine, vad_m
     spoken = Audio.concat([Audio.silence(0.5), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
     live = LiveSession(pipe, Mic(spoken), player, barge_in="auto").start()
     try:
-        events = collect(live, has(Transcript) if joins_at is not None else (lambda ev: False), timeout=8 if joins_at is None else 60)
+        heard_ever = joins_at is not None and joins_at < 5.0
+        events = collect(live, has(Transcript) if heard_ever else (lambda ev: False), timeout=60 if heard_ever else 8)
     finally:
         live.close()
     stops = [e for e in events if isinstance(e, ReplyStopped)]
     heard = [e.text for e in events if isinstance(e, Transcript)]
-    if joins_at is None:
+    if not heard_ever:
         assert stops == [] and heard == [], (stops, heard)
         return
     assert [s.reason for s in stops] == ["barge-in"]
