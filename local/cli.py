@@ -41,10 +41,9 @@ URL = typer.Option(
 API_KEY = typer.Option(None, "--api-key", envvar="MOI_API_KEY", help="--remote: bearer key.")
 FALLBACK = typer.Option(True, "--fallback/--no-fallback", help="--remote: answer locally when the remote fails.")
 BARGE_IN = typer.Option(
-    "half", "--barge-in",
-    help="half: ignore the mic while moi speaks (laptop speakers); auto: an echo canceller on the mic, and "
-         "speech over a reply cuts in (laptop speakers; hears 9-10 of 10 live, but moi still cuts itself off "
-         "now and then, see README); full: speech cuts in (headset).",
+    "auto", "--barge-in",
+    help="auto: an echo canceller on the mic, and speech over a reply cuts in (laptop speakers; acts as half "
+         "without a canceller, and says so); half: ignore the mic while moi speaks; full: speech cuts in (headset).",
 )
 
 

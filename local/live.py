@@ -5,18 +5,18 @@ Three threads: capture (source → meters → VAD, never blocked by the models),
 caller's, which reads :attr:`LiveSession.events` to draw a view.
 
 Barge-in modes, because a laptop's microphone hears its own speaker:
-- ``half`` (default, safe on laptop speakers): half-duplex. While moi is answering, the
-  microphone's speech is shown but not acted on, so moi's own voice never starts a turn or
+- ``auto`` (the default: laptop speakers with an echo canceller): the VAD listens to the
+  microphone after :mod:`local.echo` took moi's voice out, and acts as ``full`` once the
+  canceller has converged (``EchoCanceller.converged``) and for speech that is a person, not
+  moi's residual echo (``EchoCanceller.near_end``); before that, and with no canceller
+  (``pipeline.echo`` is None), it acts as ``half``.
+- ``half`` (safe on laptop speakers without a canceller): half-duplex. While moi is answering,
+  the microphone's speech is shown but not acted on, so moi's own voice never starts a turn or
   cuts itself off. Stop (key or button) still cuts the reply. A source that cannot hear the
   speaker (a file played in real time, ``hears_player=False``) is not muted: its utterances
   wait their turn instead.
 - ``full`` (headsets): speech from the user while moi answers stops playback at once, cancels
   the rest of the reply (LLM generation and pending TTS), and becomes the next turn.
-- ``auto`` (the default: laptop speakers with an echo canceller): the VAD listens to the
-  microphone after :mod:`local.echo` took moi's voice out, and acts as ``full`` once the
-  canceller has converged (``EchoCanceller.converged``) and for speech that is more than moi's
-  residual echo (``EchoCanceller.near_end``); before that, and with no canceller
-  (``pipeline.echo`` is None), it acts as ``half``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LiveSession:
         source: Iterable[Audio],
         player: Player | None = None,
         *,
-        barge_in: str = "half",
+        barge_in: str = "auto",
         hears_player: bool = True,
         status_every_s: float = 0.1,
     ) -> None:

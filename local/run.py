@@ -152,7 +152,7 @@ def attach_echo(
 
 def run_live(
     cfg: Config, source: Iterable[Audio], player: Player | None, *, variant: str = "chat",
-    barge_in: str = "half", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
+    barge_in: str = "auto", mode: str = "view", save_reply: Path | None = None, engine: Engine | None = None,
     hears_player: bool = True,
 ) -> int:
     """Run a live session until the source ends or the user quits; ``mode``: view | quiet | json."""

@@ -60,7 +60,7 @@ def allowed_hosts(host: str) -> frozenset[str] | None:
 
 def create_ui_app(
     cfg: Config, engine: Engine | None = None, *, sample: Path | None = None, tick_s: float = 0.05,
-    barge_in: str = "half", input_device: str | None = None, max_upload_mb: int = 50, host: str = "127.0.0.1",
+    barge_in: str = "auto", input_device: str | None = None, max_upload_mb: int = 50, host: str = "127.0.0.1",
     speaker: bool = False, output_device: str | None = None,
 ) -> FastAPI:
     """The web live view over ``engine`` (default: a LocalEngine on ``cfg``). Models load when a
@@ -156,7 +156,7 @@ def port_free(host: str, port: int) -> bool:
 
 def run_ui(
     cfg: Config, engine: Engine | None = None, *, host: str = "127.0.0.1", port: int = 8080,
-    preload: bool = True, barge_in: str = "half", input_device: str | None = None, console=None,
+    preload: bool = True, barge_in: str = "auto", input_device: str | None = None, console=None,
     speaker: bool = False, output_device: str | None = None,
 ) -> None:
     """Serve the web live view until Ctrl-C. ``preload``: load every model first, so the

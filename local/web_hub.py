@@ -175,7 +175,7 @@ class Hub:
     """The one live session all pages share, and the ticker that streams it to them."""
 
     def __init__(
-        self, cfg: Config, engine: Engine, sample: Path, *, tick_s: float = 0.05, barge_in: str = "half",
+        self, cfg: Config, engine: Engine, sample: Path, *, tick_s: float = 0.05, barge_in: str = "auto",
         input_device: str | None = None, upload_dir: Path, max_uploads: int = 8, max_upload_s: float = 1800.0,
         speaker: bool = False, output_device: str | None = None,
     ) -> None:
