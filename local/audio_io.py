@@ -253,7 +253,7 @@ class Player:
         # PortAudio's own DAC time for the block cannot be trusted: on ALSA's PulseAudio plugin
         # over a combine sink it said 1.35 s ahead for half a minute, then more than 2 s, while
         # the sound came out 0.25 s after it was written (measured). The stream's latency is
-        # steady; what it leaves out, EchoDelay finds from the signals.
+        # steady; what it leaves out, EchoPath finds from the signals.
         ahead = self._stream.latency
         # every block goes out, silence included, so the speaker's timeline is one run of
         # samples, broken only by an underrun
