@@ -175,6 +175,11 @@ class EchoPath:
         """The reference moved: what is held no longer matches it."""
         self._filled, self._last = 0, None
 
+    @property
+    def lag(self) -> float | None:
+        """The latest estimate of how far the echo trails the reference (s), agreed or not."""
+        return self._last
+
     def update(self, mic: np.ndarray, ref: np.ndarray) -> float | None:
         n = min(len(mic), self._n)
         where = (self._at + np.arange(n)) % self._n
@@ -239,6 +244,68 @@ class EchoPath:
         return float(np.min(np.sum((1.0 - coherence) * pa, axis=1)) / (np.sum(pa) + 1e-20))
 
 
+class LinearEcho:
+    """moi's voice taken out of the microphone by a linear filter alone, for what Whisper hears
+    of an utterance (``EchoCanceller.linear``; the VAD still listens to the canceller's output).
+
+    While both talk, AEC3's nonlinear stage holds the person down for their first 0.1-0.4 s,
+    and Whisper loses their first words; a linear filter does not: offline, on one live run's
+    recorded signals, the ten sentences said over moi came out at WER 0.085 this way against
+    0.209 from AEC3's output (0.09 for the clips alone). Per frequency (STFT, N samples, a
+    quarter apart) the reference's transfer to the microphone, H = Sxy / Syy with the
+    reference taken ``lag`` earlier, is learnt while moi talks alone and subtracted always.
+    """
+
+    N, HOP = 2048, 512
+    FORGET = 0.94  # per hop (32 ms): about half a second of memory
+    KEEP_S = 30.0  # the cleaned microphone kept: the longest utterance looked up
+
+    def __init__(self) -> None:
+        self._window = np.hanning(self.N + 1)[: self.N].astype(np.float32)
+        history = np.zeros(self.N - self.HOP, np.float32)
+        self._mic, self._ref = history, history.copy()  # input not yet framed, N - HOP behind
+        self._far = np.zeros(0, np.float32)  # the reference's recent past, for the lag
+        self._sxy = np.zeros(self.N // 2 + 1, np.complex128)
+        self._syy = np.zeros(self.N // 2 + 1)
+        self._ola = np.zeros(self.N, np.float32)
+        self._out = np.zeros(int(self.KEEP_S * SPEECH_RATE), np.float32)  # a ring by input sample
+        self.done = -(self.N - self.HOP)  # input sample index of the next sample out
+
+    def feed(self, mic: np.ndarray, far: np.ndarray, lag_s: float, learn: bool) -> None:
+        """Another chunk of microphone and reference (as the canceller got them); ``learn``:
+        moi talks alone in it, so the filter may follow the echo path."""
+        lag = int(round(lag_s * SPEECH_RATE))
+        self._far = np.concatenate([self._far, far])[-(lag + len(far) + 1) :]
+        late = self._far[len(self._far) - lag - len(far) : len(self._far) - lag]
+        late = np.concatenate([np.zeros(len(far) - len(late), np.float32), late])
+        self._mic, self._ref = np.concatenate([self._mic, mic]), np.concatenate([self._ref, late])
+        while len(self._mic) >= self.N:
+            x = np.fft.rfft(self._window * self._mic[: self.N])
+            y = np.fft.rfft(self._window * self._ref[: self.N])
+            if learn:
+                self._sxy = self.FORGET * self._sxy + x * np.conj(y)
+                self._syy = self.FORGET * self._syy + np.abs(y) ** 2
+            h = self._sxy / (self._syy + 1e-9)
+            self._ola += self._window * np.fft.irfft(x - h * y, self.N).astype(np.float32)
+            self._emit(self._ola[: self.HOP] / 1.5)  # Hann at a quarter hop sums to 1.5
+            self._ola = np.concatenate([self._ola[self.HOP :], np.zeros(self.HOP, np.float32)])
+            self._mic, self._ref = self._mic[self.HOP :], self._ref[self.HOP :]
+
+    def _emit(self, samples: np.ndarray) -> None:
+        if self.done >= 0:
+            where = (self.done + np.arange(len(samples))) % len(self._out)
+            self._out[where] = samples
+        self.done += len(samples)
+
+    def cleaned(self, start: int, n: int) -> np.ndarray | None:
+        """Input samples ``start`` to ``start + n`` as cleaned, as far as that is done (the last
+        N - HOP samples in are not yet), or None where they are not (or no longer) held."""
+        n = min(n, self.done - start)
+        if start < 0 or n <= 0 or self.done - start > len(self._out):
+            return None
+        return self._out[(start + np.arange(n)) % len(self._out)].copy()
+
+
 class FrameCanceller:
     """A backend fed float32 16 kHz chunks of any length: returns as many cleaned samples as it
     takes in, one frame (10 ms) behind until the first frame is full."""
@@ -285,6 +352,8 @@ class EchoCanceller:
         self.gaps = 0  # times the speaker's stream jumped (an underrun, a restart)
         self._pos: float | None = None  # DAC time of the next reference sample to hand out
         self.path = EchoPath()
+        self.linear_echo = LinearEcho()
+        self._taken = 0  # microphone samples taken so far (the VAD's stream counts the same)
         self.shift = LEAD_S  # the reference is cut this much later than the microphone's time
         self.moves = 0  # times the reference was moved to where the echo was found
         self.slips = 0  # times the microphone's clock had drifted too far from the speaker's
@@ -359,7 +428,11 @@ class EchoCanceller:
         far = self.reference(captured_at + self.shift, len(chunk.samples))
         cleaned = self._cancel(chunk.samples, far)
         self.seconds += chunk.seconds
+        self._taken += len(chunk.samples)
         self._learn(chunk.samples, far, cleaned)
+        alone = self._recent[-1][2] < self._recent[-1][1] * 10 ** (NEAR_DB / 10)  # the canceller found only echo
+        active = float(np.mean(np.square(far))) >= FAR_ACTIVE
+        self.linear_echo.feed(chunk.samples, far, self.path.lag or TRAIL_S, learn=alone and active)
         lag = self.path.update(chunk.samples, far)
         if lag is not None and not REACH[0] <= lag <= REACH[1]:  # move the reference: the next cut is afresh
             self.shift -= lag - TRAIL_S
@@ -368,6 +441,13 @@ class EchoCanceller:
             self.converged = False  # the canceller's filter was for the old place: earn trust again
             self._far_s = self._mic_e = self._out_e = 0.0
         return Audio(cleaned, SPEECH_RATE)
+
+    def linear(self, start_s: float, n: int) -> np.ndarray | None:
+        """``n`` samples of the microphone from ``start_s`` (its own stream time, as the VAD
+        counts it) with moi's voice taken out by a linear filter only (LinearEcho): what an
+        utterance should sound like to Whisper. Fewer where the last are not done yet, None
+        where none is held."""
+        return self.linear_echo.cleaned(int(round(start_s * SPEECH_RATE)), n)
 
     @property
     def erle_db(self) -> float:

@@ -11,6 +11,8 @@ monotonic clock since the run started.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import logging
 import queue
 import threading
@@ -171,7 +173,7 @@ class Pipeline:
             if isinstance(ev, SpeechStart):
                 yield SpeechStarted(clock(), ev.at)
             elif isinstance(ev, SpeechPause):
-                self._speculate(ev, clock)
+                self._speculate(replace(ev, audio=self._heard(ev.start, ev.audio)), clock)
             elif isinstance(ev, SpeechResume):
                 with self._lock:
                     self._drop()
@@ -181,10 +183,24 @@ class Pipeline:
                         self._spec.utterance = ev.audio  # the turn ended in the pause it started at
                     else:
                         self._drop()
+                if ev.audio is not None:
+                    ev = replace(ev, audio=self._heard(ev.start, ev.audio))
                 seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
                 yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p)
                 if ev.audio is not None:
                     yield ev.audio
+
+    def _heard(self, start: float, audio: Audio) -> Audio:
+        """An utterance as Whisper should hear it: with an echo canceller, the microphone with
+        moi's voice taken out by a linear filter (``EchoCanceller.linear``: the canceller's own
+        output, which the VAD listens to, holds a person down while both talk)."""
+        linear = getattr(self.echo, "linear", None)
+        cleaned = linear(start, len(audio.samples)) if linear is not None else None
+        if cleaned is None:
+            return audio
+        samples = audio.samples.copy()
+        samples[: len(cleaned)] = cleaned  # the last few ms (the post-roll) may not be done yet
+        return Audio(samples, SPEECH_RATE)
 
     def _speculate(self, pause: SpeechPause, clock: Clock) -> None:
         """Start the turn at this pause, if the session allows it (it waits for a dropped one

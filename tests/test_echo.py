@@ -226,6 +226,33 @@ def test_echo_the_canceller_lets_through_is_not_a_person(reply, speech60, person
         assert any(n for t, n in near if 5.0 <= t < 7.0), "the person talking over moi was not heard"
 
 
+@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
+def test_an_utterance_over_moi_is_heard_through_a_linear_filter(reply, speech60, stt):
+    """What Whisper hears of an utterance said over moi comes from LinearEcho, not the
+    canceller's output (which held a person's first words down while both talked, live): the
+    person as they spoke, moi's voice 10 dB and more under its echo (a linear filter through the
+    simulated room's tail: 12-16 dB; through the bench card's loopback: 30-60), their words all
+    there."""
+    far_end = FarEnd(R)
+    aec = EchoCanceller(far_end, WEBRTC[0])
+    far = np.concatenate([np.zeros(R // 2, np.float32), reply.samples])
+    echo_only = laptop_echo(far)
+    person = speech60.slice(3.0, 6.5).samples  # "Well, I wouldn't start from here, Sonny."
+    person = person * np.sqrt(np.mean(echo_only[5 * R : 8 * R] ** 2) / np.mean(person**2))  # as loud as moi
+    mic = echo_only.copy()
+    mic[5 * R : 5 * R + len(person)] += person
+    t0 = 100.0
+    far_end.write(t0, far)
+    for i in range(0, len(mic) - 511, 512):
+        aec(Audio(mic[i : i + 512], R), t0 + i / R)
+    heard = aec.linear(5.0, len(person))
+    assert heard is not None and len(heard) == len(person)
+    left = heard - person  # what is left of moi where the person talked
+    assert 10 * np.log10(np.mean(left**2) / np.mean(echo_only[5 * R : 5 * R + len(person)] ** 2)) < -10
+    alone = stt.transcribe(Audio(person, R)).text
+    assert words(stt.transcribe(Audio(heard, R)).text) == words(alone), alone
+
+
 def test_stream_clock_restarts_after_an_underrun():
     """An underrun breaks the speaker's run of samples: what follows is timed afresh."""
     clock = StreamClock(1000, late_only=False)
