@@ -170,15 +170,11 @@ class EchoPath:
         self._since = 0  # samples since the last estimate
         self._filled = 0  # samples held since the last reset
         self._last: float | None = None
+        self.lag: float | None = None  # the latest clear estimate (s), kept through silences
 
     def reset(self) -> None:
         """The reference moved: what is held no longer matches it."""
-        self._filled, self._last = 0, None
-
-    @property
-    def lag(self) -> float | None:
-        """The latest estimate of how far the echo trails the reference (s), agreed or not."""
-        return self._last
+        self._filled, self._last, self.lag = 0, None, None
 
     def update(self, mic: np.ndarray, ref: np.ndarray) -> float | None:
         n = min(len(mic), self._n)
@@ -193,6 +189,7 @@ class EchoPath:
         lag = self._estimate()
         agreed = lag is not None and self._last is not None and abs(lag - self._last) <= self.AGREE_S
         self._last = lag
+        self.lag = lag if lag is not None else self.lag
         return lag if agreed else None
 
     def _recent(self, ring: np.ndarray, n: int) -> np.ndarray:
@@ -258,6 +255,10 @@ class LinearEcho:
 
     N, HOP = 2048, 512
     FORGET = 0.94  # per hop (32 ms): about half a second of memory
+    # trusted LEARN_S after the echo's lag is first known (a session's first 4 s of moi's voice,
+    # or a move of the reference, when what it learnt is for another place); later changes of
+    # the lag (a stop's restart, an underrun) it follows within half a second, FORGET
+    LEARN_S = 1.0
     KEEP_S = 30.0  # the cleaned microphone kept: the longest utterance looked up
 
     def __init__(self) -> None:
@@ -354,6 +355,7 @@ class EchoCanceller:
         self.path = EchoPath()
         self.linear_echo = LinearEcho()
         self._taken = 0  # microphone samples taken so far (the VAD's stream counts the same)
+        self._linear_from: int | None = None  # ...from which the linear filter knew the echo's lag
         self.shift = LEAD_S  # the reference is cut this much later than the microphone's time
         self.moves = 0  # times the reference was moved to where the echo was found
         self.slips = 0  # times the microphone's clock had drifted too far from the speaker's
@@ -432,7 +434,12 @@ class EchoCanceller:
         self._learn(chunk.samples, far, cleaned)
         alone = self._recent[-1][2] < self._recent[-1][1] * 10 ** (NEAR_DB / 10)  # the canceller found only echo
         active = float(np.mean(np.square(far))) >= FAR_ACTIVE
-        self.linear_echo.feed(chunk.samples, far, self.path.lag or TRAIL_S, learn=alone and active)
+        lag = self.path.lag  # unknown for the first 4 s of moi's voice, and again after a move
+        if lag is None:
+            self._linear_from = None
+        elif self._linear_from is None:  # trusted once it has had LEARN_S to learn at a known lag
+            self._linear_from = self._taken + int(LinearEcho.LEARN_S * SPEECH_RATE)
+        self.linear_echo.feed(chunk.samples, far, lag if lag is not None else TRAIL_S, learn=alone and active)
         lag = self.path.update(chunk.samples, far)
         if lag is not None and not REACH[0] <= lag <= REACH[1]:  # move the reference: the next cut is afresh
             self.shift -= lag - TRAIL_S
@@ -445,9 +452,12 @@ class EchoCanceller:
     def linear(self, start_s: float, n: int) -> np.ndarray | None:
         """``n`` samples of the microphone from ``start_s`` (its own stream time, as the VAD
         counts it) with moi's voice taken out by a linear filter only (LinearEcho): what an
-        utterance should sound like to Whisper. Fewer where the last are not done yet, None
-        where none is held."""
-        return self.linear_echo.cleaned(int(round(start_s * SPEECH_RATE)), n)
+        utterance should sound like to Whisper. Fewer where the last are not done yet; None
+        where none is held, or before the filter has known the echo's lag for LEARN_S."""
+        start = int(round(start_s * SPEECH_RATE))
+        if self._linear_from is None or start < self._linear_from:
+            return None  # the canceller's own output, then: better than the microphone as it was
+        return self.linear_echo.cleaned(start, n)
 
     @property
     def erle_db(self) -> float:
