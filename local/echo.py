@@ -91,6 +91,12 @@ class FarEnd:
         return blocks
 
 
+def _let_through(mic_e: float, out_e: float) -> bool:
+    """Whether the canceller let a chunk's microphone energy through (NEAR_DB): a person, or
+    echo it did not remove."""
+    return out_e >= mic_e * 10 ** (NEAR_DB / 10)
+
+
 def _to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
 
@@ -354,8 +360,7 @@ class EchoCanceller:
         self._pos: float | None = None  # DAC time of the next reference sample to hand out
         self.path = EchoPath()
         self.linear_echo = LinearEcho()
-        self._taken = 0  # microphone samples taken so far (the VAD's stream counts the same)
-        self._linear_from: int | None = None  # ...from which the linear filter knew the echo's lag
+        self._linear_from: int | None = None  # sample (the VAD's count) from which LinearEcho knew the lag
         self.shift = LEAD_S  # the reference is cut this much later than the microphone's time
         self.moves = 0  # times the reference was moved to where the echo was found
         self.slips = 0  # times the microphone's clock had drifted too far from the speaker's
@@ -430,16 +435,15 @@ class EchoCanceller:
         far = self.reference(captured_at + self.shift, len(chunk.samples))
         cleaned = self._cancel(chunk.samples, far)
         self.seconds += chunk.seconds
-        self._taken += len(chunk.samples)
-        self._learn(chunk.samples, far, cleaned)
-        alone = self._recent[-1][2] < self._recent[-1][1] * 10 ** (NEAR_DB / 10)  # the canceller found only echo
-        active = float(np.mean(np.square(far))) >= FAR_ACTIVE
+        active = self._learn(chunk.samples, far, cleaned)
+        _, mic_e, out_e = self._recent[-1]
         lag = self.path.lag  # unknown for the first 4 s of moi's voice, and again after a move
         if lag is None:
             self._linear_from = None
         elif self._linear_from is None:  # trusted once it has had LEARN_S to learn at a known lag
-            self._linear_from = self._taken + int(LinearEcho.LEARN_S * SPEECH_RATE)
-        self.linear_echo.feed(chunk.samples, far, lag if lag is not None else TRAIL_S, learn=alone and active)
+            self._linear_from = int(round((self.seconds + LinearEcho.LEARN_S) * SPEECH_RATE))
+        alone = active and not _let_through(mic_e, out_e)  # the canceller found only moi's echo
+        self.linear_echo.feed(chunk.samples, far, lag if lag is not None else TRAIL_S, learn=alone)
         lag = self.path.update(chunk.samples, far)
         if lag is not None and not REACH[0] <= lag <= REACH[1]:  # move the reference: the next cut is afresh
             self.shift -= lag - TRAIL_S
@@ -476,12 +480,14 @@ class EchoCanceller:
         silent = self.seconds - self._far_last
         if silent < TAIL_S and (silent > 0.0 or self.seconds - self._far_since < ONSET_S):
             return False
-        through = sum(n for n, m, o in self._recent if m > QUIET * n and o >= m * 10 ** (NEAR_DB / 10))
+        through = sum(n for n, m, o in self._recent if m > QUIET * n and _let_through(m, o))
         return through >= PERSON_S * SPEECH_RATE and self.path.unexplained(NEAR_S) >= PERSON_SHARE
 
-    def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> None:
+    def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> bool:
+        """Keep the chunk's energies for near_end and the ERLE; whether the speaker played in it."""
         active = len(far) > 0 and float(np.mean(np.square(far))) >= FAR_ACTIVE
-        self._recent.append((len(mic), float(np.sum(np.square(mic))), float(np.sum(np.square(out)))))
+        mic_e, out_e = float(np.sum(np.square(mic))), float(np.sum(np.square(out)))
+        self._recent.append((len(mic), mic_e, out_e))
         self._recent_n += len(mic)
         if active:
             if self.seconds - self._far_last > PAUSE_S:
@@ -490,13 +496,14 @@ class EchoCanceller:
         while self._recent_n - self._recent[0][0] >= NEAR_S * SPEECH_RATE:
             self._recent_n -= self._recent.popleft()[0]
         if not active:
-            return
+            return False
         decay = 0.97  # about a second of memory at 32 ms chunks
         self._far_s += len(far) / SPEECH_RATE
-        self._mic_e = decay * self._mic_e + float(np.sum(np.square(mic)))
-        self._out_e = decay * self._out_e + float(np.sum(np.square(out)))
+        self._mic_e = decay * self._mic_e + mic_e
+        self._out_e = decay * self._out_e + out_e
         if not self.converged and self._far_s >= TRUST_S and self.erle_db >= TRUST_DB:
             self.converged = True
+        return True
 
 
 def canceller(far: FarEnd, spec: str = "auto") -> EchoCanceller | None:

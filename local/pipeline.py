@@ -11,12 +11,11 @@ monotonic clock since the run started.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -178,13 +177,13 @@ class Pipeline:
                 with self._lock:
                     self._drop()
             else:
+                if ev.audio is not None:  # before the speculation takes it: turn() knows it by identity
+                    ev = replace(ev, audio=self._heard(ev.start, ev.audio))
                 with self._lock:
                     if self._spec is not None and self._spec.start == ev.start and ev.audio is not None and not ev.forced:
                         self._spec.utterance = ev.audio  # the turn ended in the pause it started at
                     else:
                         self._drop()
-                if ev.audio is not None:
-                    ev = replace(ev, audio=self._heard(ev.start, ev.audio))
                 seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
                 yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p)
                 if ev.audio is not None:

@@ -389,7 +389,7 @@ def echo_path():
 
 @pytest.mark.skipif(not INSTALLED, reason="no echo canceller installed")
 # Rerun once or twice: a live run on a loaded 2-core machine can still go wrong by chance
-# (bench/echo.py: moi's own voice cut in 0-1 times in ~20 replies per run, target 0). A
+# (bench/echo.py: moi's own voice cut in 0-2 times in ~20 replies per run, target 0). A
 # canceller, a reference or a person test gone wrong fails every run, and so this test.
 @pytest.mark.flaky(reruns=2)
 def test_live_echo_makes_no_turn_and_talking_over_it_does(echo_path, engine, vad_model, long_line, question):
