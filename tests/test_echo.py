@@ -371,6 +371,45 @@ def test_a_person_who_joins_an_utterance_moi_s_echo_began_is_heard(engine, vad_m
     assert heard and {"answer", "sonny"} <= words(heard[0]), heard  # the whole utterance, start included
 
 
+class LinearHeard(ScriptedCanceller):
+    """The scripted canceller with EchoCanceller's other side: ``linear`` gives what Whisper
+    hears of an utterance, a fresh array each time (no echo here: the microphone as it was)."""
+
+    def __init__(self) -> None:
+        super().__init__(joins_at=0.0)
+        self.mic: list[np.ndarray] = []
+        self.asked: list[float] = []
+
+    def __call__(self, chunk: Audio, captured_at: float) -> Audio:
+        self.mic.append(chunk.samples)
+        return super().__call__(chunk, captured_at)
+
+    def linear(self, start_s: float, n: int) -> np.ndarray:
+        self.asked.append(start_s)
+        start = int(round(start_s * R))
+        return np.concatenate(self.mic)[start : start + n].copy()
+
+
+def test_a_turn_started_at_a_pause_is_kept_when_whisper_hears_the_linear_filter(engine, vad_model, speech60):
+    """Speculation with an echo canceller: the utterance a pause hands the speculated turn, and
+    the one its SpeechEnd confirms it with, are both the linear filter's (``Pipeline._heard``),
+    and the turn started at the last pause is the one answered, not dropped and done again
+    (it was, for every turn, once the filter was trusted: the confirmed utterance was replaced
+    after the speculation had taken the other one)."""
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo")
+    pipe.echo = canceller = LinearHeard()
+    pipe.may_speculate = lambda: True
+    spoken = Audio.concat([Audio.silence(0.5), speech60.slice(3.0, 6.5), Audio.silence(1.5)])
+    source = type("FileMic", (), {"captured_at": 0.0, "__iter__": lambda self: iter(
+        [Audio(spoken.samples[i : i + 512], R) for i in range(0, len(spoken), 512)])})()
+    events = list(pipe.run(source))
+    assert pipe.speculated >= 1 and pipe.dropped == pipe.speculated - 1, (pipe.speculated, pipe.dropped)
+    assert len(canceller.asked) >= 2  # a pause's utterance and the end's: both through the filter
+    heard = [e.text for e in events if isinstance(e, Transcript)]
+    assert len(heard) == 1 and {"answer", "start", "here"} <= words(heard[0]), heard
+    assert any(isinstance(e, ReplyAudio) for e in events)
+
+
 # --- live, on the virtual sound card with an echo path ------------------------------------
 
 
