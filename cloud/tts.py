@@ -166,7 +166,7 @@ class TextToSpeech:
     ) -> Iterator[Speech]:
         """(piece, audio) for each sentence of ``text``, the first clause first; with
         ``split=False`` the text is one piece (a turn cuts its reply once, itself)."""
-        pieces = split_sentences(text, self.cfg.first_clause_chars, self.cfg.first_words) if split else [text]
+        pieces = split_sentences(text, self.cfg.first_clause_chars, self.cfg.first_words, self.cfg.max_piece_chars) if split else [text]
         for piece in pieces:
             if cancel is not None and cancel.is_set():
                 return

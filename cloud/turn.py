@@ -112,7 +112,7 @@ def _chat_and_speak(
     n = req.turn
 
     def generate() -> None:
-        splitter = SentenceStream(tts.first_clause_chars, tts.first_words)
+        splitter = SentenceStream(tts.first_clause_chars, tts.first_words, tts.max_piece_chars)
         t = clock()
         stream = None
         try:

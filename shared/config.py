@@ -105,6 +105,9 @@ class TtsConfig:
     lang: str = "en-us"
     first_clause_chars: int = 24  # speak the first clause early when a sentence is longer
     first_words: int = 6  # ...or, with no clause break, its first words (0: never cut mid-clause)
+    # a longer sentence is cut at its clause breaks (0: never): a Stop or a barge-in waits for
+    # the piece being synthesized, and with it the person's next turn
+    max_piece_chars: int = 80
     threads: int = 0  # onnxruntime threads for Kokoro ONNX; 0: half the cores (model_threads)
 
 

@@ -64,3 +64,24 @@ def test_sentence_splitting_rules():
     for token in text.replace(" ", " |").split("|"):
         out += stream.feed(token)
     assert out + stream.flush() == split_sentences(text)
+
+
+def test_a_long_sentence_is_cut_where_it_breaks_so_a_stop_need_not_wait_for_it():
+    """A piece's synthesis cannot be cut short, so a barge-in waits for it: a sentence past
+    max_chars is cut at its clause breaks, else before a conjunction (a reply's 190-character
+    sentence took 11 s to synthesize live, and the person's turn waited)."""
+    text = ("The tax is a topic. Some say it's too expensive, while others argue that the tax will be passed on "
+            "to other countries and they'll have no choice but to implement some sort of new system or "
+            "something like that. Fine, short one.")
+    pieces = split_sentences(text, 24, 6, 80)
+    assert pieces == ["The tax is a topic.", "Some say it's too expensive,",
+                      "while others argue that the tax will be passed on to other countries",
+                      "and they'll have no choice but to implement some sort of new system",
+                      "or something like that.", "Fine, short one."]
+    assert " ".join(pieces) == text  # nothing lost or moved
+    assert split_sentences(text, 24, 6)[1].endswith("like that.")  # 0: not cut
+    stream, out = SentenceStream(24, 6, 80), []
+    for token in text.replace(" ", " |").split("|"):
+        out += stream.feed(token)
+    assert out + stream.flush() == pieces  # as the LLM streams it: the same cuts
+    assert split_sentences("A" * 100 + " end.", 24, 0, 80) == ["A" * 100 + " end."]  # no break: whole
