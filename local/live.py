@@ -67,8 +67,11 @@ class LiveSession:
         self._threads: list[threading.Thread] = []
         self._turn = 0
         self._muted = False  # the utterance under way is not acted on
-        # a turn may start at a pause, before it is decided, while nothing else is answered
-        pipeline.may_speculate = lambda: not self._muted and not self.answering
+        self._talking = threading.Event()  # an utterance under way will be queued when it ends
+        self._joining = threading.Event()  # the turn worker waits for the rest of what is queued
+        # a turn may start at a pause, before it is decided, while nothing else is answered (nor
+        # waits for the rest of that utterance: it will be answered with what came before)
+        pipeline.may_speculate = lambda: not self._muted and not self.answering and not self._joining.is_set()
 
     # --- control -----------------------------------------------------------------------
 
@@ -123,19 +126,26 @@ class LiveSession:
     def _capture(self) -> None:
         next_status = 0.0
         held = False  # muted because it sounded like moi's own echo: judged again as it goes on
+        ended = False  # the last item ended an utterance: its audio comes next, if it was long enough
         try:
             for item in self.pipeline.listen(self.source, self.clock):
                 if self._done.is_set():
                     break
+                if ended and not isinstance(item, Audio):  # the utterance ended too short: nothing queued
+                    self._talking.clear()
+                ended = isinstance(item, SpeechEnded)
                 if isinstance(item, Audio):
                     if self._muted:
                         continue  # moi's own voice, or speech over it: shown, not acted on
                     self._utterances.put(item)
+                    self._talking.clear()  # after the put: the turn worker sees it queued
                     continue
                 if isinstance(item, SpeechStarted):
                     own = self._own_echo()
                     self._muted = self.answering and self.hears_player and (not self.full_duplex or own)
                     held = self._muted and self.full_duplex and own
+                    if not self._muted:
+                        self._talking.set()
                     if self.answering and self.full_duplex and not own:
                         self.stop_reply("barge-in", trigger=time.monotonic())
                 elif isinstance(item, SpeechEnded):
@@ -146,6 +156,7 @@ class LiveSession:
                     # the VAD sees one utterance, so only the canceller can tell that a person
                     # is in it, and once it does, they are
                     self._muted = held = False
+                    self._talking.set()
                     self.stop_reply("barge-in")
                 self.events.put(item)
                 if self.clock() >= next_status:
@@ -155,6 +166,7 @@ class LiveSession:
             log.debug("listening failed", exc_info=exc)
             self.events.put(ErrorEvent(self.clock(), str(exc) if isinstance(exc, MoiError) else f"listening failed: {exc!r}"))
         finally:  # the source ended (or failed): answer what is queued, then end
+            self._talking.clear()
             self._utterances.put(None)
 
     def _answer(self) -> None:
@@ -165,6 +177,7 @@ class LiveSession:
                 utterance = self._utterances.get()
                 if utterance is None:
                     break
+                utterance, last = self._joined(utterance)
                 self._busy.set()
                 try:
                     self._turn = self.pipeline.turns + 1
@@ -181,9 +194,37 @@ class LiveSession:
                     self.events.put(ErrorEvent(self.clock(), f"turn failed: {exc!r}", self._turn))
                 finally:
                     self._busy.clear()
+                if last:
+                    break
         finally:
             self._finished.set()
             self.events.put(None)
+
+    def _joined(self, utterance: Audio) -> tuple[Audio, bool]:
+        """The utterance to answer next, and whether the session ends after it. When the person
+        is talking on as its turn would start (a barge-in whose words a pause cut in two, while
+        the reply it cut was still stopping; speech queued behind a turn), what they said waits
+        for the rest, and all of it is one turn: answering the first half would talk over the
+        second, and a Stop between them would be lost."""
+        if not self._talking.is_set():
+            return utterance, False
+        parts, last = [utterance], False
+        self._joining.set()
+        try:
+            while not last and not self._done.is_set():
+                try:  # the rest comes when they pause (talking then clears), with anything queued before it
+                    item = self._utterances.get(timeout=0.02)
+                except queue.Empty:
+                    if self._talking.is_set():
+                        continue
+                    break
+                if item is None:
+                    last = True
+                else:
+                    parts.append(item)
+        finally:
+            self._joining.clear()
+        return (parts[0] if len(parts) == 1 else Audio.concat(parts)), last
 
     def _own_echo(self) -> bool:
         """Whether what the microphone hears now is moi's own residual echo rather than a person

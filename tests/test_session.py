@@ -9,6 +9,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from itertools import chain, repeat
 
@@ -22,7 +23,7 @@ from local.run import paced
 from local.web_hub import BrowserPlayback
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import ReplyAudio, ReplyText, Transcript, TurnDone
+from shared.events import ReplyAudio, ReplyText, SpeechStarted, Transcript, TurnDone
 from shared.models import resolve
 from tests.conftest import ROOT, words
 
@@ -172,3 +173,47 @@ def test_a_turn_started_at_a_pause_the_person_talks_past_leaves_no_trace(runners
     assert [(m.role, m.content) for m in pipe.thread.messages()][1:] == [
         ("user", heard[0]), ("assistant", next(e.text for e in events if isinstance(e, ReplyText)))]
     assert player.played == [e.audio for e in events if isinstance(e, ReplyAudio)] != []
+
+
+def test_a_person_still_talking_when_their_turn_would_start_is_answered_once_for_all_of_it(runners, vad_model,
+                                                                                          speech60):
+    """The person pauses mid-sentence ("And the answer that comes back is, ... well, I wouldn't
+    start from here") while moi is still busy with the turn before (here: its reply held back
+    until the second half has begun; live: a reply a barge-in cut, still stopping). The first
+    half's turn would start while they talk on: it waits for the rest, and both halves are one
+    turn (answered alone, the first half was talked over the second, and a barge-in in between
+    was lost on a turn not yet begun)."""
+    cfg = Config.load(env={}, llm__max_tokens=16)
+    spoken = Audio.concat([Audio.silence(0.5), speech60.slice(0.0, 2.3), Audio.silence(1.0),
+                           speech60.slice(2.5, 4.75), Audio.silence(0.8), speech60.slice(4.75, 7.0)])
+    source = paced(chain(file_source_of(spoken), repeat(Audio.silence(0.1))))
+    pipe = Pipeline(LocalEngine(cfg, runners), Segmenter(vad_model, cfg.vad), cfg, "echo")
+
+    class HeldPlayback(BrowserPlayback):  # the first turn's reply waits until released
+        release = threading.Event()
+
+        def play(self, audio: Audio) -> None:
+            self.release.wait(60)
+            super().play(audio)
+
+    player = HeldPlayback()
+    live = LiveSession(pipe, source, player, barge_in="half", hears_player=False).start()
+    events, deadline = [], time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and sum(isinstance(e, TurnDone) for e in events) < 2:
+            try:
+                ev = live.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            events.append(ev)
+            if sum(isinstance(e, SpeechStarted) for e in events) == 3:  # the second half has begun
+                player.release.set()
+        time.sleep(1.0)
+        while not live.events.empty():
+            events.append(live.events.get_nowait())
+    finally:
+        player.release.set()
+        live.close()
+    heard = [e.text for e in events if isinstance(e, Transcript)]
+    assert len(heard) == 2 and "dublin" in words(heard[0]), heard
+    assert {"answer", "start", "here"} <= words(heard[1]), heard  # both halves, one turn
