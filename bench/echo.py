@@ -14,7 +14,8 @@ plays a real question; while moi answers it, another real sentence is played ove
 1 s into it; that reply is cut, the sentence is answered, and that answer plays out untouched.
 One recording bus holds both ends (bench/voice_to_voice.py's card), so "the person's first
 sample → the speaker silent" is read from the recording: the sentence is found there and
-subtracted, and what is left is moi. A warm-up turn first lets the canceller converge, as the
+subtracted, and what is left is moi; the first sample is the first sound of their speech
+(``speech_onset``), not the room noise the clip starts with. A warm-up turn first lets the canceller converge, as the
 first reply of a session does. Reported per canceller: self-interruptions (a turn or a cut
 that no person caused; target 0), interruptions detected (target ≥ 9 of 10), median time to
 silence (target ≤ 0.3 s), and the WER of the interrupting sentences as moi heard them over its
@@ -64,6 +65,7 @@ REPLIES = [
 PATHS = [(30, -6.0), (45, -9.0), (60, -12.0), (80, -9.0), (50, -6.0)]  # (delay ms, gain dB)
 HEARD_S = 4.0  # a sentence's transcripts come within this of its end (one, or two when a pause cut it)
 AUDIBLE_DB = -35.0  # moi's voice once the person is subtracted (what is left of them: -40..-60 dB)
+ONSET_DB = -25.0  # a sentence starts at its first sound this close to its loudest
 TARGETS = {"self": 0, "detected": 9, "silence_s": 0.3, "wer": 0.05}
 
 
@@ -210,6 +212,14 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, stat
     return measure(name, log, people, pcm, rec_started)
 
 
+def speech_onset(clip: Audio) -> float:
+    """Where the person starts talking in ``clip`` (s): its first 10 ms within ONSET_DB of its
+    loudest. The clips are cut at Whisper's word times, which leave 0-0.38 s of the room before
+    the first word (measured on the five used); a quiet first sound counts as the start."""
+    db = frames_db(clip.samples)
+    return float(np.argmax(db >= db.max() + ONSET_DB)) / 100
+
+
 def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict:  # noqa: ANN001
     def by_person(t: float, after: float) -> bool:  # within ``after`` s of the end of something we said
         return any(u - 0.2 <= t <= u + clip.seconds + after for u, _, clip in people)
@@ -237,7 +247,8 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
         gain = float(np.dot(seg, clip.samples) / (np.dot(clip.samples, clip.samples) + 1e-12))
         moi_only = pcm.copy()
         moi_only[at : at + len(clip)] -= gain * clip.samples  # what is left is moi's voice
-        db = frames_db(moi_only[at : at + int(3 * R)])
+        first = at + int(speech_onset(clip) * R)  # the person's first sample
+        db = frames_db(moi_only[first : first + int(3 * R)])
         loud = np.flatnonzero(db > AUDIBLE_DB)
         # silent from the first frame after which nothing audible follows for 300 ms
         end = next((f for f in loud if not ((db[f + 1 : f + 31]) > AUDIBLE_DB).any()), None)
