@@ -85,3 +85,15 @@ def test_a_long_sentence_is_cut_where_it_breaks_so_a_stop_need_not_wait_for_it()
         out += stream.feed(token)
     assert out + stream.flush() == pieces  # as the LLM streams it: the same cuts
     assert split_sentences("A" * 100 + " end.", 24, 0, 80) == ["A" * 100 + " end."]  # no break: whole
+
+
+def test_a_stop_ends_the_piece_being_synthesized(tts):
+    """``cancel`` set while a piece is synthesized ends it there (a piece took up to 6 s on a
+    busy laptop, and a barge-in waited for it): nothing of it comes out, and the next piece
+    synthesizes as ever."""
+    text = "The people of your world have found a new way to make their greatest dreams come true at last."
+    cancel = threading.Event()
+    threading.Timer(0.1, cancel.set).start()
+    assert list(tts.speak(text, split=False, cancel=cancel)) == []
+    assert tts.synthesize("Hello there.").seconds > 0.5
+    assert [s.text for s in tts.speak("Hello there.", cancel=threading.Event())] == ["Hello there."]
