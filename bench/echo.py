@@ -212,6 +212,21 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, stat
     return measure(name, log, people, pcm, rec_started)
 
 
+def without(pcm: np.ndarray, at: int, clip: Audio, reach: int = 16) -> np.ndarray:
+    """``pcm`` with ``clip`` (found at ``at``) taken out: the clip through the least-squares
+    filter of ±``reach`` taps that the recording heard it through (the sound server resamples
+    it on its way to the recording bus; a gain alone left it 17 dB down, louder than what is
+    left of moi at the end of a cut reply)."""
+    x, n = clip.samples, len(clip)
+    shifted = np.zeros((n, 2 * reach + 1), np.float32)
+    for j, lag in enumerate(range(-reach, reach + 1)):  # column j: the clip ``lag`` samples late
+        shifted[max(lag, 0) : n + min(lag, 0), j] = x[max(-lag, 0) : n - max(lag, 0)]
+    taps, *_ = np.linalg.lstsq(shifted, pcm[at : at + n], rcond=None)
+    out = pcm.copy()
+    out[at : at + n] -= shifted @ taps
+    return out
+
+
 def speech_onset(clip: Audio) -> float:
     """Where the person starts talking in ``clip`` (s): its first 10 ms within ONSET_DB of its
     loudest. The clips are cut at Whisper's word times, which leave 0-0.38 s of the room before
@@ -243,10 +258,7 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
         wers.append(wer(text, heard(t, clip)))
         near = int((t - rec_started) * R)
         at = find(clip, pcm, near, R)
-        seg = pcm[at : at + len(clip)]
-        gain = float(np.dot(seg, clip.samples) / (np.dot(clip.samples, clip.samples) + 1e-12))
-        moi_only = pcm.copy()
-        moi_only[at : at + len(clip)] -= gain * clip.samples  # what is left is moi's voice
+        moi_only = without(pcm, at, clip)  # what is left is moi's voice
         first = at + int(speech_onset(clip) * R)  # the person's first sample
         db = frames_db(moi_only[first : first + int(3 * R)])
         loud = np.flatnonzero(db > AUDIBLE_DB)
