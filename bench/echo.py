@@ -236,8 +236,8 @@ def speech_onset(clip: Audio) -> float:
 
 
 def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict:  # noqa: ANN001
-    def by_person(t: float, after: float) -> bool:  # within ``after`` s of the end of something we said
-        return any(u - 0.2 <= t <= u + clip.seconds + after for u, _, clip in people)
+    def by_person(t: float, after: float) -> bool:  # from when we said something to ``after`` s past its end
+        return any(u <= t <= u + clip.seconds + after for u, _, clip in people)
 
     self_turns = sum(1 for t, ev in log if ev["type"] == "transcript" and not by_person(t, 4.0))
     self_cuts = sum(1 for t, ev in log if ev["type"] == "stopped" and not by_person(t, 1.2))
