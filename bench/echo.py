@@ -63,7 +63,10 @@ REPLIES = [
     "If you want to learn to code, pick one small project and build it from start to finish.",
 ]
 PATHS = [(30, -6.0), (45, -9.0), (60, -12.0), (80, -9.0), (50, -6.0)]  # (delay ms, gain dB)
-HEARD_S = 4.0  # a sentence's transcripts come within this of its end (one, or two when a pause cut it)
+# a sentence's transcripts (one, or two when a pause cut it) come within this of its end, and
+# before the next sentence is played: a turn may wait for a turn started at a pause and dropped
+# (its Whisper pass cannot be cut short), measured live up to 3.7 s after the sentence's end
+HEARD_S = 8.0
 AUDIBLE_DB = -35.0  # moi's voice once the person is subtracted (what is left of them: -40..-60 dB)
 ONSET_DB = -25.0  # a sentence starts at its first sound this close to its loudest
 TARGETS = {"self": 0, "detected": 9, "silence_s": 0.3, "wer": 0.05}
@@ -236,14 +239,17 @@ def speech_onset(clip: Audio) -> float:
 
 
 def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict:  # noqa: ANN001
-    def by_person(t: float, after: float) -> bool:  # from when we said something to ``after`` s past its end
-        return any(u <= t <= u + clip.seconds + after for u, _, clip in people)
+    starts = sorted(u for u, _, _ in people) + [float("inf")]
 
-    self_turns = sum(1 for t, ev in log if ev["type"] == "transcript" and not by_person(t, 4.0))
-    self_cuts = sum(1 for t, ev in log if ev["type"] == "stopped" and not by_person(t, 1.2))
+    def spans(after: float) -> dict[float, float]:  # each sentence played: until ``after`` s past its end, or the next
+        return {u: min(u + clip.seconds + after, starts[starts.index(u) + 1]) for u, _, clip in people}
+
+    heard_in, cut_in = spans(HEARD_S), spans(1.2)
+    self_turns = sum(1 for t, ev in log if ev["type"] == "transcript" and not any(a <= t <= b for a, b in heard_in.items()))
+    self_cuts = sum(1 for t, ev in log if ev["type"] == "stopped" and not any(a <= t <= b for a, b in cut_in.items()))
 
     def heard(t: float, clip: Audio) -> str:  # all moi transcribed of a sentence: a pause may cut it in two turns
-        return " ".join(ev["text"] for u, ev in log if ev["type"] == "transcript" and t <= u <= t + clip.seconds + HEARD_S)
+        return " ".join(ev["text"] for u, ev in log if ev["type"] == "transcript" and t <= u <= heard_in[t])
 
     detected, silences, wers = 0, [], []
     interruptions = people[2::2]
