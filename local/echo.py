@@ -372,6 +372,7 @@ class EchoCanceller:
         self._recent_n = 0
         self._far_last = -1e9  # when the speaker was last heard playing ...
         self._far_since = -1e9  # ... and since when it has played without a pause
+        self._played: deque[float] = deque(maxlen=int(LinearEcho.KEEP_S * SPEECH_RATE / 256))  # ends of chunks it did
 
     def _pull(self) -> None:
         """Add the blocks the player wrote since the last call to the 16 kHz reference, one after
@@ -464,6 +465,11 @@ class EchoCanceller:
             return None  # the canceller's own output, then: better than the microphone as it was
         return self.linear_echo.cleaned(start, n)
 
+    def played(self, start_s: float, end_s: float) -> bool:
+        """Whether moi's voice played in the microphone's span ``start_s`` to ``end_s`` (the
+        VAD's count), as far back as LinearEcho keeps."""
+        return any(start_s < t <= end_s + 0.032 for t in reversed(self._played))
+
     @property
     def erle_db(self) -> float:
         """Echo return loss enhancement: how much quieter the microphone is after cancelling,
@@ -494,6 +500,7 @@ class EchoCanceller:
             if self.seconds - self._far_last > PAUSE_S:
                 self._far_since = self.seconds
             self._far_last = self.seconds
+            self._played.append(self.seconds)
         while self._recent_n - self._recent[0][0] >= NEAR_S * SPEECH_RATE:
             self._recent_n -= self._recent.popleft()[0]
         if not active:

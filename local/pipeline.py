@@ -31,6 +31,11 @@ from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio, ReplyText, S
 from shared.messages import ChatOptions, Thread
 
 log = logging.getLogger("moi.pipeline")
+# Over moi's voice the VAD hears a person 0.25-0.5 s after they begin (the canceller holds them
+# down at first, measured live), so its 0.3 s of pre-roll lost first words ("Well, good luck with
+# that." heard as "good luck with that."): an utterance that began while moi spoke reaches this
+# much further back in what the linear filter cleaned.
+OVER_MOI_PRE_ROLL_S = 0.3
 
 
 def file_source(path: str | Path, chunk_s: float = 0.1) -> Iterator[Audio]:
@@ -192,14 +197,22 @@ class Pipeline:
     def _heard(self, start: float, audio: Audio) -> Audio:
         """An utterance as Whisper should hear it: with an echo canceller, the microphone with
         moi's voice taken out by a linear filter (``EchoCanceller.linear``: the canceller's own
-        output, which the VAD listens to, holds a person down while both talk)."""
+        output, which the VAD listens to, holds a person down while both talk), from
+        OVER_MOI_PRE_ROLL_S earlier when moi was speaking as it began."""
         linear = getattr(self.echo, "linear", None)
-        cleaned = linear(start, len(audio.samples)) if linear is not None else None
+        if linear is None:
+            return audio
+        played = getattr(self.echo, "played", None)
+        over_moi = played is not None and played(start, start + OVER_MOI_PRE_ROLL_S)
+        before = int(OVER_MOI_PRE_ROLL_S * SPEECH_RATE) if over_moi and start >= OVER_MOI_PRE_ROLL_S else 0
+        n = len(audio.samples)
+        cleaned = linear(start - before / SPEECH_RATE, n + before) if before else None
+        if cleaned is None or len(cleaned) < before:
+            before, cleaned = 0, linear(start, n)
         if cleaned is None:
             return audio
-        samples = audio.samples.copy()
-        samples[: len(cleaned)] = cleaned  # the last few ms (the post-roll) may not be done yet
-        return Audio(samples, SPEECH_RATE)
+        # the last few ms (the post-roll) may not be cleaned yet: the canceller's output there
+        return Audio(np.concatenate([cleaned, audio.samples[len(cleaned) - before :]]), SPEECH_RATE)
 
     def _speculate(self, pause: SpeechPause, clock: Clock) -> None:
         """Start the turn at this pause, if the session allows it (it waits for a dropped one

@@ -21,7 +21,7 @@ from local.run import attach_echo
 from shared.audio import SPEECH_RATE, Audio
 from shared.config import Config
 from shared.errors import ConfigError
-from shared.events import MeterTick, ReplyAudio, ReplyStopped, Transcript, TurnDone
+from shared.events import MeterTick, ReplyAudio, ReplyStopped, SpeechEnded, Transcript, TurnDone
 from tests import pulse
 from tests.conftest import words
 from tests.room import laptop_echo
@@ -197,6 +197,7 @@ def test_a_person_is_near_end_a_silent_speaker_is_not(reply, speech60):
         near.append((i / R, aec.near_end()))
     assert not any(n for t, n in near if 3.5 <= t < 4.0)  # moi's pause: nobody there
     assert any(n for t, n in near if 4.2 <= t < 5.0)  # a person in it
+    assert aec.played(1.0, 1.3) and not aec.played(3.6, 5.0)  # where moi's voice was, for what Whisper hears
 
 
 @pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
@@ -375,10 +376,14 @@ class LinearHeard(ScriptedCanceller):
     """The scripted canceller with EchoCanceller's other side: ``linear`` gives what Whisper
     hears of an utterance, a fresh array each time (no echo here: the microphone as it was)."""
 
-    def __init__(self) -> None:
+    def __init__(self, moi_spoke: bool = False) -> None:
         super().__init__(joins_at=0.0)
         self.mic: list[np.ndarray] = []
         self.asked: list[float] = []
+        self.moi_spoke = moi_spoke
+
+    def played(self, start_s: float, end_s: float) -> bool:
+        return self.moi_spoke
 
     def __call__(self, chunk: Audio, captured_at: float) -> Audio:
         self.mic.append(chunk.samples)
@@ -408,6 +413,33 @@ def test_a_turn_started_at_a_pause_is_kept_when_whisper_hears_the_linear_filter(
     heard = [e.text for e in events if isinstance(e, Transcript)]
     assert len(heard) == 1 and {"answer", "start", "here"} <= words(heard[0]), heard
     assert any(isinstance(e, ReplyAudio) for e in events)
+
+
+@pytest.mark.parametrize("moi_spoke", [False, True])
+def test_an_utterance_begun_over_moi_reaches_further_back(vad_model, speech60, moi_spoke):
+    """Over moi's voice the VAD hears a person late (the canceller holds them down at first),
+    and the VAD's pre-roll lost their first words: an utterance that began while moi spoke is
+    what the linear filter cleaned from OVER_MOI_PRE_ROLL_S before the VAD's cut; others as cut."""
+    from local.pipeline import OVER_MOI_PRE_ROLL_S
+
+    spoken = Audio.concat([Audio.silence(1.0), speech60.slice(3.0, 6.5), Audio.silence(1.0)])
+    utterances = {}
+    for spoke in sorted({False, moi_spoke}):
+        pipe = Pipeline(None, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
+        pipe.echo = canceller = LinearHeard(moi_spoke=spoke)
+        source = type("FileMic", (), {"captured_at": 0.0, "__iter__": lambda self: iter(
+            [Audio(spoken.samples[i : i + 512], R) for i in range(0, len(spoken), 512)])})()
+        items = list(pipe.listen(source))
+        utterances[spoke] = next(a for a in items if isinstance(a, Audio))
+        ended = next(e for e in items if isinstance(e, SpeechEnded))
+    cut, before = int(round(ended.start_t * R)), int(OVER_MOI_PRE_ROLL_S * R)
+    heard = utterances[moi_spoke].samples
+    if not moi_spoke:
+        assert np.array_equal(heard, spoken.samples[cut : cut + len(heard)])
+        return
+    assert len(heard) == len(utterances[False].samples) + before
+    assert np.array_equal(heard, spoken.samples[cut - before : cut - before + len(heard)])
+    assert canceller.asked[-1] == pytest.approx(ended.start_t - OVER_MOI_PRE_ROLL_S)
 
 
 # --- live, on the virtual sound card with an echo path ------------------------------------
