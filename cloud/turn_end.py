@@ -32,6 +32,11 @@ class SmartTurn:
         opts.intra_op_num_threads = 1  # it runs on the listening thread, beside the turn's models
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The model is int8 (QDQ). Fused into onnxruntime's int8 kernels, on an x86 CPU without
+        # VNNI (AVX2 only) its answers went wrong: 0.50-0.83 "finished" in the lecture's
+        # mid-sentence pause, where the same graph run in float says 0.03-0.07 (and a CPU with
+        # VNNI agreed). Unfused, the weights are dequantized and the sums done in float.
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.features = FeatureExtractor(chunk_length=WINDOW_S)
 
