@@ -15,8 +15,8 @@ plays a real question; while moi answers it, another real sentence is played ove
 One recording bus holds both ends (bench/voice_to_voice.py's card), so "the person's first
 sample → the speaker silent" is read from the recording: the sentence is found there and
 subtracted, and what is left is moi; the first sample is the first sound of their speech
-(``speech_onset``), not the room noise the clip starts with. A warm-up turn first lets the canceller converge, as the
-first reply of a session does. Reported per canceller: self-interruptions (a turn or a cut
+(``speech_onset``), not the room noise the clip starts with. A warm-up turn first lets the
+canceller converge, as the first reply of a session does. Reported per canceller: self-interruptions (a turn or a cut
 that no person caused; target 0), interruptions detected (target ≥ 9 of 10), median time to
 silence (target ≤ 0.3 s), and the WER of the interrupting sentences as moi heard them over its
 voice (every transcript of the sentence: a pause in it may end a turn) against the same

@@ -372,7 +372,9 @@ class EchoCanceller:
         self._recent_n = 0
         self._far_last = -1e9  # when the speaker was last heard playing ...
         self._far_since = -1e9  # ... and since when it has played without a pause
-        self._played: deque[float] = deque(maxlen=int(LinearEcho.KEEP_S * SPEECH_RATE / 256))  # ends of chunks it did
+        # where each chunk in which it played ended (s), as far back as LinearEcho keeps (chunks
+        # of 512 samples and more, so half that size bounds how many)
+        self._played: deque[float] = deque(maxlen=int(LinearEcho.KEEP_S * SPEECH_RATE / 256))
 
     def _pull(self) -> None:
         """Add the blocks the player wrote since the last call to the 16 kHz reference, one after

@@ -178,6 +178,8 @@ class LiveSession:
                 if utterance is None:
                     break
                 utterance, last = self._joined(utterance)
+                if self._done.is_set():  # closed while it waited for the rest
+                    break
                 self._busy.set()
                 try:
                     self._turn = self.pipeline.turns + 1

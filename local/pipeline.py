@@ -206,8 +206,8 @@ class Pipeline:
         over_moi = played is not None and played(start, start + OVER_MOI_PRE_ROLL_S)
         before = int(OVER_MOI_PRE_ROLL_S * SPEECH_RATE) if over_moi and start >= OVER_MOI_PRE_ROLL_S else 0
         n = len(audio.samples)
-        cleaned = linear(start - before / SPEECH_RATE, n + before) if before else None
-        if cleaned is None or len(cleaned) < before:
+        cleaned = linear(start - before / SPEECH_RATE, n + before)
+        if before and (cleaned is None or len(cleaned) < before):  # not held that far back
             before, cleaned = 0, linear(start, n)
         if cleaned is None:
             return audio

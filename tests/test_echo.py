@@ -317,18 +317,19 @@ class ScriptedCanceller:
 
 
 class Mic:
-    """Speech as a microphone delivers it (with capture times), then a quiet room."""
+    """Speech as a microphone delivers it (with capture times), then a quiet room (``quiet``),
+    or the end of the stream."""
 
     captured_at = 0.0
 
-    def __init__(self, audio: Audio) -> None:
-        self.audio = audio
+    def __init__(self, audio: Audio, quiet: bool = True) -> None:
+        self.audio, self.quiet = audio, quiet
 
     def __iter__(self):
         step = 512
         for i in range(0, len(self.audio), step):
             yield Audio(self.audio.samples[i : i + step], R)
-        while True:
+        while self.quiet:
             time.sleep(0.01)
             yield Audio.silence(0.032, R)
 
@@ -405,9 +406,7 @@ def test_a_turn_started_at_a_pause_is_kept_when_whisper_hears_the_linear_filter(
     pipe.echo = canceller = LinearHeard()
     pipe.may_speculate = lambda: True
     spoken = Audio.concat([Audio.silence(0.5), speech60.slice(3.0, 6.5), Audio.silence(1.5)])
-    source = type("FileMic", (), {"captured_at": 0.0, "__iter__": lambda self: iter(
-        [Audio(spoken.samples[i : i + 512], R) for i in range(0, len(spoken), 512)])})()
-    events = list(pipe.run(source))
+    events = list(pipe.run(Mic(spoken, quiet=False)))
     assert pipe.speculated >= 1 and pipe.dropped == pipe.speculated - 1, (pipe.speculated, pipe.dropped)
     assert len(canceller.asked) >= 2  # a pause's utterance and the end's: both through the filter
     heard = [e.text for e in events if isinstance(e, Transcript)]
@@ -427,9 +426,7 @@ def test_an_utterance_begun_over_moi_reaches_further_back(vad_model, speech60, m
     for spoke in sorted({False, moi_spoke}):
         pipe = Pipeline(None, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
         pipe.echo = canceller = LinearHeard(moi_spoke=spoke)
-        source = type("FileMic", (), {"captured_at": 0.0, "__iter__": lambda self: iter(
-            [Audio(spoken.samples[i : i + 512], R) for i in range(0, len(spoken), 512)])})()
-        items = list(pipe.listen(source))
+        items = list(pipe.listen(Mic(spoken, quiet=False)))
         utterances[spoke] = next(a for a in items if isinstance(a, Audio))
         ended = next(e for e in items if isinstance(e, SpeechEnded))
     cut, before = int(round(ended.start_t * R)), int(OVER_MOI_PRE_ROLL_S * R)
