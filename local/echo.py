@@ -478,6 +478,12 @@ class EchoCanceller:
         over the recent audio while the speaker played (0 before it has played anything)."""
         return 10.0 * float(np.log10((self._mic_e + 1e-12) / (self._out_e + 1e-12))) if self._far_s else 0.0
 
+    @property
+    def playing(self) -> bool:
+        """Whether moi's voice is in the microphone: the speaker played within the last TAIL_S
+        (its echo's tail)."""
+        return self.seconds - self._far_last < TAIL_S
+
     def near_end(self) -> bool:
         """Whether a person is in what the microphone heard over the last NEAR_S, beside moi's
         own echo: the canceller let the microphone through (NEAR_DB) for PERSON_S of it, and
@@ -516,10 +522,18 @@ class EchoCanceller:
         return True
 
 
+def check(spec: str) -> str:
+    """``spec`` (``MOI_ECHO_CANCELLER``) if it names a canceller, ``auto`` or ``off``; else a
+    ConfigError, before anything is loaded (a typo must not quietly mean "no canceller")."""
+    if spec not in ("auto", "off", *BACKENDS):
+        raise ConfigError(f"unknown echo canceller {spec!r} (MOI_ECHO_CANCELLER): choose one of {', '.join(BACKENDS)}, auto or off")
+    return spec
+
+
 def canceller(far: FarEnd, spec: str = "auto") -> EchoCanceller | None:
     """The echo canceller ``spec`` names for a player's ``far`` end: ``auto`` takes the first of
     BACKENDS that is installed (None when none is), ``off`` is None, a name must be installed."""
-    if spec == "off":
+    if check(spec) == "off":
         return None
     if spec != "auto":
         try:

@@ -82,6 +82,12 @@ def test_bad_options_exit_nonzero():
         env={**os.environ, "MOI_LLM_MAX_TOKENS": "lots"},
     )
     assert env_bad.returncode == 2 and "MOI_LLM_MAX_TOKENS='lots'" in env_bad.stderr
+    for args in (["--input", "sample"], ["ui", "--lazy"]):  # a typo must not mean "no canceller"
+        typo = subprocess.run(
+            [sys.executable, "-m", "local.cli", *args], cwd=ROOT, capture_output=True, text=True,
+            env={**os.environ, "MOI_ECHO_CANCELLER": "webrtc"}, timeout=60,
+        )
+        assert typo.returncode == 2 and "unknown echo canceller 'webrtc' (MOI_ECHO_CANCELLER)" in typo.stderr, typo.stderr
 
 
 def test_stereo_8khz_input_works(tmp_path):
