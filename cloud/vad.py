@@ -97,9 +97,11 @@ class Segmenter:
     def __init__(
         self, vad: SileroVad, cfg: VadConfig = VadConfig(), turn_end: Callable[[np.ndarray], float] | None = None
     ) -> None:
-        if not 0.0 < cfg.release <= cfg.threshold < 1.0:
+        starts = (cfg.threshold, cfg.over_reply_threshold)
+        if not (0.0 < cfg.release <= min(starts) and max(starts) < 1.0):
             raise ConfigError(
-                f"VAD needs 0 < release ({cfg.release}) <= threshold ({cfg.threshold}) < 1"
+                f"VAD needs 0 < release ({cfg.release}) <= threshold ({cfg.threshold}) and over_reply_threshold "
+                f"({cfg.over_reply_threshold}) < 1"
             )
         if cfg.max_utterance_s * 1000 <= cfg.min_speech_ms:
             raise ConfigError("VAD max_utterance_s must be longer than min_speech_ms")
@@ -112,6 +114,7 @@ class Segmenter:
             )
         self.vad = vad
         self.cfg = cfg
+        self.threshold = cfg.threshold  # where speech starts: the listener may lower it (over_reply_threshold)
         ms = SPEECH_RATE // 1000
         self._min_speech = cfg.min_speech_ms * ms
         self._silence = cfg.silence_ms * ms
@@ -165,7 +168,7 @@ class Segmenter:
         n_windows = (self._buf_start + len(buf) - CONTEXT - self._next) // WINDOW
         gate = np.zeros(n_windows, dtype=bool)
         probs = np.empty(n_windows, dtype=np.float32)
-        threshold, release, vad = self.cfg.threshold, self.cfg.release, self.vad
+        threshold, release, vad = self.threshold, self.cfg.release, self.vad
         for i in range(n_windows):
             s = self._next
             lo = s - CONTEXT - base

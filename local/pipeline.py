@@ -163,6 +163,9 @@ class Pipeline:
                 yield MeterTick(clock(), "pre", level.peak_db, level.rms_db, end / SPEECH_RATE)
             if self.echo is not None:
                 chunk = self.echo(chunk, source.captured_at)  # type: ignore[attr-defined]
+                # over moi's voice the canceller holds a person down at first: listen closer
+                over = getattr(self.echo, "playing", False)
+                self.segmenter.threshold = self.cfg.vad.over_reply_threshold if over else self.cfg.vad.threshold
                 for end, level in aec.feed(chunk.samples):
                     yield MeterTick(clock(), "aec", level.peak_db, level.rms_db, end / SPEECH_RATE)
             vad_events = self.segmenter.feed(chunk)

@@ -35,6 +35,10 @@ def model_threads(n: int) -> int:
 @dataclass(frozen=True)
 class VadConfig:
     threshold: float = 0.5  # speech starts when the probability reaches this
+    # ...or this, while moi's voice plays into an echo-cancelled microphone: the canceller holds
+    # a person talking over moi down for their first 0.1-0.4 s, and Silero's probability on what
+    # is left rises late (moi's own echo that gets through is judged by the canceller: local.echo)
+    over_reply_threshold: float = 0.4
     release: float = 0.35  # ...and counts as silence again only below this (hysteresis)
     min_speech_ms: int = 250  # shorter blips are dropped
     silence_ms: int = 500  # silence tolerated inside an utterance before it ends

@@ -21,7 +21,7 @@ from local.run import attach_echo
 from shared.audio import SPEECH_RATE, Audio
 from shared.config import Config
 from shared.errors import ConfigError
-from shared.events import MeterTick, ReplyAudio, ReplyStopped, SpeechEnded, Transcript, TurnDone
+from shared.events import MeterTick, ReplyAudio, ReplyStopped, SpeechEnded, SpeechStarted, Transcript, TurnDone
 from tests import pulse
 from tests.conftest import words
 from tests.room import laptop_echo
@@ -437,6 +437,38 @@ def test_an_utterance_begun_over_moi_reaches_further_back(vad_model, speech60, m
     assert len(heard) == len(utterances[False].samples) + before
     assert np.array_equal(heard, spoken.samples[cut - before : cut - before + len(heard)])
     assert canceller.asked[-1] == pytest.approx(ended.start_t - OVER_MOI_PRE_ROLL_S)
+
+
+class Playing(ScriptedCanceller):
+    """A canceller that passes the microphone through and says moi's voice plays (or not)."""
+
+    def __init__(self, playing: bool) -> None:
+        super().__init__(joins_at=0.0)
+        self.playing = playing
+
+
+def test_over_moi_speech_starts_at_the_lower_threshold(vad_model, speech60):
+    """The canceller holds a person talking over moi down at first, so while moi's voice plays
+    speech starts at over_reply_threshold, not threshold: a sound Silero is unsure of (real
+    speech under noise, its probability between the two) starts an utterance then, not else."""
+    from dataclasses import replace
+
+    clip = speech60.slice(20.0, 21.0).samples
+    noise = np.random.default_rng(0).standard_normal(len(clip)).astype(np.float32)
+    heard = Audio(np.concatenate([np.zeros(R // 2, np.float32), clip + noise * 2 * np.sqrt(np.mean(clip**2)),
+                                  np.zeros(R // 2, np.float32)]), R)
+    probe = Pipeline(None, Segmenter(vad_model, replace(CFG.vad, threshold=0.99, over_reply_threshold=0.99)), CFG,
+                     "transcribe")
+    probe.echo, peak = Playing(False), 0.0
+    for _ in probe.listen(Mic(heard, quiet=False)):
+        peak = max(peak, *probe.segmenter.probs, 0.0)
+    assert 0.1 < peak < 0.95, peak  # unsure: room for a threshold on either side
+    vad = replace(CFG.vad, threshold=peak + 0.02, over_reply_threshold=peak - 0.05, release=min(0.35, peak - 0.05))
+    for playing in (True, False):
+        pipe = Pipeline(None, Segmenter(vad_model, vad), replace(CFG, vad=vad), "transcribe")
+        pipe.echo = Playing(playing)
+        starts = [e for e in pipe.listen(Mic(heard, quiet=False)) if isinstance(e, SpeechStarted)]
+        assert bool(starts) == playing, (playing, peak)
 
 
 # --- live, on the virtual sound card with an echo path ------------------------------------

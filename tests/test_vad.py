@@ -91,6 +91,8 @@ def test_rejects_wrong_rate_and_bad_config(vad_model):
         Segmenter(vad_model).feed(Audio(np.zeros(800, np.float32), 8000))
     with pytest.raises(ConfigError):
         Segmenter(vad_model, VadConfig(threshold=0.3, release=0.5))
+    with pytest.raises(ConfigError, match="over_reply_threshold"):  # speech over moi must start above release too
+        Segmenter(vad_model, VadConfig(over_reply_threshold=0.3, release=0.35))
     for bad in ({"turn_threshold": 2.0}, {"turn_threshold": 0.0}, {"turn_silence_ms": 0}):
         with pytest.raises(ConfigError, match="turn_"):  # a threshold of 2 would switch the model off unseen
             Segmenter(vad_model, VadConfig(**bad))
