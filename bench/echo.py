@@ -134,13 +134,16 @@ def offline(names: list[str]) -> list[list[object]]:
 
 
 def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, status=None,  # noqa: ANN001
-         barge_in: str = "auto", room: bool = True, echo_db: float = -9.0) -> dict:
+         barge_in: str = "auto", room: bool = True, echo_db: float = -9.0, record: Path | None = None) -> dict:
     """One `moi --barge-in BARGE_IN` run with canceller ``name``: a warm-up turn, then ``trials``
     interrupted replies. ``room``: the microphone hears the speaker (a laptop), ``echo_db`` down;
-    without it, a headset (bench/live.py measures `full` so)."""
+    without it, a headset (bench/live.py measures `full` so). ``record``: a folder for the
+    canceller's signals (MOI_ECHO_RECORD)."""
     card()
     loop = pulse.echo_path(gain_db=echo_db, delay_ms=50) if room else None
     env = {**os.environ, "MOI_ECHO_CANCELLER": name, "COLUMNS": "200"}
+    if record is not None:  # what the canceller was given and gave back: bench/echo_replay.py
+        env["MOI_ECHO_RECORD"] = str(record)
     cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--barge-in", barge_in, "--json",
            "--no-meters"]
     rec_path = tmp / f"{name}.raw"
@@ -286,7 +289,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--no-live", action="store_true", help="only the offline comparison")
     parser.add_argument("--no-offline", action="store_true", help="only the live runs")
-    parser.add_argument("--keep", help="a folder for each live run's recording and events")
+    parser.add_argument("--keep", help="a folder for each live run's recording, events and the canceller's signals "
+                        "(bench/echo_replay.py replays those)")
     parser.add_argument("--echo-db", type=float, default=-9.0,
                         help="how loud the speaker is in the microphone, live (the person's sentences: as recorded)")
     args = parser.parse_args()
@@ -317,7 +321,8 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for name in names:
             with console.status(f"live: {name}…") as status:
-                r = live(name, clips, args.trials, tmp, status, echo_db=args.echo_db)
+                r = live(name, clips, args.trials, tmp, status, echo_db=args.echo_db,
+                         record=tmp / f"{name}.signals" if args.keep else None)
             rows.append([r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}",
                          f"{r['silence']:.3f} s", f"{r['worst']:.3f} s", f"{r['wer']:.3f}", f"{r['wer_alone']:.3f}"])
             console.print(f"{name}: " + ", ".join(f"{c.split(' (')[0]} {v}" for c, v in zip(columns[1:], rows[-1][1:])))

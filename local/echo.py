@@ -15,9 +15,11 @@ filter over the system libspeexdsp: 14 dB, not enough).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -339,6 +341,25 @@ class FrameCanceller:
         return out[:take]
 
 
+class Recording:
+    """What a canceller was given and gave back, chunk by chunk, in ``folder``: ``mic.f32``,
+    ``far.f32`` (the reference as cut for each chunk) and ``out.f32`` (float32, 16 kHz), and
+    ``chunks.jsonl`` (each chunk's samples and capture time). ``bench/echo_replay.py`` replays
+    it through the VAD and ``near_end`` with other settings: the same signals, side by side."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._files = {k: open(folder / f"{k}.f32", "wb") for k in ("mic", "far", "out")}  # noqa: SIM115
+        self._chunks = open(folder / "chunks.jsonl", "w")  # noqa: SIM115
+
+    def write(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray, captured_at: float) -> None:
+        for key, x in (("mic", mic), ("far", far), ("out", out)):
+            self._files[key].write(np.asarray(x, np.float32).tobytes())
+            self._files[key].flush()  # a session ends by a signal as often as not
+        self._chunks.write(json.dumps({"n": len(mic), "captured_at": captured_at}) + "\n")
+        self._chunks.flush()
+
+
 class EchoCanceller:
     """Removes the speaker's sound (``far``) from microphone chunks.
 
@@ -346,10 +367,12 @@ class EchoCanceller:
     monotonic time of its first sample. The reference for that span is cut from ``far``
     (resampled to 16 kHz once, as it arrives), so the canceller only has the acoustic path
     left to find. ``seconds``: the microphone audio processed so far (the canceller's clock).
+    ``record``: a folder to keep what it was given and gave back in (:class:`Recording`).
     """
 
-    def __init__(self, far: FarEnd, name: str = "pywebrtc") -> None:
+    def __init__(self, far: FarEnd, name: str = "pywebrtc", record: Path | None = None) -> None:
         self.name = name
+        self.recording = Recording(record) if record is not None else None
         self.far = far
         self._cancel = FrameCanceller(backend(name))
         self._ref = np.zeros(0, np.float32)  # the reference at 16 kHz ...
@@ -438,6 +461,8 @@ class EchoCanceller:
     def __call__(self, chunk: Audio, captured_at: float) -> Audio:
         far = self.reference(captured_at + self.shift, len(chunk.samples))
         cleaned = self._cancel(chunk.samples, far)
+        if self.recording is not None:
+            self.recording.write(chunk.samples, far, cleaned, captured_at)
         self.seconds += chunk.seconds
         active = self._learn(chunk.samples, far, cleaned)
         _, mic_e, out_e = self._recent[-1]
@@ -530,19 +555,20 @@ def check(spec: str) -> str:
     return spec
 
 
-def canceller(far: FarEnd, spec: str = "auto") -> EchoCanceller | None:
+def canceller(far: FarEnd, spec: str = "auto", record: Path | None = None) -> EchoCanceller | None:
     """The echo canceller ``spec`` names for a player's ``far`` end: ``auto`` takes the first of
-    BACKENDS that is installed (None when none is), ``off`` is None, a name must be installed."""
+    BACKENDS that is installed (None when none is), ``off`` is None, a name must be installed.
+    ``record``: see :class:`Recording`."""
     if check(spec) == "off":
         return None
     if spec != "auto":
         try:
-            return EchoCanceller(far, spec)
+            return EchoCanceller(far, spec, record)
         except ImportError as exc:
             raise ConfigError(f"echo canceller {spec!r} is not installed ({exc}): {INSTALL[spec]}") from exc
     for name in BACKENDS:
         try:
-            return EchoCanceller(far, name)
+            return EchoCanceller(far, name, record)
         except ImportError:
             continue
     return None

@@ -143,7 +143,7 @@ def attach_echo(
     far = getattr(player, "far", None)
     if far is None:
         return "echo cancellation needs the reply on this machine's speaker (moi ui --speaker): barge-in is half"
-    pipeline.echo = canceller(far, cfg.echo_canceller)
+    pipeline.echo = canceller(far, cfg.echo_canceller, Path(cfg.echo_record) if cfg.echo_record else None)
     if pipeline.echo is not None:
         return None
     why = "is off" if cfg.echo_canceller == "off" else f"is not installed (`{INSTALL['pywebrtc']}`)"

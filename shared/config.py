@@ -123,6 +123,7 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     tick_ms: int = 50  # meter tick period
     echo_canceller: str = "auto"  # auto (the first installed of local.echo's) | pywebrtc | livekit | speex | off
+    echo_record: str = ""  # a folder: the canceller's input and output are kept there (bench/echo_replay.py)
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:

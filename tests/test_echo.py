@@ -255,6 +255,33 @@ def test_an_utterance_over_moi_is_heard_through_a_linear_filter(reply, speech60,
     assert words(stt.transcribe(Audio(heard, R)).text) == words(alone), alone
 
 
+@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
+def test_a_recording_keeps_what_the_canceller_was_given_and_gave_back(reply, tmp_path):
+    """MOI_ECHO_RECORD (bench/echo_replay.py replays it): microphone, reference and output,
+    sample for sample, and each chunk's length and capture time."""
+    import json
+
+    far_end = FarEnd(R)
+    aec = EchoCanceller(far_end, WEBRTC[0], record=tmp_path / "signals")
+    far = reply.samples[: 2 * R]
+    mic = laptop_echo(far)
+    far_end.write(100.0, far)
+    outs, refs = [], []
+    real_reference = aec.reference
+    aec.reference = lambda start, n: refs.append(real_reference(start, n)) or refs[-1]
+    steps = [512, 480, 512, 300] * 10
+    at = 0
+    for n in steps:
+        outs.append(aec(Audio(mic[at : at + n], R), 100.0 + at / R).samples)
+        at += n
+    kept = {k: np.fromfile(tmp_path / "signals" / f"{k}.f32", np.float32) for k in ("mic", "far", "out")}
+    np.testing.assert_array_equal(kept["mic"], mic[:at])
+    np.testing.assert_array_equal(kept["far"], np.concatenate(refs))
+    np.testing.assert_array_equal(kept["out"], np.concatenate(outs))
+    chunks = [json.loads(line) for line in (tmp_path / "signals" / "chunks.jsonl").read_text().splitlines()]
+    assert [c["n"] for c in chunks] == steps and chunks[1]["captured_at"] == pytest.approx(100.0 + 512 / R)
+
+
 def test_stream_clock_restarts_after_an_underrun():
     """An underrun breaks the speaker's run of samples: what follows is timed afresh."""
     clock = StreamClock(1000, late_only=False)
