@@ -9,7 +9,7 @@ reference replaced by the recorded ones, so everything after AEC3 runs as it did
 `EchoPath`, `LinearEcho`, `near_end`) once per setting, and reports:
 
 - when a stop is decided, for each sentence said over moi: the first chunk in which the VAD is
-  in an utterance, moi's voice plays and `near_end` says a person. Counted from the sentence's
+  in an utterance, moi's voice plays and `near_end` says a person (one stop an utterance). Counted from the sentence's
   first sound as played (`speech_onset` after paplay started it), to the chunk's capture time:
   the sound server's delay is in every figure alike, so compare the columns, not the target;
 - stops decided where no person spoke (moi's own voice): target 0.
@@ -77,15 +77,17 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
         aec = Replayed(echo.FarEnd(R), "pywebrtc")
         aec._cancel = lambda near, _far: out[aec.at : aec.at + len(near)]
         seg = Segmenter(SileroVad(resolve("vad").path), dataclasses.replace(vad_cfg, turn_model="off"))
-        decided, at = [], 0
+        decided, at, stopped = [], 0, False
         for chunk in chunks:
             n = chunk["n"]
             aec.at = at
             aec(Audio(mic[at : at + n], R), chunk["captured_at"])
             seg.threshold = vad_cfg.over_reply_threshold if aec.playing else vad_cfg.threshold
             seg.feed(out[at : at + n])
-            if seg.speaking and aec.playing and aec.near_end():
+            stopped = stopped and seg.speaking  # one stop an utterance
+            if seg.speaking and not stopped and aec.playing and aec.near_end():
                 decided.append(chunk["captured_at"])
+                stopped = True
             at += n
     finally:
         for key, value in saved.items():
