@@ -63,13 +63,16 @@ PERSON_SHARE = 0.4
 QUIET = 1e-3 ** 2  # a microphone chunk below -60 dBFS holds nobody
 # ...and GUARDED_SHARE where the canceller is least sure: in the first ONSET_S of moi's voice
 # after a pause of PAUSE_S (before it has caught the new sound; on the bench's card the echo's
-# delay also moves by up to 55 ms as a reply starts, and AEC3 loses its filter: one cut 0.7 s
-# into a reply, 0.43 unexplained, measured live), and in the TAIL_S after moi's voice stops (the
-# echo of its last words still arrives while the reference is silent). Measured live in that
-# tail: moi's echo 0.01-0.07 unexplained, a person 0.56-0.87. Both windows used to refuse
-# everyone, and a person who spoke up as a piece ended was heard 0.2-0.3 s later for it.
-ONSET_S, PAUSE_S, TAIL_S = 1.0, 0.5, 0.3
-GUARDED_SHARE = 0.6
+# delay also moves by up to 55 ms as a reply starts, and AEC3 loses its filter: live, a cut
+# 0.7 s into a reply and one 1.3 s in, both at 0.43 unexplained), and in the TAIL_S after moi's
+# voice stops (the echo of its last words still arrives while the reference is silent; measured
+# live: moi's echo 0.01-0.07 unexplained there, a person 0.56-0.87). Both windows used to refuse
+# everyone, and a person who spoke up as a piece ended was heard 0.2-0.3 s later for it. Six
+# live runs replayed (bench/echo_replay.py, 60 sentences said about 1 s into a reply): ONSET_S
+# 1.0 and 0.6 stopped for moi's voice once (the cut 1.3 s in), median decision 0.144 s; 1.5 and
+# 0.45 never, 0.176 s; 1.5 and 0.5 never, 0.223 s; 1.5 and 0.6, 0.286 s.
+ONSET_S, PAUSE_S, TAIL_S = 1.5, 0.5, 0.3
+GUARDED_SHARE = 0.45
 
 Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (near, far) int16[FRAME] -> int16[FRAME]
 
