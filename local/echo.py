@@ -375,9 +375,9 @@ class EchoCanceller:
 
     def __init__(self, far: FarEnd, name: str = "pywebrtc", record: Path | None = None) -> None:
         self.name = name
-        self.recording = Recording(record) if record is not None else None
         self.far = far
         self._cancel = FrameCanceller(backend(name))
+        self.recording = Recording(record) if record is not None else None  # once the backend is there
         self._ref = np.zeros(0, np.float32)  # the reference at 16 kHz ...
         self._ref_t = 0.0  # ... and the DAC time of its first sample
         self._resampler = self._new_resampler()
