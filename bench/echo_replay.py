@@ -44,6 +44,7 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
     sound to the decision to stop (None: never), and the times stops were decided for nobody."""
     from cloud.vad import Segmenter, SileroVad
     from local import echo
+    from local.pipeline import Pipeline
     from shared.config import Config
     from shared.models import resolve
 
@@ -73,22 +74,33 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
         def reference(self, start: float, n: int) -> np.ndarray:
             return far[self.at : self.at + n]
 
+    class Recorded:  # the microphone as it was, with each chunk's capture time
+        captured_at = 0.0
+
+        def __iter__(self):
+            nonlocal stopped
+            at = 0
+            for chunk in chunks:
+                n = chunk["n"]
+                aec.at, self.captured_at = at, chunk["captured_at"]
+                yield Audio(mic[at : at + n], R)
+                # the pipeline has taken the chunk in: the decision LiveSession makes on it
+                speaking = pipe.segmenter.speaking
+                stopped = stopped and speaking  # one stop an utterance
+                if speaking and not stopped and aec.playing and aec.near_end():
+                    decided.append(chunk["captured_at"])
+                    stopped = True
+                at += n
+
     try:
         aec = Replayed(echo.FarEnd(R), "pywebrtc")
         aec._cancel = lambda near, _far: out[aec.at : aec.at + len(near)]
-        seg = Segmenter(SileroVad(resolve("vad").path), dataclasses.replace(vad_cfg, turn_model="off"))
-        decided, at, stopped = [], 0, False
-        for chunk in chunks:
-            n = chunk["n"]
-            aec.at = at
-            aec(Audio(mic[at : at + n], R), chunk["captured_at"])
-            seg.threshold = vad_cfg.over_reply_threshold if aec.playing else vad_cfg.threshold
-            seg.feed(out[at : at + n])
-            stopped = stopped and seg.speaking  # one stop an utterance
-            if seg.speaking and not stopped and aec.playing and aec.near_end():
-                decided.append(chunk["captured_at"])
-                stopped = True
-            at += n
+        cfg = dataclasses.replace(Config(), vad=dataclasses.replace(vad_cfg, turn_model="off", speculate_ms=0))
+        pipe = Pipeline(None, Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "transcribe")
+        pipe.echo = aec  # the VAD's threshold over moi's voice, as live (Pipeline.listen)
+        decided, stopped = [], False
+        for _ in pipe.listen(Recorded()):
+            pass
     finally:
         for key, value in saved.items():
             setattr(echo, key, value)

@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from local.echo import check as check_echo
 from shared.config import Config
 from shared.engine import Engine
 from shared.errors import MoiError
@@ -59,6 +58,13 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _check_echo(cfg: Config) -> None:
+    """A MOI_ECHO_CANCELLER that names no canceller fails before any model loads."""
+    from local.echo import check
+
+    check(cfg.echo_canceller)
+
+
 def _input_path(spec: str) -> Path:
     return SAMPLE if spec == "sample" else Path(spec)
 
@@ -97,7 +103,7 @@ def main(
         cfg = Config.load(
             stt__language=language, tts__voice=voice, llm__max_tokens=max_tokens, llm__backend=llm_backend
         )
-        check_echo(cfg.echo_canceller)
+        _check_echo(cfg)
         if output not in (None, "speaker") and not output.lower().endswith(".wav"):
             raise MoiError(f"--output takes 'speaker' or a .wav path, not {output!r}")
         if output not in (None, "speaker"):
@@ -255,7 +261,7 @@ def ui(
 
     try:
         cfg = Config.load()
-        check_echo(cfg.echo_canceller)
+        _check_echo(cfg)
         engine = None if local else _remote_engine(cfg, url, api_key, fallback)
         run_ui(cfg, engine, host=host, port=port, preload=preload, barge_in=barge_in, input_device=input_device,
                speaker=speaker, output_device=output_device)

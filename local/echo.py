@@ -520,8 +520,8 @@ class EchoCanceller:
         (ONSET_S, TAIL_S). A person, not silence: an utterance moi's echo began is held and
         judged again as it goes on (local.live), and the pause between two pieces of a reply
         must not release it."""
-        silent = self.seconds - self._far_last
-        guarded = silent < TAIL_S and (silent > 0.0 or self.seconds - self._far_since < ONSET_S)
+        tail = self.seconds > self._far_last  # it played, but not in the last chunk
+        guarded = self.playing and (tail or self.seconds - self._far_since < ONSET_S)
         through = sum(n for n, m, o in self._recent if m > QUIET * n and _let_through(m, o))
         share = GUARDED_SHARE if guarded else PERSON_SHARE
         return through >= PERSON_S * SPEECH_RATE and self.path.unexplained(NEAR_S) >= share
