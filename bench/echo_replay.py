@@ -8,16 +8,14 @@ script feeds each recording through a fresh `EchoCanceller` (its canceller's out
 reference replaced by the recorded ones, so everything after AEC3 runs as it did live: the VAD,
 `EchoPath`, `LinearEcho`, `near_end`) once per setting, and reports:
 
-- when a stop is decided, for each sentence said over moi: the first chunk in which a VAD hears
-  a voice (the one cutting utterances, or the one on the linear filter's output,
-  `Pipeline.linear_voiced`; `linear_vad=off` leaves that one out), moi's voice plays and
-  `near_end` says a person (one stop an utterance). Counted from the sentence's
+- when a stop is decided, for each sentence said over moi: the first chunk in which the VAD is
+  in an utterance, moi's voice plays and `near_end` says a person (one stop an utterance). Counted from the sentence's
   first sound as played (`speech_onset` after paplay started it), to the chunk's capture time:
   the sound server's delay is in every figure alike, so compare the columns, not the target;
 - stops decided where no person spoke (moi's own voice): target 0.
 
-A setting is ``KEY=VALUE,...``: a field of the VAD's config (``over_reply_threshold=0.5``), a
-constant of ``local.echo`` (``PERSON_SHARE=0.3``) or ``linear_vad=off``. ``-`` is the build as it is.
+A setting is ``KEY=VALUE,...``: a field of the VAD's config (``over_reply_threshold=0.5``) or a
+constant of ``local.echo`` (``PERSON_SHARE=0.3``). ``-`` is the build as it is.
 
     python bench/echo_replay.py /tmp/run1 /tmp/run2 --settings - over_reply_threshold=0.5
 """
@@ -60,17 +58,15 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
     people = [(t, clips[text]) for t, text in run["people"]]
 
     vad_fields = {f.name for f in dataclasses.fields(Config().vad)}
-    vad_cfg, saved, linear = Config().vad, {}, True
+    vad_cfg, saved = Config().vad, {}
     for key, value in setting.items():
-        if key == "linear_vad":
-            linear = value.lower() in ("1", "on", "true", "yes")
-        elif key in vad_fields:
+        if key in vad_fields:
             vad_cfg = dataclasses.replace(vad_cfg, **{key: type(getattr(vad_cfg, key))(value)})
         elif hasattr(echo, key) and key.isupper():
             saved[key] = getattr(echo, key)
             setattr(echo, key, type(saved[key])(value))
         else:
-            raise SystemExit(f"unknown setting {key!r}: a VadConfig field, a local.echo constant or linear_vad")
+            raise SystemExit(f"unknown setting {key!r}: a VadConfig field or a local.echo constant")
 
     class Replayed(echo.EchoCanceller):  # AEC3's output and the reference as they were live
         at = 0
@@ -88,9 +84,8 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
                 n = chunk["n"]
                 aec.at, self.captured_at = at, chunk["captured_at"]
                 yield Audio(mic[at : at + n], R)
-                # the pipeline has taken the chunk in: the decision LiveSession makes on it (either
-                # VAD: the one cutting utterances, or the one on the linear filter's output)
-                speaking = pipe.segmenter.speaking or (linear and pipe.linear_voiced)
+                # the pipeline has taken the chunk in: the decision LiveSession makes on it
+                speaking = pipe.segmenter.speaking
                 stopped = stopped and speaking  # one stop an utterance
                 if speaking and not stopped and aec.playing and aec.near_end():
                     decided.append(chunk["captured_at"])
@@ -122,7 +117,7 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="folders bench/echo.py --keep wrote")
-    parser.add_argument("--settings", nargs="+", default=["-", "linear_vad=off"])
+    parser.add_argument("--settings", nargs="+", default=["-", "over_reply_threshold=0.5"])
     args = parser.parse_args()
     clips = dict(questions(21))
     rows = []

@@ -43,13 +43,6 @@ class SileroVad:
     def reset(self) -> None:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
 
-    def twin(self) -> SileroVad:
-        """Another stream through the same model: the ONNX session is shared, the state is its own."""
-        other = object.__new__(SileroVad)
-        other.session, other._sr = self.session, self._sr
-        other.reset()
-        return other
-
     def __call__(self, frame: np.ndarray) -> float:
         """``frame``: float32 [1, CONTEXT + WINDOW] (context then the new window)."""
         out, self._state = self.session.run(None, {"input": frame, "state": self._state, "sr": self._sr})

@@ -495,11 +495,6 @@ class EchoCanceller:
             return None  # the canceller's own output, then: better than the microphone as it was
         return self.linear_echo.cleaned(start, n)
 
-    @property
-    def linear_done(self) -> int:
-        """Microphone samples (the VAD's count) that ``linear`` has cleaned so far."""
-        return self.linear_echo.done
-
     def played(self, start_s: float, end_s: float) -> bool:
         """Whether moi's voice played in the microphone's span ``start_s`` to ``end_s`` (the
         VAD's count), as far back as LinearEcho keeps."""

@@ -8,9 +8,8 @@ Barge-in modes, because a laptop's microphone hears its own speaker:
 - ``auto`` (the default: laptop speakers with an echo canceller): the VAD listens to the
   microphone after :mod:`local.echo` took moi's voice out, and acts as ``full`` once the
   canceller has converged (``EchoCanceller.converged``) and for speech that is a person, not
-  moi's residual echo (``EchoCanceller.near_end``); a second VAD, on what a linear filter
-  alone left of the microphone (``Pipeline.linear_voiced``), may find that speech first. Before
-  that, and with no canceller (``pipeline.echo`` is None), it acts as ``half``.
+  moi's residual echo (``EchoCanceller.near_end``); before that, and with no canceller
+  (``pipeline.echo`` is None), it acts as ``half``.
 - ``half`` (safe on laptop speakers without a canceller): half-duplex. While moi is answering,
   the microphone's speech is shown but not acted on, so moi's own voice never starts a turn or
   cuts itself off. Stop (key or button) still cuts the reply. A source that cannot hear the
@@ -148,21 +147,17 @@ class LiveSession:
                     if not self._muted:
                         self._talking.set()
                     if self.answering and self.full_duplex and not own:
-                        self._barge_in(trigger=time.monotonic())
+                        self.stop_reply("barge-in", trigger=time.monotonic())
                 elif isinstance(item, SpeechEnded):
                     held = False  # over, and moi's own: dropped (a later person is no barge-in into it)
-                elif (self.answering and self.full_duplex and (held or self._voiced_over_reply())
-                      and not self._own_echo()):
+                elif held and self.answering and self.full_duplex and not self._own_echo():
                     # moi's residual echo started the utterance, or a person did whom the
                     # canceller has not let through for long enough yet (EchoCanceller.near_end):
                     # the VAD sees one utterance, so only the canceller can tell that a person
-                    # is in it, and once it does, they are. Or the VAD that hears the linear
-                    # filter's output found a voice before the one that cuts utterances did
-                    # (Pipeline.linear_voiced), and the canceller says it is a person's
-                    if held:
-                        self._muted = held = False
-                        self._talking.set()
-                    self._barge_in()
+                    # is in it, and once it does, they are
+                    self._muted = held = False
+                    self._talking.set()
+                    self.stop_reply("barge-in")
                 self.events.put(item)
                 if self.clock() >= next_status:
                     next_status = self.clock() + self.status_every_s
@@ -232,15 +227,6 @@ class LiveSession:
         finally:
             self._joining.clear()
         return (parts[0] if len(parts) == 1 else Audio.concat(parts)), last
-
-    def _barge_in(self, trigger: float | None = None) -> None:
-        """The person talks over the reply: cut it, once."""
-        if not self.pipeline.cancel.is_set():
-            self.stop_reply("barge-in", trigger)
-
-    def _voiced_over_reply(self) -> bool:
-        """A voice through the linear filter while the reply has not been cut yet."""
-        return self.pipeline.linear_voiced and not self.pipeline.cancel.is_set()
 
     def _own_echo(self) -> bool:
         """Whether what the microphone hears now is moi's own residual echo rather than a person

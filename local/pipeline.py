@@ -1,5 +1,5 @@
-"""The pipeline: source → meter → (echo canceller → meter, and its linear filter → a second
-VAD that listens for a person over moi) → VAD → meter → utterance → ``engine.turn`` → events.
+"""The pipeline: source → meter → (echo canceller → meter) → VAD → meter → utterance →
+``engine.turn`` → events.
 
 The listening half (meters before the echo canceller, after it and after the VAD, the Silero
 segmenter cutting utterances) runs here; each utterance is handed to the engine's turn (:mod:`cloud.turn`, wherever the
@@ -138,9 +138,6 @@ class Pipeline:
         self._spec: Speculation | None = None  # the turn started at the current pause
         self._one_at_a_time = threading.Lock()  # the engine runs one turn at a time
         self.speculated = self.dropped = 0  # turns started at a pause; of those, dropped
-        # With an echo canceller: a second VAD on what the linear filter cleaned (see linear_voiced)
-        self.linear_vad: Segmenter | None = None
-        self._linear_at = 0  # samples of the microphone fed to it
 
     def run(self, source: Iterable[Audio]) -> Iterator[Event]:
         """The whole pipeline in this thread: each utterance's turn runs as it ends."""
@@ -159,9 +156,6 @@ class Pipeline:
         tick = SPEECH_RATE * self.cfg.tick_ms // 1000
         pre, aec, post = LevelMeter(tick), LevelMeter(tick), LevelMeter(tick)
         self.segmenter.reset()
-        self.linear_vad, self._linear_at = None, 0
-        if hasattr(self.echo, "linear_done"):
-            self.linear_vad = Segmenter(self.segmenter.vad.twin(), replace(self.cfg.vad, speculate_ms=0))
         for chunk in source:
             if chunk.sample_rate != SPEECH_RATE:
                 chunk = chunk.resample(SPEECH_RATE)
@@ -174,35 +168,11 @@ class Pipeline:
                 self.segmenter.threshold = self.cfg.vad.over_reply_threshold if over else self.cfg.vad.threshold
                 for end, level in aec.feed(chunk.samples):
                     yield MeterTick(clock(), "aec", level.peak_db, level.rms_db, end / SPEECH_RATE)
-                self._hear_linear()
             vad_events = self.segmenter.feed(chunk)
             for end, level in post.feed(self.segmenter.gated):
                 yield MeterTick(clock(), "post", level.peak_db, level.rms_db, end / SPEECH_RATE)
             yield from self._handle(vad_events, clock)
         yield from self._handle(self.segmenter.flush(), clock)
-
-    @property
-    def linear_voiced(self) -> bool:
-        """Whether a voice is in the microphone with moi's taken out by the linear filter alone
-        (``EchoCanceller.linear``): over moi's voice the canceller's own output, which the VAD
-        cutting utterances hears, holds a person down for their first 0.1-0.5 s, and this VAD
-        hears them sooner; moi's echo left in it is told apart by ``EchoCanceller.near_end``.
-        Replayed on nine live runs' signals (bench/echo_replay.py), with moi's echo 6 dB down a
-        stop was decided 0.04 s sooner on average (0.287 -> 0.248 s from the person's first
-        sound), in no run later, and never for moi's voice."""
-        return self.linear_vad is not None and self.linear_vad.speaking
-
-    def _hear_linear(self) -> None:
-        """Feed ``linear_vad`` what the linear filter has cleaned since the last chunk (silence
-        where it is not trusted yet: its output is then mostly moi's echo)."""
-        if self.linear_vad is None:
-            return
-        n = self.echo.linear_done - self._linear_at  # type: ignore[union-attr]
-        if n <= 0:
-            return
-        cleaned = self.echo.linear(self._linear_at / SPEECH_RATE, n)  # type: ignore[union-attr]
-        self.linear_vad.feed(cleaned if cleaned is not None and len(cleaned) == n else np.zeros(n, np.float32))
-        self._linear_at += n
 
     def _handle(self, vad_events: list[SpeechStart | SpeechPause | SpeechResume | SpeechEnd], clock: Clock,
                 ) -> Iterator[Event | Audio]:

@@ -466,63 +466,6 @@ def test_an_utterance_begun_over_moi_reaches_further_back(vad_model, speech60, m
     assert canceller.asked[-1] == pytest.approx(ended.start_t - OVER_MOI_PRE_ROLL_S)
 
 
-class HeldDown(LinearHeard):
-    """AEC3 over moi's voice at its worst: its output is silent while the speaker plays (it holds
-    a person down whole), the linear filter's is the microphone as it was; the person is there
-    (``near_end``) from ``joins_at`` on."""
-
-    def __init__(self, player, joins_at: float) -> None:  # noqa: ANN001
-        super().__init__(moi_spoke=True)
-        self.player, self.joins_at = player, joins_at
-
-    def __call__(self, chunk: Audio, captured_at: float) -> Audio:
-        out = super().__call__(chunk, captured_at)
-        return Audio(np.zeros_like(out.samples), R) if self.player.playing else out
-
-    @property
-    def linear_done(self) -> int:
-        return sum(len(m) for m in self.mic)
-
-
-@pytest.mark.parametrize("a_person", [True, False])
-def test_a_person_the_canceller_holds_down_is_heard_through_the_linear_filter(engine, vad_model, speech60, a_person):
-    """While both talk AEC3 may hold the person down for 0.1-0.5 s (here: for as long as moi
-    plays), so the VAD that cuts utterances hears nothing; the second VAD, on the linear
-    filter's output (Pipeline.linear_voiced), hears them, and once the canceller says it is a
-    person the reply stops within a few windows, and what they said is the next turn, start
-    included. Where the canceller says it is moi's echo, nothing stops."""
-    from local.web_hub import BrowserPlayback
-
-    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
-
-    class Playback(BrowserPlayback):  # notes where in the microphone's audio moi was cut off
-        cut_at: float | None = None
-
-        def stop(self) -> None:
-            if self.playing and self.cut_at is None:
-                self.cut_at = pipe.echo.seconds
-            super().stop()
-
-    player = Playback()
-    pipe.echo = HeldDown(player, joins_at=0.0 if a_person else 1e9)
-    player.play(Audio.silence(60.0))  # moi is answering throughout
-    spoken = Audio.concat([Audio.silence(0.5), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
-    onset = 0.5 + speech_starts(vad_model, speech60.slice(2.5, 7.0).samples)[0]  # where Silero hears them
-    live = LiveSession(pipe, Mic(spoken), player, barge_in="auto").start()
-    try:
-        events = collect(live, has(Transcript) if a_person else (lambda ev: False), timeout=60 if a_person else 8)
-    finally:
-        live.close()
-    stops = [e for e in events if isinstance(e, ReplyStopped)]
-    heard = [e.text for e in events if isinstance(e, Transcript)]
-    if not a_person:
-        assert stops == [] and heard == [], (stops, heard)
-        return
-    assert [s.reason for s in stops] == ["barge-in"]
-    assert onset <= player.cut_at < onset + 0.15, (onset, player.cut_at)
-    assert heard and {"answer", "sonny"} <= words(heard[0]), heard
-
-
 class Playing(ScriptedCanceller):
     """A canceller that passes the microphone through and says moi's voice plays (or not)."""
 
