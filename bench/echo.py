@@ -69,6 +69,7 @@ PATHS = [(30, -6.0), (45, -9.0), (60, -12.0), (80, -9.0), (50, -6.0)]  # (delay 
 HEARD_S = 8.0
 AUDIBLE_DB = -35.0  # moi's voice once the person is subtracted (what is left of them: -40..-60 dB)
 ONSET_DB = -25.0  # a sentence starts at its first sound this close to its loudest
+FLOOR_DB = 10.0  # ...and this far above the room it was recorded in
 TARGETS = {"self": 0, "detected": 9, "silence_s": 0.3, "wer": 0.05}
 
 
@@ -235,10 +236,12 @@ def without(pcm: np.ndarray, at: int, clip: Audio, reach: int = 16) -> np.ndarra
 
 def speech_onset(clip: Audio) -> float:
     """Where the person starts talking in ``clip`` (s): its first 10 ms within ONSET_DB of its
-    loudest. The clips are cut at Whisper's word times, which leave 0-0.38 s of the room before
-    the first word (measured on the five used); a quiet first sound counts as the start."""
+    loudest and FLOOR_DB above the room's own level (its quietest tenth). The clips are cut at
+    Whisper's word times, which leave 0-0.38 s of the room before the first word (measured on
+    the five used); a quiet first sound counts as the start, the room does not: one clip peaks
+    at -20 dBFS, and ONSET_DB alone took its room (-44..-51 dB, 0.3 s of it) for speech."""
     db = frames_db(clip.samples)
-    return float(np.argmax(db >= db.max() + ONSET_DB)) / 100
+    return float(np.argmax((db >= db.max() + ONSET_DB) & (db >= np.percentile(db, 10) + FLOOR_DB))) / 100
 
 
 def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict:  # noqa: ANN001
@@ -269,12 +272,10 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
         at = find(clip, pcm, near, R)
         moi_only = without(pcm, at, clip)  # what is left is moi's voice
         first = at + int(speech_onset(clip) * R)  # the person's first sample
-        db = frames_db(moi_only[first : first + int(3 * R)])
-        loud = np.flatnonzero(db > AUDIBLE_DB)
-        # silent from the first frame after which nothing audible follows for 300 ms
-        end = next((f for f in loud if not ((db[f + 1 : f + 31]) > AUDIBLE_DB).any()), None)
-        if end is not None:
-            silences.append((end + 1) / 100)
+        # silent from moi's last audible frame before the person ends: a reply that pauses and
+        # goes on was not stopped (its answer to them cannot start before they end)
+        loud = np.flatnonzero(frames_db(moi_only[first : at + len(clip)]) > AUDIBLE_DB)
+        silences.append((loud[-1] + 1) / 100 if len(loud) else 0.0)
     return {"name": name, "self_turns": self_turns, "self_cuts": self_cuts, "detected": detected,
             "trials": len(interruptions), "silence": statistics.median(silences) if silences else float("nan"),
             "worst": max(silences) if silences else float("nan"), "wer": statistics.mean(wers) if wers else float("nan"),
@@ -293,7 +294,11 @@ def main() -> None:
                         "(bench/echo_replay.py replays those)")
     parser.add_argument("--echo-db", type=float, default=-9.0,
                         help="how loud the speaker is in the microphone, live (the person's sentences: as recorded)")
+    parser.add_argument("--measure", nargs="+", type=Path, metavar="DIR",
+                        help="only read again the live runs --keep kept in each DIR (with the bench as it is now)")
     args = parser.parse_args()
+    if args.measure:
+        return remeasure(args.measure, args.trials)
     names = []
     for name in args.cancellers.split(","):
         try:
@@ -311,10 +316,7 @@ def main() -> None:
         return
     clips = questions(2 * args.trials + 1)
     clips = [clips[i % len(clips)] for i in range(2 * args.trials + 1)]
-    alone = _alone_wer(clips)
-    columns = ["canceller", "self-interruptions (target 0)", "interruptions heard (≥ 9/10)",
-               "to silence, median (≤ 0.3 s)", "worst", f"WER over moi (≤ alone + 0.05; offline alone {alone:.3f})",
-               "WER of the same sentences asked alone, live"]
+    columns = _columns(_alone_wer(clips))
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(args.keep or scratch)
@@ -323,10 +325,39 @@ def main() -> None:
             with console.status(f"live: {name}…") as status:
                 r = live(name, clips, args.trials, tmp, status, echo_db=args.echo_db,
                          record=tmp / f"{name}.signals" if args.keep else None)
-            rows.append([r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}",
-                         f"{r['silence']:.3f} s", f"{r['worst']:.3f} s", f"{r['wer']:.3f}", f"{r['wer_alone']:.3f}"])
+            rows.append(_row(r))
             console.print(f"{name}: " + ", ".join(f"{c.split(' (')[0]} {v}" for c, v in zip(columns[1:], rows[-1][1:])))
     show(f"Talking over moi, live on the virtual card (loopback {-args.echo_db:g} dB down, 50 ms late)", columns, rows)
+
+
+def _columns(alone: float) -> list[str]:
+    return ["canceller", "self-interruptions (target 0)", "interruptions heard (≥ 9/10)",
+            "to silence, median (≤ 0.3 s)", "worst", f"WER over moi (≤ alone + 0.05; offline alone {alone:.3f})",
+            "WER of the same sentences asked alone, live"]
+
+
+def _row(r: dict) -> list[object]:
+    return [r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}",
+            f"{r['silence']:.3f} s", f"{r['worst']:.3f} s", f"{r['wer']:.3f}", f"{r['wer_alone']:.3f}"]
+
+
+def remeasure(folders: list[Path], trials: int) -> None:
+    """Live runs read again from what ``--keep`` kept (each canceller's recording and events),
+    with the bench's measure as it is now: a fix to the measure applies to old runs too."""
+    clips = questions(2 * trials + 1)
+    by_text = dict(clips)
+    rows = []
+    for folder in folders:
+        kept = sorted(folder.glob("*.events.json"))
+        if not kept:
+            raise SystemExit(f"{folder}: no live run kept there (bench/echo.py --keep {folder})")
+        for events in kept:
+            name = events.name.removesuffix(".events.json")
+            run = json.loads(events.read_text())
+            pcm = np.frombuffer((folder / f"{name}.raw").read_bytes(), "<i2").astype(np.float32) / 32768
+            people = [(t, text, by_text[text]) for t, text in run["people"]]
+            rows.append(_row({**measure(name, run["events"], people, pcm, run["rec_started"]), "name": f"{folder.name}: {name}"}))
+    show("Live runs read again", _columns(_alone_wer([clips[i % len(clips)] for i in range(2 * trials + 1)])), rows)
 
 
 def _alone_wer(clips: list[tuple[str, Audio]]) -> float:
