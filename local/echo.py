@@ -244,12 +244,14 @@ class EchoPath:
             frames = np.lib.stride_tricks.sliding_window_view(x, seg)[::every]
             return np.fft.rfft(frames * window, axis=1)[:, band]
 
-        a, b = spectra(mic, hop), spectra(ref, step)  # b: a frame at every lag step
-        frames = np.arange(len(a)) * (hop // step)
-        b = b[np.arange((hi - lo) // step + 1)[:, None] + frames[None, :]]  # (lags, frames, bins)
-        cross = np.abs(np.einsum("mf,lmf->lf", a, np.conj(b))) ** 2
-        pa, pb = np.sum(np.abs(a) ** 2, axis=0), np.sum(np.abs(b) ** 2, axis=1)
-        coherence = cross / (pa * pb + 1e-20)
+        a, b = spectra(mic, hop), np.conj(spectra(ref, step))  # b: a frame at every lag step
+        power, lags, k = np.abs(b) ** 2, (hi - lo) // step + 1, hop // step
+        cross, pb = np.zeros((lags, a.shape[1]), np.complex128), np.zeros((lags, a.shape[1]))
+        for m in range(len(a)):  # microphone frame m against the reference's at every lag at once
+            cross += a[m] * b[k * m : k * m + lags]
+            pb += power[k * m : k * m + lags]
+        pa = np.sum(np.abs(a) ** 2, axis=0)
+        coherence = np.abs(cross) ** 2 / (pa * pb + 1e-20)
         return float(np.min(np.sum((1.0 - coherence) * pa, axis=1)) / (np.sum(pa) + 1e-20))
 
 
