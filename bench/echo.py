@@ -253,6 +253,7 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
     heard_in, cut_in = spans(HEARD_S), spans(1.2)
     self_turns = sum(1 for t, ev in log if ev["type"] == "transcript" and not any(a <= t <= b for a, b in heard_in.items()))
     self_cuts = sum(1 for t, ev in log if ev["type"] == "stopped" and not any(a <= t <= b for a, b in cut_in.items()))
+    went_on = sum(1 for t, ev in log if ev["type"] == "paused" and not ev["paused"])  # paused for nobody
 
     def heard(t: float, clip: Audio) -> str:  # all moi transcribed of a sentence: a pause may cut it in two turns
         return " ".join(ev["text"] for u, ev in log if ev["type"] == "transcript" and t <= u <= heard_in[t])
@@ -276,7 +277,7 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
         # goes on was not stopped (its answer to them cannot start before they end)
         loud = np.flatnonzero(frames_db(moi_only[first : at + len(clip)]) > AUDIBLE_DB)
         silences.append((loud[-1] + 1) / 100 if len(loud) else 0.0)
-    return {"name": name, "self_turns": self_turns, "self_cuts": self_cuts, "detected": detected,
+    return {"name": name, "self_turns": self_turns, "self_cuts": self_cuts, "went_on": went_on, "detected": detected,
             "trials": len(interruptions), "silence": statistics.median(silences) if silences else float("nan"),
             "worst": max(silences) if silences else float("nan"), "wer": statistics.mean(wers) if wers else float("nan"),
             "wer_alone": statistics.mean(alone) if alone else float("nan")}
@@ -333,12 +334,12 @@ def main() -> None:
 def _columns(alone: float) -> list[str]:
     return ["canceller", "self-interruptions (target 0)", "interruptions heard (≥ 9/10)",
             "to silence, median (≤ 0.3 s)", "worst", f"WER over moi (≤ alone + 0.05; offline alone {alone:.3f})",
-            "WER of the same sentences asked alone, live"]
+            "WER of the same sentences asked alone, live", "paused for nobody (went on)"]
 
 
 def _row(r: dict) -> list[object]:
     return [r["name"], r["self_turns"] + r["self_cuts"], f"{r['detected']}/{r['trials']}",
-            f"{r['silence']:.3f} s", f"{r['worst']:.3f} s", f"{r['wer']:.3f}", f"{r['wer_alone']:.3f}"]
+            f"{r['silence']:.3f} s", f"{r['worst']:.3f} s", f"{r['wer']:.3f}", f"{r['wer_alone']:.3f}", r["went_on"]]
 
 
 def remeasure(folders: list[Path], trials: int) -> None:

@@ -78,7 +78,7 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
         captured_at = 0.0
 
         def __iter__(self):
-            nonlocal stopped
+            nonlocal stopped, paused_for
             at = 0
             for chunk in chunks:
                 n = chunk["n"]
@@ -90,6 +90,9 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
                 if speaking and not stopped and aec.playing and aec.near_end():
                     decided.append(chunk["captured_at"])
                     stopped = True
+                if aec.someone() and not paused_for:  # LiveSession pauses the reply (one pause an episode)
+                    paused.append(chunk["captured_at"])
+                paused_for = aec.someone()
                 at += n
 
     try:
@@ -98,20 +101,23 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
         cfg = dataclasses.replace(Config(), vad=dataclasses.replace(vad_cfg, turn_model="off", speculate_ms=0))
         pipe = Pipeline(None, Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "transcribe")
         pipe.echo = aec  # the VAD's threshold over moi's voice, as live (Pipeline.listen)
-        decided, stopped = [], False
+        decided, stopped, paused, paused_for = [], False, [], False
         for _ in pipe.listen(Recorded()):
             pass
     finally:
         for key, value in saved.items():
             setattr(echo, key, value)
     over = people[2::2]  # bench/echo.py: a warm-up question, then a question and a sentence over its reply
-    delays = []
+    delays, silenced = [], []
     for t, clip in over:
         first = [u for u in decided if t <= u <= t + clip.seconds]
         delays.append(first[0] - (t + speech_onset(clip)) if first else None)
+        first = sorted(u for u in decided + paused if t <= u <= t + clip.seconds)
+        silenced.append(first[0] - (t + speech_onset(clip)) if first else None)
     spans = [(t - 0.2, t + clip.seconds + 0.5) for t, clip in people]
     own = [u - run["rec_started"] for u in decided if not any(a <= u <= b for a, b in spans)]
-    return delays, own
+    own_pauses = [u - run["rec_started"] for u in paused if not any(a <= u <= b for a, b in spans)]
+    return delays, own, silenced, own_pauses
 
 
 def main() -> None:
@@ -123,18 +129,24 @@ def main() -> None:
     rows = []
     for spec in args.settings:
         setting = dict(kv.split("=", 1) for kv in spec.split(",")) if spec != "-" else {}
-        delays, own = [], []
+        delays, own, silenced, own_pauses = [], [], [], []
         with console.status(f"replaying {spec}…"):
             for folder in args.runs:
-                d, o = replay(folder, setting, clips)
-                delays += d
+                d, o, s, p = replay(folder, setting, clips)
+                delays, silenced = delays + d, silenced + s
                 own += [f"{folder.name} {t:.1f} s" for t in o]
+                own_pauses += [f"{folder.name} {t:.1f} s" for t in p]
         heard = [d for d in delays if d is not None]
+        quiet = [d for d in silenced if d is not None]
         rows.append([spec, f"{len(heard)}/{len(delays)}", f"{statistics.median(heard):.3f} s" if heard else "-",
-                     f"{max(heard):.3f} s" if heard else "-", len(own), ", ".join(own[:4])])
+                     f"{max(heard):.3f} s" if heard else "-", len(own), ", ".join(own[:4]),
+                     f"{statistics.median(quiet):.3f} s" if quiet else "-", f"{max(quiet):.3f} s" if quiet else "-",
+                     len(own_pauses), ", ".join(own_pauses[:4])])
         console.print(f"{spec}: " + " ".join("-" if d is None else f"{d:.2f}" for d in delays))
+        console.print(f"{spec}, paused or stopped: " + " ".join("-" if d is None else f"{d:.2f}" for d in silenced))
     show(f"The same recorded signals ({len(args.runs)} runs) through each setting", [
-        "setting", "stops decided", "first sound → decided, median", "worst", "stops for nobody (target 0)", "where"],
+        "setting", "stops decided", "first sound → decided, median", "worst", "stops for nobody (target 0)", "where",
+        "→ paused or stopped, median", "worst", "pauses for nobody", "where"],
         rows)
 
 

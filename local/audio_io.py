@@ -212,7 +212,8 @@ class MicSource:
 
 
 class Player:
-    """Plays :class:`Audio` on an output device; ``stop`` silences it at once.
+    """Plays :class:`Audio` on an output device; ``stop`` silences it at once, ``pause`` too,
+    keeping the rest for ``resume``.
 
     Audio is resampled to the device rate on the way in; the PortAudio callback only copies
     from a buffer. ``stopped_at`` is the monotonic time the last ``stop`` took effect. ``far``
@@ -234,6 +235,7 @@ class Player:
         self.far = FarEnd(self.rate)
         self._clock = StreamClock(self.rate, late_only=False)
         self._restarted = False  # stop() restarted the stream: its timeline starts afresh
+        self._paused = False  # pause(): silent, the rest kept for resume()
         self._stream = self.sd.OutputStream(
             device=self.device, channels=1, samplerate=self.rate, dtype="float32",
             blocksize=int(self.rate * 0.02), latency="low", callback=self._callback,
@@ -242,9 +244,9 @@ class Player:
 
     def _callback(self, outdata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
         with self._lock:
-            chunk = self._buf[self._pos : self._pos + frames]
+            chunk = self._buf[self._pos : self._pos + frames] if not self._paused else self._buf[:0]
             self._pos += len(chunk)
-            if self._pos >= len(self._buf):
+            if not self._paused and self._pos >= len(self._buf):
                 self._buf, self._pos = np.zeros(0, np.float32), 0
                 self._idle.set()
         outdata[: len(chunk), 0] = chunk
@@ -263,7 +265,12 @@ class Player:
 
     @property
     def playing(self) -> bool:
+        """Whether it holds sound to play (paused or not)."""
         return not self._idle.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def play(self, audio: Audio) -> None:
         samples = audio.resample(self.rate).samples
@@ -276,23 +283,43 @@ class Player:
     def stop(self) -> None:
         with self._lock:
             was_playing = len(self._buf) > self._pos
-            self._buf, self._pos = np.zeros(0, np.float32), 0
+            self._buf, self._pos, self._paused = np.zeros(0, np.float32), 0, False
             self._idle.set()
         if was_playing:
             now = time.monotonic()
-            # what the sound server holds for the stream still plays out, for its whole depth
-            # (a PulseAudio null sink: 50 ms; through a combine sink 0.2-0.3 s; none of it in
-            # PortAudio's latency): a restart drops it and the speaker goes silent now
-            # (bench/live.py, on the recording: 485 -> 195 ms). An echo canceller following the
-            # speaker finds the new run's latency again; the echo it lets slip meanwhile is not
-            # taken for a person (EchoCanceller.near_end asks EchoPath.unexplained)
-            try:
-                self._stream.abort()
-                self._restarted = True
-                self._stream.start()
-            except self.sd.PortAudioError:  # gone: the next play() or close() says so
-                pass
+            self._silence_now()
             self.stopped_at = now
+
+    def pause(self) -> None:
+        """Silence the speaker now, keeping the rest of what it was given for ``resume``: from
+        PortAudio's latency back, what the sound server held unheard (it holds more on some
+        sinks: that much is lost). The stream restarts, as on ``stop``: on ALSA's PulseAudio
+        plugin a restarted stream starts deep (the virtual card's null sink: 1.7 s, draining in
+        real time), so a resume soon after is heard that much later."""
+        with self._lock:
+            if self._paused or len(self._buf) <= self._pos:
+                return
+            self._paused = True
+            self._pos = max(0, self._pos - int(self._stream.latency * self.rate))
+        self._silence_now()
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+
+    def _silence_now(self) -> None:
+        # what the sound server holds for the stream still plays out, for its whole depth
+        # (a PulseAudio null sink: 50 ms; through a combine sink 0.2-0.3 s; none of it in
+        # PortAudio's latency): a restart drops it and the speaker goes silent now
+        # (bench/live.py, on the recording: 485 -> 195 ms). An echo canceller following the
+        # speaker finds the new run's latency again; the echo it lets slip meanwhile is not
+        # taken for a person (EchoCanceller.near_end asks EchoPath.unexplained)
+        try:
+            self._stream.abort()
+            self._restarted = True
+            self._stream.start()
+        except self.sd.PortAudioError:  # gone: the next play() or close() says so
+            pass
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)

@@ -73,6 +73,18 @@ QUIET = 1e-3 ** 2  # a microphone chunk below -60 dBFS holds nobody
 # 0.45 never, 0.176 s; 1.5 and 0.5 never, 0.223 s; 1.5 and 0.6, 0.286 s.
 ONSET_S, PAUSE_S, TAIL_S = 1.5, 0.5, 0.3
 GUARDED_SHARE = 0.45
+# Someone is plain in that share long before AEC3 lets them through: while both talk, its
+# suppressor held a person down for 0.3 s (live, echo 6 dB down: its output at -70..-94 dBFS,
+# Silero under 0.39 on it) while 55-77 % of the microphone's sound was unexplained within 50 ms.
+# moi's voice alone, two chunks in a row, stayed at or under 0.51 in five live runs (17,000
+# chunks, replayed). At SURE_SHARE two chunks in a row, SURE_DB over the microphone's quietest
+# of the last FLOOR_S (a muted speaker leaves only the room, all of it unexplained), someone is
+# there; no VAD has asked whether it is speech, so local.live pauses the reply, not stops it.
+# Only once moi's voice has played without a break of BREAK_S for NEAR_S and the echo's longest
+# delay (REACH): as it starts, the room's noise before it is most of what the microphone heard,
+# and none of that is moi's (in a room at -50 dBFS, 77-89 % unexplained as moi's first word came
+# in); Kokoro's gaps between words, 30-60 ms, leave the echo most of it.
+SURE_SHARE, SURE_DB, FLOOR_S, BREAK_S = 0.6, 10.0, 3.0, 0.1
 
 Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (near, far) int16[FRAME] -> int16[FRAME]
 
@@ -400,6 +412,10 @@ class EchoCanceller:
         self._recent_n = 0
         self._far_last = -1e9  # when the speaker was last heard playing ...
         self._far_since = -1e9  # ... and since when it has played without a pause
+        self._share: tuple[float, float] | None = None  # (seconds, unexplained over NEAR_S) at the last chunk asked
+        self._sure = 0  # chunks in a row in which someone() held
+        self._far_run = 0.0  # seconds the speaker has played without a break of BREAK_S
+        self._levels: deque[float] = deque(maxlen=int(FLOOR_S * SPEECH_RATE / 512))  # the microphone's chunk powers
         # where each chunk in which it played ended (s), as far back as LinearEcho keeps (chunks
         # of 512 samples and more, so half that size bounds how many)
         self._played: deque[float] = deque(maxlen=int(LinearEcho.KEEP_S * SPEECH_RATE / 256))
@@ -485,7 +501,18 @@ class EchoCanceller:
             self.path.reset()
             self.converged = False  # the canceller's filter was for the old place: earn trust again
             self._far_s = self._mic_e = self._out_e = 0.0
+        power = mic_e / max(len(chunk.samples), 1)
+        self._levels.append(power)
+        loud = power >= min(self._levels) * 10 ** (SURE_DB / 10) and power > QUIET
+        settled = self._far_run >= NEAR_S + REACH[1]
+        self._sure = self._sure + 1 if settled and loud and self._unexplained() >= SURE_SHARE else 0
         return Audio(cleaned, SPEECH_RATE)
+
+    def _unexplained(self) -> float:
+        """EchoPath.unexplained over NEAR_S, once a chunk."""
+        if self._share is None or self._share[0] != self.seconds:
+            self._share = (self.seconds, self.path.unexplained(NEAR_S))
+        return self._share[1]
 
     def linear(self, start_s: float, n: int) -> np.ndarray | None:
         """``n`` samples of the microphone from ``start_s`` (its own stream time, as the VAD
@@ -526,7 +553,14 @@ class EchoCanceller:
         guarded = self.playing and (tail or self.seconds - self._far_since < ONSET_S)
         through = sum(n for n, m, o in self._recent if m > QUIET * n and _let_through(m, o))
         share = GUARDED_SHARE if guarded else PERSON_SHARE
-        return through >= PERSON_S * SPEECH_RATE and self.path.unexplained(NEAR_S) >= share
+        return through >= PERSON_S * SPEECH_RATE and self._unexplained() >= share
+
+    def someone(self) -> bool:
+        """Whether something that is not moi's voice, most likely a person, came into the
+        microphone while moi plays: SURE_SHARE of its sound unexplained, two chunks in a row,
+        and SURE_DB louder than the room (see SURE_SHARE). Sooner than near_end where AEC3
+        holds a person down, but no VAD has asked whether it is speech."""
+        return self._sure >= 2
 
     def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> bool:
         """Keep the chunk's energies for near_end and the ERLE; whether the speaker played in it."""
@@ -534,6 +568,8 @@ class EchoCanceller:
         mic_e, out_e = float(np.sum(np.square(mic))), float(np.sum(np.square(out)))
         self._recent.append((len(mic), mic_e, out_e))
         self._recent_n += len(mic)
+        broke = not active and self.seconds - self._far_last > BREAK_S  # seconds: this chunk counted
+        self._far_run = 0.0 if broke else self._far_run + len(mic) / SPEECH_RATE
         if active:
             if self.seconds - self._far_last > PAUSE_S:
                 self._far_since = self.seconds

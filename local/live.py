@@ -9,7 +9,10 @@ Barge-in modes, because a laptop's microphone hears its own speaker:
   microphone after :mod:`local.echo` took moi's voice out, and acts as ``full`` once the
   canceller has converged (``EchoCanceller.converged``) and for speech that is a person, not
   moi's residual echo (``EchoCanceller.near_end``); before that, and with no canceller
-  (``pipeline.echo`` is None), it acts as ``half``.
+  (``pipeline.echo`` is None), it acts as ``half``. Where AEC3 holds a person down at first,
+  the canceller may be sure that someone is there before the VAD hears them
+  (``EchoCanceller.someone``): the reply pauses then, and stops once the VAD hears a person, or
+  goes on after HOLD_S if it hears nobody (a cough, a door).
 - ``half`` (safe on laptop speakers without a canceller): half-duplex. While moi is answering,
   the microphone's speech is shown but not acted on, so moi's own voice never starts a turn or
   cuts itself off. Stop (key or button) still cuts the reply. A source that cannot hear the
@@ -32,9 +35,15 @@ from local.pipeline import Pipeline
 from shared.engine import Stopwatch
 from shared.audio import Audio
 from shared.errors import MoiError
-from shared.events import ErrorEvent, Event, ReplyAudio, ReplyStopped, SpeechEnded, SpeechStarted, Status
+from shared.events import ErrorEvent, Event, ReplyAudio, ReplyPaused, ReplyStopped, SpeechEnded, SpeechStarted, Status
 
 BARGE_IN_MODES = ("auto", "half", "full")
+# A reply paused for someone the VAD has not heard goes on after this. Once moi is silent AEC3
+# has nothing to hold a person down for: the VAD hears them within 0.1-0.2 s (bench/echo.py).
+HOLD_S = 0.5
+# ...and nothing pauses it again for REST_S: a sound that goes on (a fan switched on) is by then
+# part of the room the canceller measures someone against (local.echo.FLOOR_S)
+REST_S = 3.0
 log = logging.getLogger("moi.live")
 
 
@@ -69,6 +78,8 @@ class LiveSession:
         self._muted = False  # the utterance under way is not acted on
         self._talking = threading.Event()  # an utterance under way will be queued when it ends
         self._joining = threading.Event()  # the turn worker waits for the rest of what is queued
+        self._paused_at: float | None = None  # when the reply was paused for someone (_pause_for_someone)
+        self._rest_until = 0.0  # no pause for someone before this (monotonic): REST_S after one that found nobody
         # a turn may start at a pause, before it is decided, while nothing else is answered (nor
         # waits for the rest of that utterance: it will be answered with what came before)
         pipeline.may_speculate = lambda: not self._muted and not self.answering and not self._joining.is_set()
@@ -159,6 +170,7 @@ class LiveSession:
                     self._talking.set()
                     self.stop_reply("barge-in")
                 self.events.put(item)
+                self._pause_for_someone()
                 if self.clock() >= next_status:
                     next_status = self.clock() + self.status_every_s
                     self.events.put(self._status())
@@ -227,6 +239,28 @@ class LiveSession:
         finally:
             self._joining.clear()
         return (parts[0] if len(parts) == 1 else Audio.concat(parts)), last
+
+    def _pause_for_someone(self) -> None:
+        """``auto``: pause the reply the moment the canceller is sure someone is there
+        (``EchoCanceller.someone``), which can be 0.3 s before AEC3 lets the VAD hear them. The
+        VAD then decides: a person stops the reply as any barge-in does (stop_reply), and if it
+        hears nobody within HOLD_S the reply goes on where it paused, and for REST_S nothing
+        pauses it again."""
+        echo = self.pipeline.echo if self.barge_in == "auto" else None
+        if echo is None or not hasattr(echo, "someone") or not hasattr(self.player, "pause"):
+            return
+        if self._paused_at is not None:
+            if not self.player.paused:  # stopped meanwhile: a person
+                self._paused_at = None
+            elif time.monotonic() - self._paused_at >= HOLD_S and not self.pipeline.segmenter.speaking:
+                self.player.resume()
+                self._paused_at, self._rest_until = None, time.monotonic() + REST_S
+                self.events.put(ReplyPaused(self.clock(), self._turn, False))
+            return
+        if echo.someone() and time.monotonic() >= self._rest_until and self.player.playing and self.full_duplex:
+            self.player.pause()
+            self._paused_at = time.monotonic()
+            self.events.put(ReplyPaused(self.clock(), self._turn, True))
 
     def _own_echo(self) -> bool:
         """Whether what the microphone hears now is moi's own residual echo rather than a person

@@ -29,6 +29,7 @@ from shared.events import (
     Event,
     FallbackUsed,
     MeterTick,
+    ReplyPaused,
     ReplyStopped,
     ReplyText,
     Transcript,
@@ -227,5 +228,7 @@ def _print_line(out: Console, err: Console, ev: Event) -> None:
         err.print(f"[yellow]{escape(ev.engine)}:[/] {escape(ev.reason)}")
     elif isinstance(ev, ReplyStopped):
         out.print(f"     [dim](stopped by {escape(ev.reason)})[/]")
+    elif isinstance(ev, ReplyPaused) and not ev.paused:
+        out.print("     [dim](paused for a sound, went on: nobody spoke)[/]")
     elif isinstance(ev, ErrorEvent):
         err.print(f"[bold red]{'turn ' + str(ev.turn) + ' failed' if ev.turn else 'error'}:[/] {escape(ev.message)}")

@@ -28,6 +28,7 @@ from shared.events import (
     FallbackUsed,
     MeterTick,
     ReplyAudio,
+    ReplyPaused,
     ReplyStopped,
     ReplyText,
     ReplyToken,
@@ -121,6 +122,8 @@ class ViewState:
             self.timings = f"turn {ev.turn} · {ev.engine}: {format_timings(ev.timings)}"
         elif isinstance(ev, ReplyStopped):
             self.lines.append(Line("note", f"(stopped by {ev.reason} in {ev.latency * 1000:.0f} ms)", ev.turn))
+        elif isinstance(ev, ReplyPaused):
+            self.lines.append(Line("note", "(paused: someone there?)" if ev.paused else "(went on: nobody)", ev.turn))
         elif isinstance(ev, FallbackUsed):
             self.engine = ev.engine
             self.lines.append(Line("note", f"({ev.engine}: {ev.reason})", ev.turn))

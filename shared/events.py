@@ -107,6 +107,17 @@ class ReplyStopped(Event):
 
 
 @dataclass(frozen=True)
+class ReplyPaused(Event):
+    """The speaker paused the reply (``paused``) for something in the microphone that is not
+    moi's voice, before the VAD could say whether it is a person, or went on with it (not
+    ``paused``) when the VAD heard nobody (``--barge-in auto``: local.live)."""
+
+    type: ClassVar[str] = "paused"
+    turn: int
+    paused: bool
+
+
+@dataclass(frozen=True)
 class Status(Event):
     """Periodic state for live views: VAD state, whether moi is speaking, lost input blocks."""
 

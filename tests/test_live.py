@@ -107,6 +107,45 @@ def test_a_device_that_wants_another_rate_is_resampled(engine, vad_model, questi
     assert "dublin" in words(" ".join(e.text for e in events if isinstance(e, Transcript)))
 
 
+def test_a_paused_reply_goes_on_where_it_paused(tmp_path):
+    """Player.pause silences the speaker at once and keeps the rest; resume plays it: on the
+    recording, 0.7 s of sound, a gap at least as long as the pause, then the rest, none of it
+    lost (what the sound server held when it paused is played again). The gap is longer on
+    this card: a restarted stream starts 1.7 s deep in the null sink (pactl's sink latency),
+    and drains in real time."""
+    raw = tmp_path / "speaker.raw"
+    player = Player()
+    player.play(Audio.silence(1.0))  # a fresh stream on a fresh sound server calls back slowly at first
+    assert player.wait(timeout=10)
+    rec = pulse.record(raw)
+    t = np.arange(2 * 16_000) / 16_000
+    tone = Audio((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16_000)  # 2 s
+    try:
+        time.sleep(1.0)  # parec starts
+        player.play(tone)
+        time.sleep(0.7)
+        player.pause()
+        played = player.played_s
+        time.sleep(1.0)
+        assert player.playing and player.paused and player.played_s == played
+        player.resume()
+        assert player.wait(timeout=5)
+        time.sleep(0.5)
+    finally:
+        player.close()
+        rec.terminate()
+        rec.wait()
+    pcm = raw.read_bytes()
+    heard = Audio.from_pcm16(pcm[: len(pcm) // 2 * 2], 16_000).samples
+    loud = np.array([np.sqrt(np.mean(heard[i : i + 160] ** 2)) > 0.05 for i in range(0, len(heard) - 159, 160)])
+    runs = np.flatnonzero(np.diff(loud.astype(int)))  # where sound starts and stops, 10 ms frames
+    assert len(runs) == 4, runs  # on, off (paused), on again, off (done)
+    first, gap = (runs[1] - runs[0]) / 100, (runs[2] - runs[1]) / 100
+    assert 0.55 <= first <= 0.85, first  # silent as it paused, not later
+    assert 0.9 <= gap <= 3.0, gap
+    assert 1.95 <= loud.sum() / 100 <= 2.3, loud.sum()  # all of it, and at most what was held again
+
+
 def test_reply_reaches_the_virtual_speaker(engine, vad_model, question, stt, tmp_path):
     raw = tmp_path / "speaker.raw"
     rec = pulse.record(raw)
