@@ -18,7 +18,8 @@ subtracted, and what is left is moi; the first sample is the first sound of thei
 (``speech_onset``), not the room noise the clip starts with. A warm-up turn first lets the
 canceller converge, as the first reply of a session does. Reported per canceller: self-interruptions (a turn or a cut
 that no person caused; target 0), interruptions detected (target ≥ 9 of 10), median time to
-silence (target ≤ 0.3 s), and the WER of the interrupting sentences as moi heard them over its
+silence (target ≤ 0.3 s), replies paused for a sound that proved to be nobody (they go on),
+and the WER of the interrupting sentences as moi heard them over its
 voice (every transcript of the sentence: a pause in it may end a turn) against the same
 sentences alone (target within +0.05): transcribed whole, offline, and asked while moi was
 silent in the same live run, through the same pipeline.
