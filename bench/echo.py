@@ -214,7 +214,7 @@ def live(name: str, clips: list[tuple[str, Audio]], trials: int, tmp: Path, stat
         end(moi, rec)
         if loop is not None:
             pulse.remove_echo_path(loop)
-    pcm = np.frombuffer(rec_path.read_bytes(), "<i2").astype(np.float32) / 32768
+    pcm = _read_bus(rec_path)
     (tmp / f"{name}.events.json").write_text(json.dumps(
         {"rec_started": rec_started, "people": [(t, text) for t, text, _ in people], "events": log}))
     return measure(name, log, people, pcm, rec_started)
@@ -316,8 +316,7 @@ def main() -> None:
               "WER over moi (alone: 0)", "CPU per s of audio (one core)"], rows)
     if args.no_live:
         return
-    clips = questions(2 * args.trials + 1)
-    clips = [clips[i % len(clips)] for i in range(2 * args.trials + 1)]
+    clips = _trial_clips(args.trials)
     columns = _columns(_alone_wer(clips))
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -346,20 +345,33 @@ def _row(r: dict) -> list[object]:
 def remeasure(folders: list[Path], trials: int) -> None:
     """Live runs read again from what ``--keep`` kept (each canceller's recording and events),
     with the bench's measure as it is now: a fix to the measure applies to old runs too."""
-    clips = questions(2 * trials + 1)
+    kept = {folder: sorted(folder.glob("*.events.json")) for folder in folders}
+    for folder, runs in kept.items():  # before Whisper loads
+        if not runs:
+            raise SystemExit(f"{folder}: no live run kept there (bench/echo.py --keep {folder})")
+    clips = _trial_clips(trials)
     by_text = dict(clips)
     rows = []
-    for folder in folders:
-        kept = sorted(folder.glob("*.events.json"))
-        if not kept:
-            raise SystemExit(f"{folder}: no live run kept there (bench/echo.py --keep {folder})")
-        for events in kept:
+    for folder, runs in kept.items():
+        for events in runs:
             name = events.name.removesuffix(".events.json")
             run = json.loads(events.read_text())
-            pcm = np.frombuffer((folder / f"{name}.raw").read_bytes(), "<i2").astype(np.float32) / 32768
+            pcm = _read_bus(folder / f"{name}.raw")
             people = [(t, text, by_text[text]) for t, text in run["people"]]
             rows.append(_row({**measure(name, run["events"], people, pcm, run["rec_started"]), "name": f"{folder.name}: {name}"}))
-    show("Live runs read again", _columns(_alone_wer([clips[i % len(clips)] for i in range(2 * trials + 1)])), rows)
+    show("Live runs read again", _columns(_alone_wer(clips)), rows)
+
+
+def _trial_clips(trials: int) -> list[tuple[str, Audio]]:
+    """The sentences a live run plays, in order: a warm-up, then a question and a sentence over
+    its reply for each trial (the recordings' sentences over again where there are too few)."""
+    clips = questions(2 * trials + 1)
+    return [clips[i % len(clips)] for i in range(2 * trials + 1)]
+
+
+def _read_bus(path: Path) -> np.ndarray:
+    """A recording of the bus (record_bus: s16le) as float32."""
+    return np.frombuffer(path.read_bytes(), "<i2").astype(np.float32) / 32768
 
 
 def _alone_wer(clips: list[tuple[str, Audio]]) -> float:

@@ -92,9 +92,10 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
                 if speaking and not stopped and aec.playing and aec.near_end():
                     decided.append(chunk["captured_at"])
                     stopped = True
-                if aec.someone() and not paused_for:  # LiveSession pauses the reply (one pause an episode)
+                someone = aec.someone()
+                if someone and not paused_for:  # LiveSession pauses the reply (one pause an episode)
                     paused.append(chunk["captured_at"])
-                paused_for = aec.someone()
+                paused_for = someone
                 at += n
 
     try:
