@@ -165,13 +165,18 @@ class SpeechToText:
         """Whisper's own failure signals, applied after its temperature fallbacks.
 
         Real speech here scores no_speech_prob ~0.0-0.1 and avg_logprob ~-0.3; the classic
-        hallucinations ("You", "see you next time") on clicks and trailing noise score
-        no_speech_prob > 0.6 or avg_logprob < -1.
+        hallucinations ("You", "Thank you." on trailing silence) score no_speech_prob > 0.6.
+        A low log-probability alone is not junk: a sentence heard over moi's echo fell back to
+        temperature 1.0 and scored -1.0..-1.2 with no_speech_prob 0.10 (tests/test_stt.py), while
+        the words Whisper made up from echo residue scored the same log-probability with
+        no_speech_prob 0.3-0.45 ("I see you.", "The people in the booth."). So a segment under
+        the log-probability threshold is dropped only when Whisper also doubts there is speech
+        (no_speech_prob over a third of its threshold, 0.2 by default).
         """
         cfg = self.cfg
         if not any(c.isalnum() for c in s.text) or s.start >= end - 0.1:
             return True  # no words at all ("", ".", "...", "♪"): no transcript
-        if s.avg_logprob < cfg.logprob_threshold:
+        if s.avg_logprob < cfg.logprob_threshold and s.no_speech_prob > cfg.no_speech_threshold / 3:
             return True
         if s.no_speech_prob > cfg.no_speech_threshold and s.avg_logprob < cfg.logprob_threshold / 2:
             return True

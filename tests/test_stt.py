@@ -80,6 +80,41 @@ def test_opus_non_english_clip_gives_nothing_rather_than_junk(stt, stt_base):
     assert result.text == "" and result.language == "ru"
 
 
+def test_a_sentence_heard_over_moi_is_not_dropped_for_its_fallback_score(stt):
+    """Run 28's quiet sentence as the VAD cut it over moi's echo (6 dB, after AEC3): Whisper
+    falls back to temperature 1.0 on it and scores avg_logprob -1.05..-1.2, no_speech_prob
+    0.10. A filter on the log-probability alone dropped it every time (the transcript came back
+    empty); sampled with fixed seeds, each decoding must keep its words."""
+    import ctranslate2
+
+    audio = decode(audio_file("speech_over_moi_f32.wav"))
+    greedy, _ = stt.model.transcribe(audio.samples, beam_size=stt.cfg.beam_size, temperature=0.0)
+    assert max(s.avg_logprob for s in greedy) < stt.cfg.logprob_threshold  # so Whisper samples
+    for seed in range(3):
+        ctranslate2.set_random_seed(seed)
+        result = stt.transcribe(audio)
+        assert {"vanish", "behind", "curtain", "left"} <= words(result.text), result
+
+
+@pytest.mark.parametrize(
+    ("text", "avg_logprob", "no_speech_prob", "junk"),
+    [
+        (" I see you.", -1.098, 0.301, True),  # made up from echo residue (run 8's replay)
+        (" See you did it!", -1.226, 0.421, True),  # the same, run 28's
+        (" Thank you.", -0.870, 0.846, True),  # the end of speech_60s: trailing breath
+        (" He enjoys a few trains and desert who would vanish behind the curtain.", -1.15, 0.103, False),
+    ],
+)
+def test_low_log_probability_is_junk_only_when_whisper_doubts_there_is_speech(
+    stt, text, avg_logprob, no_speech_prob, junk
+):
+    from types import SimpleNamespace
+
+    scores = {"avg_logprob": avg_logprob, "no_speech_prob": no_speech_prob, "compression_ratio": 1.0}
+    segment = SimpleNamespace(text=text, start=0.0, end=1.0, **scores)
+    assert stt._is_junk(segment, 2.0) is junk
+
+
 @pytest.mark.parametrize("text", ["", " ", ".", "...", " ♪ ", "?!"])
 def test_a_segment_without_words_is_no_transcript(stt, text):
     """Whisper gave '.' for hum on another machine: a segment with no letter or digit is junk,
