@@ -11,8 +11,11 @@ Barge-in modes, because a laptop's microphone hears its own speaker:
   moi's residual echo (``EchoCanceller.near_end``); before that, and with no canceller
   (``pipeline.echo`` is None), it acts as ``half``. Where AEC3 holds a person down at first,
   the canceller may be sure that someone is there before the VAD hears them
-  (``EchoCanceller.someone``): the reply pauses then, and stops once the VAD hears a person, or
-  goes on after HOLD_S if it hears nobody (a cough, a door).
+  (``EchoCanceller.someone``): the reply pauses then, and goes on after HOLD_S if the VAD hears
+  nobody (a cough, a door). Where the VAD and the canceller agree that a person talks over the
+  reply, it pauses too, and stops once the person has talked on for CONFIRM_S or Whisper finds
+  words in what they said; if it finds none, the reply goes on where it paused (a false
+  barge-in: the echo's path moved and moi's own voice got through, measured live).
 - ``half`` (safe on laptop speakers without a canceller): half-duplex. While moi is answering,
   the microphone's speech is shown but not acted on, so moi's own voice never starts a turn or
   cuts itself off. Stop (key or button) still cuts the reply. A source that cannot hear the
@@ -29,6 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from local.audio_io import Player
 from local.pipeline import Pipeline
@@ -44,6 +48,11 @@ HOLD_S = 0.5
 # ...and nothing pauses it again for REST_S: a sound that goes on (a fan switched on) is by then
 # part of the room the canceller measures someone against (local.echo.FLOOR_S)
 REST_S = 3.0
+# A barge-in (auto) stops the reply once the person's utterance has gone on this long, or ended
+# with words in it. moi's own voice, let through where the echo's path moved mid-reply, made
+# utterances of 0.66-0.72 s (padding included; the VAD's start to its end 0.53-0.55 s, live
+# runs 29 and 33) that Whisper found no words in; a person talking over moi says a sentence.
+CONFIRM_S = 1.0
 log = logging.getLogger("moi.live")
 
 
@@ -80,6 +89,12 @@ class LiveSession:
         self._joining = threading.Event()  # the turn worker waits for the rest of what is queued
         self._paused_at: float | None = None  # when the reply was paused for someone (_pause_for_someone)
         self._rest_until = 0.0  # no pause for someone before this (monotonic): REST_S after one that found nobody
+        self._barge_at: float | None = None  # when the paused reply's barge-in was heard, not yet confirmed
+        # its utterance, ended before CONFIRM_S, and whether Whisper found words in it (to come);
+        # the utterances that end meanwhile wait for the answer
+        self._confirming: tuple[Audio, Future[bool]] | None = None
+        self._after_confirm: list[Audio] = []
+        self._confirmer: ThreadPoolExecutor | None = None
         # a turn may start at a pause, before it is decided, while nothing else is answered (nor
         # waits for the rest of that utterance: it will be answered with what came before)
         pipeline.may_speculate = lambda: not self._muted and not self.answering and not self._joining.is_set()
@@ -127,6 +142,8 @@ class LiveSession:
         self._utterances.put(None)
         for t in self._threads:
             t.join(timeout=5)
+        if self._confirmer is not None:
+            self._confirmer.shutdown(wait=False, cancel_futures=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the session is over: closed, or its source ended and every turn was answered."""
@@ -144,10 +161,19 @@ class LiveSession:
                     break
                 if ended and not isinstance(item, Audio):  # the utterance ended too short: nothing queued
                     self._talking.clear()
+                    if self._barge_at is not None and self._confirming is None:  # a blip: nobody
+                        self._barge_at = None
+                        self._go_on()
                 ended = isinstance(item, SpeechEnded)
                 if isinstance(item, Audio):
                     if self._muted:
                         continue  # moi's own voice, or speech over it: shown, not acted on
+                    if self._confirming is not None:
+                        self._after_confirm.append(item)
+                        continue
+                    if self._barge_at is not None:  # ended before CONFIRM_S: are there words in it?
+                        self._confirm(item)
+                        continue
                     self._utterances.put(item)
                     self._talking.clear()  # after the put: the turn worker sees it queued
                     continue
@@ -158,7 +184,7 @@ class LiveSession:
                     if not self._muted:
                         self._talking.set()
                     if self.answering and self.full_duplex and not own:
-                        self.stop_reply("barge-in", trigger=time.monotonic())
+                        self._barge_in()
                 elif isinstance(item, SpeechEnded):
                     held = False  # over, and moi's own: dropped (a later person is no barge-in into it)
                 elif held and self.answering and self.full_duplex and not self._own_echo():
@@ -168,7 +194,7 @@ class LiveSession:
                     # is in it, and once it does, they are
                     self._muted = held = False
                     self._talking.set()
-                    self.stop_reply("barge-in")
+                    self._barge_in()
                 self.events.put(item)
                 self._pause_for_someone()
                 if self.clock() >= next_status:
@@ -241,26 +267,88 @@ class LiveSession:
         return (parts[0] if len(parts) == 1 else Audio.concat(parts)), last
 
     def _pause_for_someone(self) -> None:
-        """``auto``: pause the reply the moment the canceller is sure someone is there
-        (``EchoCanceller.someone``), which can be 0.3 s before AEC3 lets the VAD hear them. The
-        VAD then decides: a person stops the reply as any barge-in does (stop_reply), and if it
-        hears nobody within HOLD_S the reply goes on where it paused, and for REST_S nothing
-        pauses it again."""
+        """``auto``: a paused reply's decision, and the pause itself the moment the canceller is
+        sure someone is there (``EchoCanceller.someone``), which can be 0.3 s before AEC3 lets
+        the VAD hear them. The VAD then decides: a person is a barge-in (``_barge_in``), and if
+        it hears nobody within HOLD_S the reply goes on where it paused, and for REST_S nothing
+        pauses it again. Called by the capture thread, the only one that changes this state."""
+        if self._confirming is not None and self._confirming[1].done():
+            self._confirmed()
+        if self._paused_at is not None:
+            if not self.player.paused:  # stopped meanwhile (Stop): a person
+                self._paused_at = self._barge_at = None
+            elif self._barge_at is not None:  # the VAD heard a person: still talking?
+                if (self._confirming is None and time.monotonic() - self._barge_at >= CONFIRM_S
+                        and self.pipeline.segmenter.speaking):
+                    self._stop_for_barge_in()
+            elif time.monotonic() - self._paused_at >= HOLD_S and not self.pipeline.segmenter.speaking:
+                self._go_on()
+            return
         echo = self.pipeline.echo if self.barge_in == "auto" else None
         if echo is None or not hasattr(echo, "someone") or not hasattr(self.player, "pause"):
-            return
-        if self._paused_at is not None:
-            if not self.player.paused:  # stopped meanwhile: a person
-                self._paused_at = None
-            elif time.monotonic() - self._paused_at >= HOLD_S and not self.pipeline.segmenter.speaking:
-                self.player.resume()
-                self._paused_at, self._rest_until = None, time.monotonic() + REST_S
-                self.events.put(ReplyPaused(self.clock(), self._turn, False))
             return
         if echo.someone() and time.monotonic() >= self._rest_until and self.player.playing and self.full_duplex:
             self.player.pause()
             self._paused_at = time.monotonic()
             self.events.put(ReplyPaused(self.clock(), self._turn, True))
+
+    def _barge_in(self) -> None:
+        """A person talks over the reply (the VAD hears speech, the canceller says it is not
+        moi's echo). ``auto`` with a player that can pause: pause it, and let CONFIRM_S or
+        Whisper decide (``_pause_for_someone``, ``_confirm``); otherwise stop it now."""
+        if self.barge_in != "auto" or not hasattr(self.player, "pause") or not self.player.playing:
+            self.stop_reply("barge-in", trigger=time.monotonic())
+            return
+        self._barge_at = time.monotonic()
+        if self._paused_at is None:
+            self.player.pause()
+            self._paused_at = self._barge_at
+            self.events.put(ReplyPaused(self.clock(), self._turn, True))
+
+    def _stop_for_barge_in(self) -> None:
+        trigger = self._paused_at
+        self._paused_at = self._barge_at = None
+        self.stop_reply("barge-in", trigger=trigger)
+
+    def _go_on(self) -> None:
+        """The paused reply goes on where it paused: nobody was there; for REST_S nothing
+        pauses it again for someone."""
+        self.player.resume()
+        self._paused_at, self._rest_until = None, time.monotonic() + REST_S
+        self.events.put(ReplyPaused(self.clock(), self._turn, False))
+
+    def _confirm(self, utterance: Audio) -> None:
+        """A barge-in's utterance that ended before CONFIRM_S: Whisper looks for words in it on
+        a thread of its own (a few hundred ms; the capture never waits), and the capture
+        thread takes its answer (``_confirmed``)."""
+        if self._confirmer is None:
+            self._confirmer = ThreadPoolExecutor(1, thread_name_prefix="moi-confirm")
+        self._confirming = (utterance, self._confirmer.submit(self._has_words, utterance))
+
+    def _has_words(self, utterance: Audio) -> bool:
+        try:
+            text = self.pipeline.engine.transcribe(utterance, language=self.pipeline.cfg.stt.language).text
+        except Exception as exc:  # noqa: BLE001 - cannot tell: a person, as without the check
+            log.debug("confirming a barge-in failed", exc_info=exc)
+            return True
+        return any(c.isalnum() for c in text)
+
+    def _confirmed(self) -> None:
+        """Words: a person (the reply stops, the utterance is the next turn). None: moi's own
+        voice (the reply goes on where it paused)."""
+        (utterance, words), self._confirming = self._confirming, None
+        self._barge_at = None
+        if words.result():
+            if self._paused_at is not None:
+                self._stop_for_barge_in()
+            self._utterances.put(utterance)
+        elif self._paused_at is not None:
+            self._go_on()
+        for later in self._after_confirm:
+            self._utterances.put(later)
+        self._after_confirm.clear()
+        if not self.pipeline.segmenter.speaking:
+            self._talking.clear()
 
     def _own_echo(self) -> bool:
         """Whether what the microphone hears now is moi's own residual echo rather than a person

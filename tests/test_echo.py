@@ -18,7 +18,7 @@ from local.echo import FRAME, EchoCanceller, FarEnd, FrameCanceller, canceller
 from local.live import LiveSession
 from local.pipeline import Pipeline
 from local.run import attach_echo
-from shared.audio import SPEECH_RATE, Audio
+from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
 from shared.errors import ConfigError
 from shared.events import MeterTick, ReplyAudio, ReplyStopped, SpeechEnded, SpeechStarted, Transcript, TurnDone
@@ -588,6 +588,78 @@ def test_someone_who_is_a_person_pauses_the_reply_then_stops_it(engine, vad_mode
     assert [w for w, _ in player.log] == ["pause", "stop"], player.log
     assert 0.5 <= player.log[0][1] < 0.6 and player.log[1][1] >= 0.9, player.log
     assert [e.paused for e in events if isinstance(e, ReplyPaused)] == [True]
+    assert [e.reason for e in events if isinstance(e, ReplyStopped)] == ["barge-in"]
+    assert {"answer", "sonny"} <= words(" ".join(e.text for e in events if isinstance(e, Transcript)))
+
+
+class PacedMic(Mic):
+    """Mic at the pace of a real one: a chunk every 32 ms."""
+
+    def __iter__(self):
+        for chunk in super().__iter__():
+            time.sleep(chunk.seconds)
+            yield chunk
+
+
+def barge_in_over_moi(engine, vad_model, spoken: Audio, mic=Mic, timeout: float = 60.0, until=None):
+    """``spoken`` into the microphone while moi answers, with a canceller that calls all of it
+    a person: the player's log and the session's events."""
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
+    pipe.echo = canceller = ScriptedCanceller(0.0)
+    player = Pausable(canceller)
+    player.play(Audio.silence(60.0))
+    live = LiveSession(pipe, mic(spoken), player, barge_in="auto").start()
+    try:
+        events = collect(live, until or has(Transcript), timeout=timeout)
+        log = list(player.log)  # before close() stops it
+    finally:
+        live.close()
+    return log, events
+
+
+def test_moi_s_own_voice_let_through_pauses_the_reply_and_it_goes_on(engine, vad_model):
+    """Live run 33: the echo's path moved as a reply began, AEC3 let moi's voice through
+    (the recording: its output, 0.8 s) and the VAD heard speech in it over moi. A barge-in
+    pauses the reply; what the VAD heard ended as a blip, nobody, and the reply goes on."""
+    from shared.events import ReplyPaused
+    from tests.conftest import audio_file
+
+    burst = decode(audio_file("moi_echo_burst_f32.wav"))
+    log, events = barge_in_over_moi(engine, vad_model, Audio.concat([Audio.silence(0.5), burst]), timeout=4.0,
+                                    until=lambda evs: sum(isinstance(e, ReplyPaused) for e in evs) >= 2)
+    assert any(isinstance(e, SpeechStarted) for e in events)  # the VAD did take it for speech
+    assert [w for w, _ in log] == ["pause", "resume"], log
+    assert [e.paused for e in events if isinstance(e, ReplyPaused)] == [True, False]
+    assert not [e for e in events if isinstance(e, (ReplyStopped, Transcript))]
+
+
+def test_speech_whisper_finds_no_words_in_lets_the_reply_go_on(engine, vad_model, speech60, monkeypatch):
+    """An utterance over moi that ends before CONFIRM_S goes to Whisper first: speech it gets
+    no words from (a sentence 35 dB down, -59 dBFS: Silero still hears it) is no turn, and the
+    reply goes on."""
+    from local import live
+    from shared.events import ReplyPaused
+
+    monkeypatch.setattr(live, "CONFIRM_S", 60.0)  # whatever the machine's speed: Whisper decides
+    faint = Audio(speech60.slice(48.6, 50.2).samples * 10 ** (-35 / 20), R)
+    log, events = barge_in_over_moi(engine, vad_model, Audio.concat([Audio.silence(0.5), faint, Audio.silence(1.0)]),
+                                    until=lambda evs: sum(isinstance(e, ReplyPaused) for e in evs) >= 2)
+    assert any(isinstance(e, SpeechEnded) and e.seconds > 1.0 for e in events)  # an utterance, not a blip
+    assert [w for w, _ in log] == ["pause", "resume"], log
+    assert not [e for e in events if isinstance(e, (ReplyStopped, Transcript))]
+
+
+def test_a_person_who_talks_on_stops_the_reply_before_they_finish(engine, vad_model, speech60):
+    """At a microphone's pace: the reply pauses as the person starts, and stops CONFIRM_S
+    later while they are still talking (4.5 s); what they said is the next turn."""
+    from local.live import CONFIRM_S
+
+    spoken = Audio.concat([Audio.silence(0.5), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
+    log, events = barge_in_over_moi(engine, vad_model, spoken, mic=PacedMic)
+    assert [w for w, _ in log] == ["pause", "stop"], log
+    (_, paused), (_, stopped) = log
+    # audio time runs a little behind the clock CONFIRM_S is counted on
+    assert 0.5 <= paused < 0.9 and 0.8 * CONFIRM_S <= stopped - paused < CONFIRM_S + 0.5 and stopped < 4.0, log
     assert [e.reason for e in events if isinstance(e, ReplyStopped)] == ["barge-in"]
     assert {"answer", "sonny"} <= words(" ".join(e.text for e in events if isinstance(e, Transcript)))
 
