@@ -12,7 +12,10 @@ reference replaced by the recorded ones, so everything after AEC3 runs as it did
   in an utterance, moi's voice plays and `near_end` says a person (one stop an utterance). Counted from the sentence's
   first sound as played (`speech_onset` after paplay started it), to the chunk's capture time:
   the sound server's delay is in every figure alike, so compare the columns, not the target;
-- stops decided where no person spoke (moi's own voice): target 0;
+- stops decided where no person spoke (moi's own voice): target 0. Since live run 34 such a
+  decision pauses the reply, and `LiveSession` stops it only once the person talks on for
+  `CONFIRM_S` or Whisper finds words in what they said; the replay counts the decision, not
+  what Whisper then makes of it;
 - the same for the first pause or stop (``EchoCanceller.someone`` pauses a reply as soon as it
   is sure someone is there, before the VAD hears them), and pauses where nobody spoke.
 

@@ -306,9 +306,9 @@ class LiveSession:
             self.events.put(ReplyPaused(self.clock(), self._turn, True))
 
     def _stop_for_barge_in(self) -> None:
-        trigger = self._paused_at
+        """The paused reply's barge-in is a person: stop it (the speaker went quiet at the pause)."""
         self._paused_at = self._barge_at = None
-        self.stop_reply("barge-in", trigger=trigger)
+        self.stop_reply("barge-in")
 
     def _go_on(self) -> None:
         """The paused reply goes on where it paused: nobody was there; for REST_S nothing
