@@ -545,6 +545,22 @@ class Pausable:
         self.stop()
 
 
+def barge_in_over_moi(engine, vad_model, spoken: Audio, mic=Mic, canceller=None, timeout=60.0, until=None):
+    """``spoken`` into the microphone while moi answers, with a canceller that calls all of it
+    a person (or ``canceller``): the player's log and the session's events."""
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
+    pipe.echo = canceller = canceller or ScriptedCanceller(0.0)
+    player = Pausable(canceller)
+    player.play(Audio.silence(60.0))  # moi is answering throughout
+    live = LiveSession(pipe, mic(spoken), player, barge_in="auto").start()
+    try:
+        events = collect(live, until or has(Transcript), timeout=timeout)
+        log = list(player.log)  # before close() stops it
+    finally:
+        live.close()
+    return log, events
+
+
 def test_a_sound_that_is_nobody_pauses_the_reply_and_it_goes_on(engine, vad_model):
     """The canceller is sure someone is there (1.0-1.3 s) but the VAD hears nobody: the reply
     pauses at once and goes on after HOLD_S, and the next such sound within REST_S (4.0-4.3 s)
@@ -552,20 +568,14 @@ def test_a_sound_that_is_nobody_pauses_the_reply_and_it_goes_on(engine, vad_mode
     from local.live import HOLD_S
     from shared.events import ReplyPaused
 
-    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
-    pipe.echo = canceller = Someone(1e9, [(1.0, 1.3), (4.0, 4.3)])
-    player = Pausable(canceller)
-    player.play(Audio.silence(60.0))  # moi is answering throughout
-    live = LiveSession(pipe, Mic(Audio.silence(0.5)), player, barge_in="auto").start()
-    try:
-        events = collect(live, lambda ev: False, timeout=3.0)  # ~9 s of the microphone's audio
-    finally:
-        live.close()
+    nobody = Someone(1e9, [(1.0, 1.3), (4.0, 4.3)])
+    log, events = barge_in_over_moi(engine, vad_model, Audio.silence(0.5), canceller=nobody, timeout=3.0,
+                                    until=lambda ev: False)  # ~9 s of the microphone's audio
     paused = [e.paused for e in events if isinstance(e, ReplyPaused)]
     assert paused == [True, False], paused
     assert not [e for e in events if isinstance(e, ReplyStopped)]
-    (_, at), (_, back) = player.log[:2]
-    assert [w for w, _ in player.log[:2]] == ["pause", "resume"] and 1.0 <= at < 1.1, player.log
+    (_, at), (_, back) = log[:2]
+    assert [w for w, _ in log[:2]] == ["pause", "resume"] and 1.0 <= at < 1.1, log
     assert back - at >= HOLD_S  # the microphone's audio runs faster than real time here
 
 
@@ -575,18 +585,10 @@ def test_someone_who_is_a_person_pauses_the_reply_then_stops_it(engine, vad_mode
     says a person; what they said is the next turn."""
     from shared.events import ReplyPaused
 
-    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
-    pipe.echo = canceller = Someone(0.9, [(0.5, 1e9)])
-    player = Pausable(canceller)
-    player.play(Audio.silence(60.0))
     spoken = Audio.concat([Audio.silence(0.5), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
-    live = LiveSession(pipe, Mic(spoken), player, barge_in="auto").start()
-    try:
-        events = collect(live, has(Transcript), timeout=60)
-    finally:
-        live.close()
-    assert [w for w, _ in player.log] == ["pause", "stop"], player.log
-    assert 0.5 <= player.log[0][1] < 0.6 and player.log[1][1] >= 0.9, player.log
+    log, events = barge_in_over_moi(engine, vad_model, spoken, canceller=Someone(0.9, [(0.5, 1e9)]))
+    assert [w for w, _ in log] == ["pause", "stop"], log
+    assert 0.5 <= log[0][1] < 0.6 and log[1][1] >= 0.9, log
     assert [e.paused for e in events if isinstance(e, ReplyPaused)] == [True]
     assert [e.reason for e in events if isinstance(e, ReplyStopped)] == ["barge-in"]
     assert {"answer", "sonny"} <= words(" ".join(e.text for e in events if isinstance(e, Transcript)))
@@ -599,22 +601,6 @@ class PacedMic(Mic):
         for chunk in super().__iter__():
             time.sleep(chunk.seconds)
             yield chunk
-
-
-def barge_in_over_moi(engine, vad_model, spoken: Audio, mic=Mic, timeout: float = 60.0, until=None):
-    """``spoken`` into the microphone while moi answers, with a canceller that calls all of it
-    a person: the player's log and the session's events."""
-    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "transcribe")
-    pipe.echo = canceller = ScriptedCanceller(0.0)
-    player = Pausable(canceller)
-    player.play(Audio.silence(60.0))
-    live = LiveSession(pipe, mic(spoken), player, barge_in="auto").start()
-    try:
-        events = collect(live, until or has(Transcript), timeout=timeout)
-        log = list(player.log)  # before close() stops it
-    finally:
-        live.close()
-    return log, events
 
 
 def test_moi_s_own_voice_let_through_pauses_the_reply_and_it_goes_on(engine, vad_model):
