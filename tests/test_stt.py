@@ -82,9 +82,11 @@ def test_opus_non_english_clip_gives_nothing_rather_than_junk(stt, stt_base):
 
 def test_a_sentence_heard_over_moi_is_not_dropped_for_its_fallback_score(stt):
     """Run 28's quiet sentence as the VAD cut it over moi's echo (6 dB, after AEC3): Whisper
-    falls back to temperature 1.0 on it and scores avg_logprob -1.05..-1.2, no_speech_prob
+    falls back to temperature 1.0 on it and scores avg_logprob -1.05..-1.3, no_speech_prob
     0.10. A filter on the log-probability alone dropped it every time (the transcript came back
-    empty); sampled with fixed seeds, each decoding must keep its words."""
+    empty); now each decoding keeps what Whisper made of it. What that is varies with the
+    sample (fixed seeds do not fix it across a suite: once only "He"), so the words are not
+    asserted, only that nothing is dropped."""
     import ctranslate2
 
     audio = decode(audio_file("speech_over_moi_f32.wav"))
@@ -93,7 +95,7 @@ def test_a_sentence_heard_over_moi_is_not_dropped_for_its_fallback_score(stt):
     for seed in range(3):
         ctranslate2.set_random_seed(seed)
         result = stt.transcribe(audio)
-        assert {"vanish", "behind", "curtain", "left"} <= words(result.text), result
+        assert result.text and result.dropped == 0, result
 
 
 @pytest.mark.parametrize(
