@@ -6,17 +6,17 @@ than a setting changes, so two settings are compared on identical signals instea
 microphone, reference and canceller output, chunk by chunk, see `local.echo.Recording`); this
 script feeds each recording through a fresh `EchoCanceller` (its canceller's output and the
 reference replaced by the recorded ones, so everything after AEC3 runs as it did live: the VAD,
-`EchoPath`, `LinearEcho`, `near_end`) once per setting, and reports:
+`EchoPath`, `LinearEcho`, `TalkOver.person`) once per setting, and reports:
 
 - when a stop is decided, for each sentence said over moi: the first chunk in which the VAD is
-  in an utterance, moi's voice plays and `near_end` says a person (one stop an utterance). Counted from the sentence's
+  in an utterance, moi's voice plays and `TalkOver.person` says a person (one stop an utterance). Counted from the sentence's
   first sound as played (`speech_onset` after paplay started it), to the chunk's capture time:
   the sound server's delay is in every figure alike, so compare the columns, not the target;
 - stops decided where no person spoke (moi's own voice): target 0. Since live run 34 such a
   decision pauses the reply, and `LiveSession` stops it only once the person talks on for
   `CONFIRM_S` or Whisper finds words in what they said; the replay counts the decision, not
   what Whisper then makes of it;
-- the same for the first pause or stop (``EchoCanceller.someone`` pauses a reply as soon as it
+- the same for the first pause or stop (``TalkOver.someone`` pauses a reply as soon as it
   is sure someone is there, before the VAD hears them), and pauses where nobody spoke.
 
 A setting is ``KEY=VALUE,...``: a field of the VAD's config (``over_reply_threshold=0.5``) or a
@@ -89,14 +89,14 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
                 n = chunk["n"]
                 aec.at, self.captured_at = at, chunk["captured_at"]
                 yield Audio(mic[at : at + n], R)
-                # the pipeline has taken the chunk in: the decision LiveSession makes on it
+                # the pipeline has taken the chunk in: the decision the conversation makes on it
                 speaking = pipe.segmenter.speaking
                 stopped = stopped and speaking  # one stop an utterance
-                if speaking and not stopped and aec.playing and aec.near_end():
+                if speaking and not stopped and aec.playing and aec.talk.person():
                     decided.append(chunk["captured_at"])
                     stopped = True
-                someone = aec.someone()
-                if someone and not paused_for:  # LiveSession pauses the reply (one pause an episode)
+                someone = aec.talk.someone()
+                if someone and not paused_for:  # the conversation pauses the reply (one pause an episode)
                     paused.append(chunk["captured_at"])
                 paused_for = someone
                 at += n
@@ -106,9 +106,9 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
         aec._cancel = lambda near, _far: out[aec.at : aec.at + len(near)]
         cfg = dataclasses.replace(Config(), vad=dataclasses.replace(vad_cfg, turn_model="off", speculate_ms=0))
         pipe = Pipeline(None, Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "transcribe")
-        pipe.echo = aec  # the VAD's threshold over moi's voice, as live (Pipeline.listen)
         decided, stopped, paused, paused_for = [], False, [], False
-        for _ in pipe.listen(Recorded()):
+        # the VAD's threshold over moi's voice, as live (Listener)
+        for _ in pipe.listen(Recorded(), echo=aec):
             pass
     finally:
         for key, value in saved.items():

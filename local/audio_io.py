@@ -221,6 +221,8 @@ class Player:
     DAC: the echo canceller's reference.
     """
 
+    pausable = True
+
     def __init__(self, device: str | int | None = None) -> None:
         self.sd = _sd()
         self.device = _device(device, "output")
@@ -313,7 +315,7 @@ class Player:
         # PortAudio's latency): a restart drops it and the speaker goes silent now
         # (bench/live.py, on the recording: 485 -> 195 ms). An echo canceller following the
         # speaker finds the new run's latency again; the echo it lets slip meanwhile is not
-        # taken for a person (EchoCanceller.near_end asks EchoPath.unexplained)
+        # taken for a person (TalkOver.person asks EchoPath.unexplained)
         try:
             self._stream.abort()
             self._restarted = True

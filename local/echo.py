@@ -408,17 +408,7 @@ class EchoCanceller:
         self._far_s = 0.0  # seconds of speaker sound heard so far ...
         self._mic_e = self._out_e = 0.0  # ... and the energy in and out over them (decaying)
         self.converged = False  # it has earned trust: see TRUST_DB
-        self._recent: deque[tuple[int, float, float]] = deque()  # (samples, mic energy, out energy)
-        self._recent_n = 0
-        self._far_last = -1e9  # when the speaker was last heard playing ...
-        self._far_since = -1e9  # ... and since when it has played without a pause
-        self._share: tuple[float, float] | None = None  # (seconds, unexplained over NEAR_S) at the last chunk asked
-        self._sure = 0  # chunks in a row in which someone() held
-        self._far_run = 0.0  # seconds the speaker has played without a break of BREAK_S
-        self._levels: deque[float] = deque(maxlen=int(FLOOR_S * SPEECH_RATE / 512))  # the microphone's chunk powers
-        # where each chunk in which it played ended (s), as far back as LinearEcho keeps (chunks
-        # of 512 samples and more, so half that size bounds how many)
-        self._played: deque[float] = deque(maxlen=int(LinearEcho.KEEP_S * SPEECH_RATE / 256))
+        self.talk = TalkOver(self.path)  # is a person talking over moi: fed each chunk
 
     def _pull(self) -> None:
         """Add the blocks the player wrote since the last call to the 16 kHz reference, one after
@@ -485,8 +475,9 @@ class EchoCanceller:
         if self.recording is not None:
             self.recording.write(chunk.samples, far, cleaned, captured_at)
         self.seconds += chunk.seconds
-        active = self._learn(chunk.samples, far, cleaned)
-        _, mic_e, out_e = self._recent[-1]
+        mic_e, out_e = float(np.sum(np.square(chunk.samples))), float(np.sum(np.square(cleaned)))
+        active = len(far) > 0 and float(np.mean(np.square(far))) >= FAR_ACTIVE
+        self._learn(far, mic_e, out_e, active)
         lag = self.path.lag  # unknown for the first 4 s of moi's voice, and again after a move
         if lag is None:
             self._linear_from = None
@@ -501,18 +492,8 @@ class EchoCanceller:
             self.path.reset()
             self.converged = False  # the canceller's filter was for the old place: earn trust again
             self._far_s = self._mic_e = self._out_e = 0.0
-        power = mic_e / max(len(chunk.samples), 1)
-        self._levels.append(power)
-        loud = power >= min(self._levels) * 10 ** (SURE_DB / 10) and power > QUIET
-        settled = self._far_run >= NEAR_S + REACH[1]
-        self._sure = self._sure + 1 if settled and loud and self._unexplained() >= SURE_SHARE else 0
+        self.talk.observe(self.seconds, len(chunk.samples), mic_e, out_e, active)
         return Audio(cleaned, SPEECH_RATE)
-
-    def _unexplained(self) -> float:
-        """EchoPath.unexplained over NEAR_S, once a chunk."""
-        if self._share is None or self._share[0] != self.seconds:
-            self._share = (self.seconds, self.path.unexplained(NEAR_S))
-        return self._share[1]
 
     def linear(self, start_s: float, n: int) -> np.ndarray | None:
         """``n`` samples of the microphone from ``start_s`` (its own stream time, as the VAD
@@ -524,11 +505,6 @@ class EchoCanceller:
             return None  # the canceller's own output, then: better than the microphone as it was
         return self.linear_echo.cleaned(start, n)
 
-    def played(self, start_s: float, end_s: float) -> bool:
-        """Whether moi's voice played in the microphone's span ``start_s`` to ``end_s`` (the
-        VAD's count), as far back as LinearEcho keeps."""
-        return any(start_s < t <= end_s + 0.032 for t in reversed(self._played))
-
     @property
     def erle_db(self) -> float:
         """Echo return loss enhancement: how much quieter the microphone is after cancelling,
@@ -537,18 +513,92 @@ class EchoCanceller:
 
     @property
     def playing(self) -> bool:
+        """Whether moi's voice is in the microphone (its echo's tail included): see TalkOver."""
+        return self.talk.playing
+
+    def played(self, start_s: float, end_s: float) -> bool:
+        return self.talk.played(start_s, end_s)
+
+    def _learn(self, far: np.ndarray, mic_e: float, out_e: float, active: bool) -> None:
+        """The ERLE over the recent audio while the speaker played, and trust (TRUST_DB)."""
+        if not active:
+            return
+        decay = 0.97  # about a second of memory at 32 ms chunks
+        self._far_s += len(far) / SPEECH_RATE
+        self._mic_e = decay * self._mic_e + mic_e
+        self._out_e = decay * self._out_e + out_e
+        if not self.converged and self._far_s >= TRUST_S and self.erle_db >= TRUST_DB:
+            self.converged = True
+
+
+class TalkOver:
+    """Is a person talking over moi? Judged chunk by chunk from what the canceller took in and
+    gave back (``observe``) and from how much of the microphone's sound the echo's linear
+    path cannot explain (:meth:`EchoPath.unexplained`). The conversation asks ``person()``
+    (stop or pause the reply for them) and ``someone()`` (pause it before the VAD can tell).
+    ``playing``/``played``: moi's voice in the microphone, now and over a span."""
+
+    def __init__(self, path: EchoPath) -> None:
+        self.path = path
+        self.seconds = 0.0  # microphone audio observed (the canceller's clock)
+        self._recent: deque[tuple[int, float, float]] = deque()  # (samples, mic energy, out energy)
+        self._recent_n = 0
+        self._far_last = -1e9  # when the speaker was last heard playing ...
+        self._far_since = -1e9  # ... and since when it has played without a pause
+        self._share: tuple[float, float] | None = None  # (seconds, unexplained over NEAR_S) at the last chunk asked
+        self._sure = 0  # chunks in a row in which someone() held
+        self._far_run = 0.0  # seconds the speaker has played without a break of BREAK_S
+        self._levels: deque[float] = deque(maxlen=int(FLOOR_S * SPEECH_RATE / 512))  # the microphone's chunk powers
+        # where each chunk in which it played ended (s), as far back as LinearEcho keeps (chunks
+        # of 512 samples and more, so half that size bounds how many)
+        self._played: deque[float] = deque(maxlen=int(LinearEcho.KEEP_S * SPEECH_RATE / 256))
+
+    def observe(self, seconds: float, n: int, mic_e: float, out_e: float, active: bool) -> None:
+        """A chunk of ``n`` samples ending at ``seconds``: its energy in and out of the
+        canceller, and whether the speaker played in it."""
+        self.seconds = seconds
+        self._recent.append((n, mic_e, out_e))
+        self._recent_n += n
+        broke = not active and seconds - self._far_last > BREAK_S  # seconds: this chunk counted
+        self._far_run = 0.0 if broke else self._far_run + n / SPEECH_RATE
+        if active:
+            if seconds - self._far_last > PAUSE_S:
+                self._far_since = seconds
+            self._far_last = seconds
+            self._played.append(seconds)
+        while self._recent_n - self._recent[0][0] >= NEAR_S * SPEECH_RATE:
+            self._recent_n -= self._recent.popleft()[0]
+        power = mic_e / max(n, 1)
+        self._levels.append(power)
+        loud = power >= min(self._levels) * 10 ** (SURE_DB / 10) and power > QUIET
+        settled = self._far_run >= NEAR_S + REACH[1]
+        self._sure = self._sure + 1 if settled and loud and self._unexplained() >= SURE_SHARE else 0
+
+    def _unexplained(self) -> float:
+        """EchoPath.unexplained over NEAR_S, once a chunk."""
+        if self._share is None or self._share[0] != self.seconds:
+            self._share = (self.seconds, self.path.unexplained(NEAR_S))
+        return self._share[1]
+
+    @property
+    def playing(self) -> bool:
         """Whether moi's voice is in the microphone: the speaker played within the last TAIL_S
         (its echo's tail)."""
         return self.seconds - self._far_last < TAIL_S
 
-    def near_end(self) -> bool:
+    def played(self, start_s: float, end_s: float) -> bool:
+        """Whether moi's voice played in the microphone's span ``start_s`` to ``end_s`` (the
+        VAD's count), as far back as LinearEcho keeps."""
+        return any(start_s < t <= end_s + 0.032 for t in reversed(self._played))
+
+    def person(self) -> bool:
         """Whether a person is in what the microphone heard over the last NEAR_S, beside moi's
         own echo: the canceller let the microphone through (NEAR_DB) for PERSON_S of it, and
         PERSON_SHARE of that sound is not moi's (no linear filter of the reference explains
         it), GUARDED_SHARE at the onset of moi's voice and in the TAIL_S after it stops
         (ONSET_S, TAIL_S). A person, not silence: an utterance moi's echo began is held and
-        judged again as it goes on (local.live), and the pause between two pieces of a reply
-        must not release it."""
+        judged again as it goes on (local.conversation), and the pause between two pieces of a
+        reply must not release it."""
         tail = self.seconds > self._far_last  # it played, but not in the last chunk
         guarded = self.playing and (tail or self.seconds - self._far_since < ONSET_S)
         through = sum(n for n, m, o in self._recent if m > QUIET * n and _let_through(m, o))
@@ -558,34 +608,9 @@ class EchoCanceller:
     def someone(self) -> bool:
         """Whether something that is not moi's voice, most likely a person, came into the
         microphone while moi plays: SURE_SHARE of its sound unexplained, two chunks in a row,
-        and SURE_DB louder than the room (see SURE_SHARE). Sooner than near_end where AEC3
+        and SURE_DB louder than the room (see SURE_SHARE). Sooner than ``person`` where AEC3
         holds a person down, but no VAD has asked whether it is speech."""
         return self._sure >= 2
-
-    def _learn(self, mic: np.ndarray, far: np.ndarray, out: np.ndarray) -> bool:
-        """Keep the chunk's energies for near_end and the ERLE; whether the speaker played in it."""
-        active = len(far) > 0 and float(np.mean(np.square(far))) >= FAR_ACTIVE
-        mic_e, out_e = float(np.sum(np.square(mic))), float(np.sum(np.square(out)))
-        self._recent.append((len(mic), mic_e, out_e))
-        self._recent_n += len(mic)
-        broke = not active and self.seconds - self._far_last > BREAK_S  # seconds: this chunk counted
-        self._far_run = 0.0 if broke else self._far_run + len(mic) / SPEECH_RATE
-        if active:
-            if self.seconds - self._far_last > PAUSE_S:
-                self._far_since = self.seconds
-            self._far_last = self.seconds
-            self._played.append(self.seconds)
-        while self._recent_n - self._recent[0][0] >= NEAR_S * SPEECH_RATE:
-            self._recent_n -= self._recent.popleft()[0]
-        if not active:
-            return False
-        decay = 0.97  # about a second of memory at 32 ms chunks
-        self._far_s += len(far) / SPEECH_RATE
-        self._mic_e = decay * self._mic_e + mic_e
-        self._out_e = decay * self._out_e + out_e
-        if not self.converged and self._far_s >= TRUST_S and self.erle_db >= TRUST_DB:
-            self.converged = True
-        return True
 
 
 def check(spec: str) -> str:

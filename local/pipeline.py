@@ -11,23 +11,25 @@ monotonic clock since the run started.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from cloud.streams import close_iterator
-from cloud.vad import Segmenter, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+from cloud.vad import Segmenter, SpeechEnd, SpeechPause, SpeechStart
+from local.conversation import Heard, OverMoi, speech_ended
 from local.meter import LevelMeter
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
 from shared.engine import VARIANTS, Clock, Engine, Stopwatch, TurnRequest
 from shared.errors import MoiError
-from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio, ReplyText, SpeechEnded, SpeechStarted, Transcript
+from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio, ReplyText, SpeechStarted, Transcript
 from shared.messages import ChatOptions, Thread
 
 log = logging.getLogger("moi.pipeline")
@@ -46,72 +48,101 @@ def file_source(path: str | Path, chunk_s: float = 0.1) -> Iterator[Audio]:
         yield Audio(audio.samples[i : i + step], SPEECH_RATE)
 
 
-class Speculation:
-    """A turn started at a pause, before the turn is decided (``SpeechPause``): it runs in a
-    thread of its own and its events wait here. Confirmed (the turn ended in that pause), they
-    become the turn's, as if it had started then; dropped (the person went on), it is cancelled
-    and nothing of it is shown, played or added to the conversation."""
+class Canceller(Protocol):
+    """What the listening stage needs of an echo canceller (local.echo.EchoCanceller)."""
 
-    def __init__(
-        self, engine: Engine, utterance: Audio, request: TurnRequest, start: float, clock: Clock,
-        one_at_a_time: threading.Lock,
-    ) -> None:
-        self.start = start  # where the utterance starts in the stream: its SpeechEnd says the same
-        self.cancel = threading.Event()
-        self.dropped = False
-        self.utterance: Audio | None = None  # confirmed: the utterance whose turn this is
-        self._out: queue.Queue[object] = queue.Queue()
-        self._thread = threading.Thread(
-            target=self._run, args=(engine, utterance, request, clock, one_at_a_time), name="moi-speculate",
-            daemon=True,
-        )
-        self._thread.start()
+    converged: bool  # trusted: speech over moi can be acted on
+    talk: TalkOver  # is a person talking over moi
 
-    def _run(self, engine: Engine, utterance: Audio, request: TurnRequest, clock: Clock, lock: threading.Lock) -> None:
-        events = None
-        try:
-            with lock:  # behind a dropped one that is still stopping (its Whisper pass cannot be cut)
-                if self.dropped:
-                    return
-                events = engine.turn(utterance, request, cancel=self.cancel, clock=clock)
-                for ev in events:
-                    if self.dropped:
-                        break
-                    self._out.put(ev)
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the turn
-            self._out.put(exc)
-        finally:
-            close_iterator(events)
-            self._out.put(_DONE)
+    @property
+    def playing(self) -> bool: ...  # moi's voice is in the microphone now
 
-    def events(self) -> Iterator[Event]:
-        """The turn's events: those that waited, then the rest as they come. Closed early, the
-        turn is cancelled, as closing an engine's turn does."""
-        done = False
-        try:
-            while (item := self._out.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item  # type: ignore[misc]
-            done = True
-        finally:
-            if not done:
-                self.cancel.set()
+    def __call__(self, chunk: Audio, captured_at: float) -> Audio: ...
 
-    def drop(self) -> None:
-        self.dropped = True
-        self.cancel.set()
+    def linear(self, start_s: float, n: int) -> np.ndarray | None: ...
+
+    def played(self, start_s: float, end_s: float) -> bool: ...
 
 
-_DONE = object()
+class TalkOver(Protocol):
+    def person(self) -> bool: ...
+
+    def someone(self) -> bool: ...
+
+
+class Listener:
+    """The front half for one input: each chunk through the meters, the echo canceller (when
+    the microphone hears moi's speaker) and the VAD, as one :class:`Heard`. Every utterance the
+    VAD cuts comes out as Whisper should hear it (``_heard``)."""
+
+    def __init__(self, segmenter: Segmenter, cfg: Config, echo: Canceller | None = None, clock: Clock | None = None,
+                 ) -> None:
+        self.segmenter = segmenter
+        self.cfg = cfg
+        self.echo = echo
+        self.clock = clock or Stopwatch()
+        tick = SPEECH_RATE * cfg.tick_ms // 1000
+        self._pre, self._aec, self._post = LevelMeter(tick), LevelMeter(tick), LevelMeter(tick)
+        segmenter.reset()
+
+    def feed(self, chunk: Audio, captured_at: float = 0.0, overflows: int = 0) -> Heard:
+        """``captured_at``: the monotonic time of the chunk's first sample (the echo canceller's
+        reference is cut there)."""
+        if chunk.sample_rate != SPEECH_RATE:
+            chunk = chunk.resample(SPEECH_RATE)
+        t = self.clock()
+        meters = [MeterTick(t, "pre", lv.peak_db, lv.rms_db, end / SPEECH_RATE) for end, lv in self._pre.feed(chunk.samples)]
+        echo = self.echo
+        if echo is not None:
+            chunk = echo(chunk, captured_at)
+            # over moi's voice the canceller holds a person down at first: listen closer
+            self.segmenter.threshold = self.cfg.vad.over_reply_threshold if echo.playing else self.cfg.vad.threshold
+            meters += [MeterTick(t, "aec", lv.peak_db, lv.rms_db, end / SPEECH_RATE) for end, lv in self._aec.feed(chunk.samples)]
+        vad = self._cleaned(self.segmenter.feed(chunk))
+        meters += [MeterTick(t, "post", lv.peak_db, lv.rms_db, end / SPEECH_RATE)
+                   for end, lv in self._post.feed(self.segmenter.gated)]
+        return Heard(t, tuple(meters), vad, self.segmenter.speaking, self._over_moi(), overflows)
+
+    def flush(self) -> Heard:
+        """The end of the input: an utterance under way ends here."""
+        return Heard(self.clock(), (), self._cleaned(self.segmenter.flush()), False, self._over_moi())
+
+    def _over_moi(self) -> OverMoi | None:
+        echo = self.echo
+        if echo is None:
+            return None
+        # the person test reads the echo path's last 0.3 s: only asked while someone speaks over moi
+        person = self.segmenter.speaking and echo.playing and echo.talk.person()
+        return OverMoi(echo.converged, person, echo.talk.someone())
+
+    def _cleaned(self, events: list) -> tuple:
+        return tuple(replace(ev, audio=self._heard(ev.start, ev.audio))
+                     if isinstance(ev, (SpeechPause, SpeechEnd)) and ev.audio is not None else ev for ev in events)
+
+    def _heard(self, start: float, audio: Audio) -> Audio:
+        """An utterance as Whisper should hear it: with an echo canceller, the microphone with
+        moi's voice taken out by a linear filter (``EchoCanceller.linear``: the canceller's own
+        output, which the VAD listens to, holds a person down while both talk), from
+        OVER_MOI_PRE_ROLL_S earlier when moi was speaking as it began."""
+        echo = self.echo
+        if echo is None:
+            return audio
+        over_moi = echo.played(start, start + OVER_MOI_PRE_ROLL_S)
+        before = int(OVER_MOI_PRE_ROLL_S * SPEECH_RATE) if over_moi and start >= OVER_MOI_PRE_ROLL_S else 0
+        n = len(audio.samples)
+        cleaned = echo.linear(start - before / SPEECH_RATE, n + before)
+        if before and (cleaned is None or len(cleaned) < before):  # not held that far back
+            before, cleaned = 0, echo.linear(start, n)
+        if cleaned is None:
+            return audio
+        # the last few ms (the post-roll) may not be cleaned yet: the canceller's output there
+        return Audio(np.concatenate([cleaned, audio.samples[len(cleaned) - before :]]), SPEECH_RATE)
 
 
 class Pipeline:
-    """Runs one variant over a source; ``run`` yields events as they happen.
-
-    ``may_speculate``: set by a live session, says whether a turn may start at a pause, before
-    the turn is decided (nothing else is answering); None (a file): turns start when decided.
-    """
+    """The stages for one input: the segmenter that cuts utterances, the engine that answers
+    each one, the conversation so far. Built once; ``run`` is a whole file, utterance after
+    utterance; a live session drives ``answer``/``remember`` from its state machine."""
 
     def __init__(
         self,
@@ -128,159 +159,74 @@ class Pipeline:
         self.cfg = cfg
         self.variant = variant
         self.thread = thread or Thread(cfg.llm.system_prompt, cfg.llm.max_turns)
-        self.cancel = threading.Event()  # Stop: ends the reply in progress
-        # Takes moi's voice out of the microphone (local.echo.EchoCanceller), when it hears one
-        self.echo: Callable[[Audio, float], Audio] | None = None
-        self.turns = 0
-        self.failures = 0
-        self.may_speculate: Callable[[], bool] | None = None
-        self._lock = threading.Lock()  # the listening thread starts and drops, the turn's adopts
-        self._spec: Speculation | None = None  # the turn started at the current pause
-        self._one_at_a_time = threading.Lock()  # the engine runs one turn at a time
-        self.speculated = self.dropped = 0  # turns started at a pause; of those, dropped
+        self.turns = 0  # turns run by ``run``
+        self.failures = 0  # answers that ended in an error
 
-    def run(self, source: Iterable[Audio]) -> Iterator[Event]:
-        """The whole pipeline in this thread: each utterance's turn runs as it ends."""
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name
+
+    def run(self, source: Iterable[Audio], echo: Canceller | None = None, cancel: threading.Event | None = None,
+            ) -> Iterator[Event]:
+        """The whole pipeline in this thread: each utterance's turn runs as it ends. ``cancel``
+        (Stop): set, it ends the reply in progress and every one after it."""
         clock = Stopwatch()
-        for item in self.listen(source, clock):
+        for item in self.listen(source, clock, echo):
             if isinstance(item, Audio):
-                yield from self.turn(item, clock)
+                self.turns += 1
+                yield from self.turn(item, clock, cancel)
             else:
                 yield item
 
-    def listen(self, source: Iterable[Audio], clock: Clock | None = None) -> Iterator[Event | Audio]:
-        """The front half: meters and VAD events, and each utterance (an Audio) as it ends.
-        With ``echo`` set, ``source`` is a microphone that says when each chunk was captured
-        (``captured_at``, as :class:`local.audio_io.MicSource` does)."""
-        clock = clock or Stopwatch()
-        tick = SPEECH_RATE * self.cfg.tick_ms // 1000
-        pre, aec, post = LevelMeter(tick), LevelMeter(tick), LevelMeter(tick)
-        self.segmenter.reset()
-        for chunk in source:
-            if chunk.sample_rate != SPEECH_RATE:
-                chunk = chunk.resample(SPEECH_RATE)
-            for end, level in pre.feed(chunk.samples):
-                yield MeterTick(clock(), "pre", level.peak_db, level.rms_db, end / SPEECH_RATE)
-            if self.echo is not None:
-                chunk = self.echo(chunk, source.captured_at)  # type: ignore[attr-defined]
-                # over moi's voice the canceller holds a person down at first: listen closer
-                over = getattr(self.echo, "playing", False)
-                self.segmenter.threshold = self.cfg.vad.over_reply_threshold if over else self.cfg.vad.threshold
-                for end, level in aec.feed(chunk.samples):
-                    yield MeterTick(clock(), "aec", level.peak_db, level.rms_db, end / SPEECH_RATE)
-            vad_events = self.segmenter.feed(chunk)
-            for end, level in post.feed(self.segmenter.gated):
-                yield MeterTick(clock(), "post", level.peak_db, level.rms_db, end / SPEECH_RATE)
-            yield from self._handle(vad_events, clock)
-        yield from self._handle(self.segmenter.flush(), clock)
+    def listen(self, source: Iterable[Audio], clock: Clock | None = None, echo: Canceller | None = None,
+               ) -> Iterator[Event | Audio]:
+        """The front half as a stream: meters and VAD events, and each utterance (an Audio) as
+        it ends. With ``echo``, ``source`` is a microphone that says when each chunk was
+        captured (``captured_at``, as :class:`local.audio_io.MicSource` does)."""
+        listener = Listener(self.segmenter, self.cfg, echo, clock)
+        heard = (listener.feed(chunk, getattr(source, "captured_at", 0.0)) for chunk in source)
+        for h in itertools.chain(heard, [None]):
+            h = h or listener.flush()
+            yield from h.meters
+            for ev in h.vad:
+                if isinstance(ev, SpeechStart):
+                    yield SpeechStarted(h.t, ev.at)
+                elif isinstance(ev, SpeechEnd):
+                    yield speech_ended(ev, h.t)
+                    if ev.audio is not None:
+                        yield ev.audio
 
-    def _handle(self, vad_events: list[SpeechStart | SpeechPause | SpeechResume | SpeechEnd], clock: Clock,
-                ) -> Iterator[Event | Audio]:
-        for ev in vad_events:
-            if isinstance(ev, SpeechStart):
-                yield SpeechStarted(clock(), ev.at)
-            elif isinstance(ev, SpeechPause):
-                self._speculate(replace(ev, audio=self._heard(ev.start, ev.audio)), clock)
-            elif isinstance(ev, SpeechResume):
-                with self._lock:
-                    self._drop()
-            else:
-                if ev.audio is not None:  # before the speculation takes it: turn() knows it by identity
-                    ev = replace(ev, audio=self._heard(ev.start, ev.audio))
-                with self._lock:
-                    if self._spec is not None and self._spec.start == ev.start and ev.audio is not None and not ev.forced:
-                        self._spec.utterance = ev.audio  # the turn ended in the pause it started at
-                    else:
-                        self._drop()
-                seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
-                yield SpeechEnded(clock(), ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p)
-                if ev.audio is not None:
-                    yield ev.audio
-
-    def _heard(self, start: float, audio: Audio) -> Audio:
-        """An utterance as Whisper should hear it: with an echo canceller, the microphone with
-        moi's voice taken out by a linear filter (``EchoCanceller.linear``: the canceller's own
-        output, which the VAD listens to, holds a person down while both talk), from
-        OVER_MOI_PRE_ROLL_S earlier when moi was speaking as it began."""
-        linear = getattr(self.echo, "linear", None)
-        if linear is None:
-            return audio
-        played = getattr(self.echo, "played", None)
-        over_moi = played is not None and played(start, start + OVER_MOI_PRE_ROLL_S)
-        before = int(OVER_MOI_PRE_ROLL_S * SPEECH_RATE) if over_moi and start >= OVER_MOI_PRE_ROLL_S else 0
-        n = len(audio.samples)
-        cleaned = linear(start - before / SPEECH_RATE, n + before)
-        if before and (cleaned is None or len(cleaned) < before):  # not held that far back
-            before, cleaned = 0, linear(start, n)
-        if cleaned is None:
-            return audio
-        # the last few ms (the post-roll) may not be cleaned yet: the canceller's output there
-        return Audio(np.concatenate([cleaned, audio.samples[len(cleaned) - before :]]), SPEECH_RATE)
-
-    def _speculate(self, pause: SpeechPause, clock: Clock) -> None:
-        """Start the turn at this pause, if the session allows it (it waits for a dropped one
-        that is still stopping: one turn at a time on the engine)."""
-        if self.may_speculate is None or not self.may_speculate() or self.variant == "transcribe":
-            return
-        with self._lock:
-            self._drop()
-            self._spec = Speculation(self.engine, pause.audio, self._request(self.turns + 1), pause.start, clock,
-                                     self._one_at_a_time)
-            self.speculated += 1
-
-    def drop_speculation(self) -> None:
-        """Cancel a turn started at a pause (the session is ending)."""
-        with self._lock:
-            self._drop()
-
-    def _drop(self) -> None:
-        """Cancel the speculation under way (the lock held); it stops on its own."""
-        if self._spec is not None:
-            self._spec.drop()
-            self._spec = None
-            self.dropped += 1
-
-    def turn(self, utterance: Audio, clock: Clock | None = None) -> Iterator[Event]:
-        """One utterance through ``engine.turn``; the thread learns the exchange. Any failure,
-        whatever raised it, ends this turn with an ``ErrorEvent``, never the run."""
-        clock = clock or Stopwatch()
-        with self._lock:
-            if self._spec is not None and self._spec.utterance is not utterance:
-                self._drop()  # not this utterance's
-            spec, self._spec = self._spec, None
-        self.turns += 1
-        n = self.turns
+    def turn(self, utterance: Audio, clock: Clock | None = None, cancel: threading.Event | None = None,
+             ) -> Iterator[Event]:
+        """Turn ``self.turns`` of a file run: answered, and the exchange remembered."""
         heard = ""
-        if spec is not None:  # started at the pause: it has a head start
-            self.cancel = spec.cancel  # Stop reaches it as any turn
-            events: Iterator[Event] = spec.events()
-        else:
-            self.cancel.clear()
-            events = self._alone(utterance, self._request(n), clock)
+        for ev in self.answer(utterance, self.request(self.turns), cancel or threading.Event(), clock):
+            if isinstance(ev, Transcript):
+                heard = ev.text
+            elif isinstance(ev, ReplyText) and heard and self.variant == "chat" and ev.text:
+                self.remember(heard, ev.text)
+            yield ev
+
+    def answer(self, utterance: Audio, request: TurnRequest, cancel: threading.Event, clock: Clock | None = None,
+               ) -> Iterator[Event]:
+        """One utterance through ``engine.turn``. Any failure, whatever raised it, ends this turn
+        with an ``ErrorEvent``, never the run; ``cancel`` ends it at the next step."""
+        clock = clock or Stopwatch()
+        events = self.engine.turn(utterance, request, cancel=cancel, clock=clock)
         try:
-            for ev in events:
-                if isinstance(ev, Transcript):
-                    heard = ev.text
-                elif isinstance(ev, ReplyText) and heard and self.variant == "chat" and ev.text:
-                    self.thread.add_exchange(heard, ev.text)
-                yield ev
+            yield from events
         except Exception as exc:  # noqa: BLE001 - the stage boundary: report it, go on with the next turn
             self.failures += 1
-            log.debug("turn %d failed", n, exc_info=exc)  # the traceback, for whoever turns logging on
-            yield ErrorEvent(clock(), _describe(exc), n)
+            log.debug("turn %d failed", request.turn, exc_info=exc)  # the traceback, for whoever turns logging on
+            yield ErrorEvent(clock(), _describe(exc), request.turn)
         finally:
             close_iterator(events)
 
-    def _alone(self, utterance: Audio, request: TurnRequest, clock: Clock) -> Iterator[Event]:
-        """``engine.turn``, once a turn started at a pause and dropped has stopped."""
-        with self._one_at_a_time:
-            events = self.engine.turn(utterance, request, cancel=self.cancel, clock=clock)
-            try:
-                yield from events
-            finally:
-                close_iterator(events)
+    def remember(self, heard: str, reply: str) -> None:
+        """The conversation learns an exchange (chat)."""
+        self.thread.add_exchange(heard, reply)
 
-    def _request(self, n: int) -> TurnRequest:
+    def request(self, n: int) -> TurnRequest:
         """Turn ``n``: the conversation so far and the reply options."""
         llm = self.cfg.llm
         return TurnRequest(

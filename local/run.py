@@ -16,7 +16,7 @@ from rich.markup import escape
 from local.audio_io import Player
 from cloud.engine import LocalEngine
 from shared.engine import ROLES_FOR, Engine
-from local.echo import INSTALL, canceller
+from local.echo import INSTALL, EchoCanceller, canceller
 from local.live import LiveSession
 from local.pipeline import Pipeline, file_source, reply_audio
 from local.view import KeyReader, ViewState, format_timings, render
@@ -133,22 +133,22 @@ class paced:  # noqa: N801 - used like the generator function it replaces
 
 
 def attach_echo(
-    pipeline: Pipeline, source: Iterable[Audio], player: object | None, cfg: Config, barge_in: str,
-) -> str | None:
-    """``--barge-in auto`` on a microphone that hears moi's speaker: put an echo canceller on
-    the capture path (``cfg.echo_canceller``) when ``player`` is moi's own (a
-    :class:`local.audio_io.Player`, whose ``far`` end is the reference). Without one, returns the
-    line to say once: speech over a reply is not heard (``auto`` then acts as ``half``)."""
+    source: Iterable[Audio], player: object | None, cfg: Config, barge_in: str,
+) -> tuple[EchoCanceller | None, str | None]:
+    """``--barge-in auto`` on a microphone that hears moi's speaker: the echo canceller for the
+    capture path (``cfg.echo_canceller``) when ``player`` is moi's own (a
+    :class:`local.audio_io.Player`, whose ``far`` end is the reference), and the line to say
+    once when there is none: speech over a reply is not heard (``auto`` then acts as ``half``)."""
     if barge_in != "auto" or player is None or not hasattr(source, "captured_at"):
-        return None
+        return None, None
     far = getattr(player, "far", None)
     if far is None:
-        return "echo cancellation needs the reply on this machine's speaker (moi ui --speaker): barge-in is half"
-    pipeline.echo = canceller(far, cfg.echo_canceller, Path(cfg.echo_record) if cfg.echo_record else None)
-    if pipeline.echo is not None:
-        return None
+        return None, "echo cancellation needs the reply on this machine's speaker (moi ui --speaker): barge-in is half"
+    echo = canceller(far, cfg.echo_canceller, Path(cfg.echo_record) if cfg.echo_record else None)
+    if echo is not None:
+        return echo, None
     why = "is off" if cfg.echo_canceller == "off" else f"is not installed (`{INSTALL['pywebrtc']}`)"
-    return f"echo cancellation {why}: speech over a reply is not heard (barge-in is half)"
+    return None, f"echo cancellation {why}: speech over a reply is not heard (barge-in is half)"
 
 
 def run_live(
@@ -160,10 +160,10 @@ def run_live(
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False, soft_wrap=True)
     pipeline = build(cfg, variant, err if mode != "json" else None, engine)
-    note = attach_echo(pipeline, source, player, cfg, barge_in)
+    echo, note = attach_echo(source, player, cfg, barge_in)
     if note:
         err.print(f"[dim]{escape(note)}[/]")
-    session = LiveSession(pipeline, source, player, barge_in=barge_in, hears_player=hears_player).start()
+    session = LiveSession(pipeline, source, player, barge_in=barge_in, hears_player=hears_player, echo=echo).start()
     keys = KeyReader(session.stop_reply, session.close).start()
     state = ViewState(width=max(20, min(100, out.width - 24)))
     errors = 0

@@ -74,6 +74,7 @@ class BrowserPlayback:
     """
 
     LEAD_S = 0.1  # a tick and the network, before the page starts playing a piece
+    pausable = False  # the page plays: a barge-in stops the reply there
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -93,6 +94,12 @@ class BrowserPlayback:
             if self.playing:
                 self.stopped_at = time.monotonic()
             self._until = 0.0
+
+    def pause(self) -> None:
+        raise NotImplementedError("the page's playback cannot pause (pausable is False)")
+
+    def resume(self) -> None:
+        raise NotImplementedError("the page's playback cannot pause (pausable is False)")
 
     def wait(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -268,11 +275,11 @@ class Hub:
                 pipeline = await asyncio.to_thread(build, self.cfg, choice.variant, None, self.engine)
                 source = await asyncio.to_thread(self._source, input_spec)
                 playback = await asyncio.to_thread(self._playback)
-                note = attach_echo(pipeline, source, playback, self.cfg, self.barge_in)
+                echo, note = attach_echo(source, playback, self.cfg, self.barge_in)
                 if note:
                     self.notice(type="note", message=note)
                 self.session = LiveSession(
-                    pipeline, source, playback, barge_in=self.barge_in, hears_player=input_spec == "mic"
+                    pipeline, source, playback, barge_in=self.barge_in, hears_player=input_spec == "mic", echo=echo,
                 ).start()
                 self.state = "running"
                 self.notice(type="session", state="running", pipeline=pipeline_id, input=input_spec,
@@ -292,7 +299,7 @@ class Hub:
     def stop_reply(self) -> None:
         """Stop: every page silences its playback now; generation ends at its next step."""
         session = self.session
-        turn = session.pipeline.turns if session is not None else 0
+        turn = session.turns if session is not None else 0
         self.stopped_turn = max(self.stopped_turn, turn)
         self.broadcast({"type": "stop_playback", "turn": turn})
         if session is not None:
@@ -307,7 +314,7 @@ class Hub:
         if close_player is not None:
             await asyncio.to_thread(close_player)
         self.state = "idle"
-        self.broadcast({"type": "stop_playback", "turn": session.pipeline.turns})
+        self.broadcast({"type": "stop_playback", "turn": session.turns})
         self.notice(type="session", state="idle", reason=reason)
 
     def _playback(self):  # noqa: ANN202 - the session's player

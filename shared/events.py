@@ -52,6 +52,29 @@ class SpeechEnded(Event):
 
 
 @dataclass(frozen=True)
+class Dropped(Event):
+    """Speech that reaches no transcript, and why: ``too short`` (a blip under the VAD's
+    minimum), ``no words`` (Whisper found none in a sound over moi), ``moi's own voice``,
+    ``said while moi spoke (half-duplex)``, ``the session ended``. With the transcripts, these
+    account for every utterance the VAD cut (local.conversation)."""
+
+    type: ClassVar[str] = "dropped"
+    start_t: float  # where it lies in the input stream (s)
+    end_t: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class StateChanged(Event):
+    """The live conversation entered ``state`` (local.conversation: listening, speaking,
+    deciding, answering, paused, stopping, closed), and why."""
+
+    type: ClassVar[str] = "state"
+    state: str
+    why: str
+
+
+@dataclass(frozen=True)
 class Transcript(Event):
     type: ClassVar[str] = "transcript"
     turn: int

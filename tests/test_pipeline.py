@@ -1,4 +1,5 @@
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -137,11 +138,11 @@ def test_a_failed_turn_is_reported_and_the_run_goes_on(engine, vad_model, error)
 
 def test_stop_cancels_the_reply(engine, vad_model):
     pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "chat")
-    events = []
-    for ev in pipe.run(file_source(SAMPLE)):
+    events, stop = [], threading.Event()
+    for ev in pipe.run(file_source(SAMPLE), cancel=stop):
         events.append(ev)
         if isinstance(ev, ReplyToken):
-            pipe.cancel.set()  # Stop pressed as soon as the reply starts
+            stop.set()  # Stop pressed as soon as the reply starts
     replies = [e for e in events if isinstance(e, ReplyText)]
     assert replies and all(r.cancelled for r in replies)
     assert not any(isinstance(e, ReplyAudio) for e in events)

@@ -164,8 +164,10 @@ def test_a_turn_started_at_a_pause_the_person_talks_past_leaves_no_trace(runners
             events.append(live.events.get_nowait())
     finally:
         live.close()
-    assert pipe.speculated >= 2 and pipe.dropped >= 1, "no turn was started at the mid-sentence pause"
-    assert pipe.dropped == pipe.speculated - 1  # the last one, started at the final pause, was answered
+    machine = live.machine
+    assert machine.speculated >= 2 and machine.dropped_speculations >= 1, "no turn was started at the mid-sentence pause"
+    # the last one, started at the final pause, was answered
+    assert machine.dropped_speculations == machine.speculated - 1
     heard = [e.text for e in events if isinstance(e, Transcript)]
     assert len(heard) == 1 and {"answer", "sonny"} <= words(heard[0]), heard  # the whole thought, once
     turn_events = [e for e in events if isinstance(e, (Transcript, ReplyAudio, ReplyText, TurnDone))]

@@ -215,7 +215,7 @@ def test_with_the_speaker_the_page_shows_the_mic_after_echo_cancelling(browser, 
             page.wait_for_function("() => window.moi && moi.hellos >= 1", timeout=30_000)
             assert page.evaluate("() => moi.player.muted")
             start(page, "vad", "mic")
-            assert app.state.hub.session.pipeline.echo is not None
+            assert app.state.hub.session.echo is not None
             pulse.play(question).wait()
             page.wait_for_function("() => /dublin/i.test(document.querySelector('.msg.you .text')?.textContent || '')",
                                    timeout=SLOW_MS)
