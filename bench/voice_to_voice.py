@@ -13,7 +13,12 @@ The per-stage split comes from moi's own `--json` events: speech-to-text, LLM to
 piece and TTS of the first piece from `turn_done`; the VAD's wait from the end of the last word
 to where the VAD cut (on moi's input stream, aligned to the recording where moi saw the
 question start); the turn decision from the cut to the turn's start (moi's clock); the player
-(capture and output buffers, the sound server) is what remains of the heard figure. Runs outside CI (it takes a few minutes); nothing else should run meanwhile.
+(capture and output buffers, the sound server) is what remains of the heard figure.
+
+A question counts as answered only when its reply was handed to the speaker after its last
+word (else it is "talked over", whatever the latency would have read) and a turn not stopped
+answered it; each mode also reports the words lost: the WER of the last transcript of each
+question against the question's own words. Runs outside CI (it takes a few minutes); nothing else should run meanwhile.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jiwer
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import AUDIO_DIR, SPEECH, console, end, record_bus, show, start_server  # noqa: E402
 from shared.audio import SPEECH_RATE, Audio, decode  # noqa: E402
+from shared.text import spoken_words  # noqa: E402
 from tests import pulse  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -137,13 +144,15 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
             clip.save_wav(path)
             turn = Turn(text, time.monotonic())
             subprocess.run(["paplay", f"--device={IN}", str(path)], check=True)
-            heard = 0.0
-            while True:  # this question's events, until its turn is done
+            heard, stopped = 0.0, set()
+            while True:  # this question's events, until a turn not stopped is done
                 t, ev = _next(lines, 120, moi)
                 turn.events.append((t, ev))
                 if ev["type"] == "reply_audio":
                     heard += ev["audio"]["seconds"]
-                if ev["type"] in ("turn_done", "error"):
+                if ev["type"] == "stopped":
+                    stopped.add(ev["turn"])
+                if ev["type"] == "error" or (ev["type"] == "turn_done" and ev["turn"] not in stopped):
                     break
             turns.append(turn)
             until = time.monotonic() + heard + gap_s  # the reply plays out, then a pause
@@ -197,17 +206,27 @@ def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, 
         onset = find(clip, pcm, near, SPEECH_RATE)  # where the question starts in the recording
         end = onset + len(clip)  # the end of its last word
         after = np.nonzero(db[end // hop :] > AUDIBLE_DB)[0]
-        done = next((ev for _, ev in turn.events if ev["type"] == "turn_done"), None)
+        stopped = {ev["turn"] for _, ev in turn.events if ev["type"] == "stopped"}
+        done = next((ev for _, ev in turn.events if ev["type"] == "turn_done" and ev["turn"] not in stopped), None)
         start_ev = next((ev for _, ev in turn.events if ev["type"] == "speech_start"), None)
+        said = [ev["text"] for _, ev in turn.events if ev["type"] == "transcript"]
+        # words lost: the last transcript (a reply withdrawn as the person went on is answered
+        # again with all of it) against the question's words
+        wer = jiwer.wer(" ".join(spoken_words(turn.question)), " ".join(spoken_words(said[-1] if said else "")) or "-")
+        first_reply = next((t for t, ev in turn.events if ev["type"] == "reply_audio"), None)
+        if first_reply is not None and first_reply < rec_started + end / SPEECH_RATE:
+            # a reply handed to the speaker before the question's last word: talked over, not fast
+            rows.append({"question": turn.question, "error": "talked over", "wer": wer, "talked_over": 1})
+            continue
         if done is None or not len(after):
-            rows.append({"question": turn.question, "error": "no reply heard"})
+            rows.append({"question": turn.question, "error": "no reply heard", "wer": wer})
             continue
         heard = (end // hop + int(after[0])) * hop
         cuts = sum(ev["type"] == "speech_end" for _, ev in turn.events)
         latency = (heard - end) / SPEECH_RATE
         tm = done["timings"]
         # moi's clock ↔ the recording: at speech_start, moi's VAD had the first speech window.
-        row = {"question": turn.question, "onset": onset / SPEECH_RATE, "end": end / SPEECH_RATE,
+        row = {"question": turn.question, "onset": onset / SPEECH_RATE, "end": end / SPEECH_RATE, "wer": wer,
                "heard": heard / SPEECH_RATE, "latency": latency, "cuts": cuts, "stt": tm.get("stt", 0.0),
                "llm_first_piece": tm.get("first_audio", 0.0) - tm.get("stt", 0.0) - tm.get("tts_first", 0.0),
                "tts_first": tm.get("tts_first", 0.0), "first_audio": tm.get("first_audio", 0.0)}
@@ -265,6 +284,10 @@ def main() -> None:
                 table.append([r["question"][:24], *(f"{r.get(c, float('nan')):.2f}" if c != "cuts" else str(r["cuts"])
                                                      for c in cols)])
         ok = [r for r in rows if "error" not in r]
+        over = sum(r.get("talked_over", 0) for r in rows)
+        words_lost = statistics.mean(r["wer"] for r in rows) if rows else float("nan")
+        console.print(f"{mode}: answered after the question ended {len(ok)}/{len(rows)} · talked over {over} · "
+                      f"words lost (WER of the transcripts against the questions) {words_lost:.3f}")
         if ok:
             med = {c: statistics.median(r.get(c, float("nan")) for r in ok) for c in cols if c != "cuts"}
             table.append(["[bold]median[/]", f"{med['latency']:.2f}", str(sum(r["cuts"] for r in ok)),
