@@ -1,9 +1,9 @@
 """The live path on a real PortAudio stack: speech onset → VAD event, and barge-in reaction.
 
 Needs a sound server with a virtual microphone and speaker; this starts the PulseAudio
-null-sink pair the tests use (tests/pulse.py). In process, each trial plays speech into the
-virtual mic (0.5 s of silence, then speech) while moi's player is speaking, in full barge-in
-mode:
+null-sink pair the tests use (tests/pulse.py). In process, each trial has moi answer a long
+utterance (the echo pipeline says it back), then plays speech into the virtual mic (0.5 s of
+silence, then speech) while that reply is playing, in full barge-in mode:
 
 - onset → speech_start: from the speech onset in the injected sound to the VAD event (the
   whole mic path: sound server, PortAudio callback, queue, resampling, Silero);
@@ -46,10 +46,13 @@ from tests import pulse  # noqa: E402
 LEAD_S = 0.5
 
 
-def trial(live: LiveSession, player: Player, reply: Audio, question: Path) -> tuple[float, float] | None:
+def trial(live: LiveSession, player: Player, long_line: Path, question: Path) -> tuple[float, float] | None:
     while not live.events.empty():
         live.events.get_nowait()
-    player.play(reply)
+    pulse.play(long_line).wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not player.playing:  # moi's reply to it has begun
+        time.sleep(0.02)
     time.sleep(0.3)
     injected = time.monotonic()
     pulse.play(question)
@@ -65,8 +68,11 @@ def trial(live: LiveSession, player: Player, reply: Audio, question: Path) -> tu
             seen = time.monotonic()
         elif isinstance(ev, ReplyStopped):
             stopped = player.stopped_at
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (live.answering or player.playing):  # the question's own answer
+        time.sleep(0.1)
     player.stop()
-    time.sleep(2.5)  # let the injected speech end and its utterance pass
+    time.sleep(1.0)
     if seen is None or stopped is None:
         return None
     return seen - onset, stopped - onset
@@ -84,16 +90,17 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     question = tmp / "question.wav"
     Audio.concat([Audio.silence(LEAD_S), speech.slice(0.0, 2.3), Audio.silence(0.5)]).save_wav(question)
-    reply = speech.slice(20.0, 39.0)  # something long for moi to be saying
+    long_line = tmp / "long.wav"  # something long for moi to be saying back
+    Audio.concat([Audio.silence(0.3), speech.slice(2.4, 7.1), Audio.silence(1.2)]).save_wav(long_line)
 
-    pipeline = Pipeline(LocalEngine(cfg), Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "transcribe")
+    pipeline = Pipeline(LocalEngine(cfg), Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "echo")
     player = Player()
     live = LiveSession(pipeline, MicSource().start(), player, barge_in="full").start()
     results = []
     try:
         time.sleep(1.0)
         for i in range(args.trials):
-            got = trial(live, player, reply, question)
+            got = trial(live, player, long_line, question)
             console.print(f"trial {i + 1}: " + ("missed" if got is None else f"vad {got[0] * 1000:.0f} ms, stop {got[1] * 1000:.0f} ms"))
             if got is not None:
                 results.append(got)

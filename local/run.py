@@ -25,6 +25,7 @@ from cloud.vad import Segmenter, SileroVad
 from shared.audio import Audio, decode
 from shared.config import Config
 from shared.events import (
+    Dropped,
     ErrorEvent,
     Event,
     FallbackUsed,
@@ -228,6 +229,8 @@ def _print_line(out: Console, err: Console, ev: Event) -> None:
         err.print(f"[yellow]{escape(ev.engine)}:[/] {escape(ev.reason)}")
     elif isinstance(ev, ReplyStopped):
         out.print(f"     [dim](stopped by {escape(ev.reason)})[/]")
+    elif isinstance(ev, Dropped) and ev.reason != "too short":  # a blip is no news
+        out.print(f"     [dim](not heard: {escape(ev.reason)})[/]")
     elif isinstance(ev, ReplyPaused) and not ev.paused:
         out.print("     [dim](paused for a sound, went on: nobody spoke)[/]")
     elif isinstance(ev, ErrorEvent):

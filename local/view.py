@@ -23,6 +23,7 @@ from rich.text import Text
 
 from local.meter import FLOOR_DB
 from shared.events import (
+    Dropped,
     ErrorEvent,
     Event,
     FallbackUsed,
@@ -110,6 +111,8 @@ class ViewState:
                 self.lines.append(Line("moi", ev.text.lstrip(), ev.turn))
         elif isinstance(ev, ReplyText) and ev.cancelled:
             self.lines.append(Line("note", "(reply stopped)", ev.turn))
+        elif isinstance(ev, Dropped) and ev.reason != "too short":  # a blip is no news
+            self.lines.append(Line("note", f"(not heard: {ev.reason})", 0))
         elif isinstance(ev, ReplyAudio):
             samples = ev.audio.samples
             step = max(1, ev.audio.sample_rate // 20)

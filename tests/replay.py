@@ -12,7 +12,6 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from cloud.vad import Segmenter
 from local.conversation import (
     Utterance,
     Answer,

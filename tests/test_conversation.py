@@ -23,7 +23,7 @@ from local.live import CLOSE_S, LiveSession
 from local.pipeline import Pipeline
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import Dropped, ReplyPaused, ReplyStopped, StateChanged, Transcript
+from shared.events import Dropped, ReplyPaused, ReplyStopped, StateChanged
 from shared.models import resolve
 from shared.text import spoken_words
 from tests.replay import check_invariants, replay

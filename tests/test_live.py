@@ -93,6 +93,45 @@ def test_virtual_microphone_to_transcript(engine, vad_model, question):
     assert live.source.overflows == 0
 
 
+def test_a_recording_with_pauses_comes_back_whole_ten_times_in_one_session(engine, vad_model, speech60, tmp_path):
+    """One transcribe session with the defaults (Smart Turn, barge-in auto), the lecture's 7 s
+    with its pauses ("and says, how do I get to Dublin? And the answer that comes back is, ...
+    well, I wouldn't start from here, sonny.") played ten times into the virtual mic: every
+    play comes back whole, and every utterance the VAD cut is in a transcript or a drop."""
+    import jiwer
+
+    from cloud.turn_end import SmartTurn
+    from shared.events import Dropped, SpeechEnded
+    from shared.models import resolve
+    from shared.text import spoken_words
+
+    said = "and says how do i get to dublin and the answer that comes back is well i wouldn't start from here sonny"
+    path = tmp_path / "pauses.wav"
+    Audio.concat([Audio.silence(0.3), speech60.slice(0.0, 7.1), Audio.silence(0.8)]).save_wav(path)
+    pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad, SmartTurn(resolve("turn").path)), CFG, "transcribe")
+    live = LiveSession(pipe, MicSource().start(), None, barge_in="auto").start()
+    plays, all_events = [], []
+    try:
+        for _ in range(10):
+            pulse.play(path).wait()
+
+            def settled(events):  # every utterance cut so far has its transcript or its drop
+                ends = sum(isinstance(e, SpeechEnded) for e in events)
+                done = sum(isinstance(e, (Transcript, Dropped)) for e in events)
+                return ends and done >= ends and not live.machine.speaking
+
+            events = collect(live, settled, timeout=30)
+            all_events += events
+            plays.append(" ".join(e.text for e in events if isinstance(e, Transcript)))
+    finally:
+        live.close()
+    errors = [jiwer.wer(said, " ".join(spoken_words(p)) or "-") for p in plays]
+    assert all(e <= 0.1 for e in errors), list(zip(errors, plays))
+    dropped = [e for e in all_events if isinstance(e, Dropped)]
+    assert all(d.reason == "too short" for d in dropped), dropped
+    assert live.source.overflows == 0
+
+
 def test_a_device_that_wants_another_rate_is_resampled(engine, vad_model, question, monkeypatch):
     import local.audio_io as audio_io
 

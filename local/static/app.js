@@ -257,6 +257,9 @@ function apply(ev) {
       if (!ev.turn) showError(ev.message);
       break;
     case "note": chatLine("note", ev.message); break;
+    case "dropped":  // speech that reached no transcript, and why (a blip is no news)
+      if (ev.reason !== "too short") chatLine("note", `(not heard: ${ev.reason})`);
+      break;
     case "speech_start": $("listening").classList.add("on"); break;
     case "speech_end": $("listening").classList.remove("on"); break;
   }
