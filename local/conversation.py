@@ -480,6 +480,7 @@ class Conversation:
         self.pending[:0] = r.parts
         for s in (s for p in r.parts for s in p.spans):
             self.answered_spans.remove(s)
+        self.turns -= 1  # nothing of it was heard: the turn that answers it all keeps its number
         self._reply = None
         self._go("speaking", "the person went on before moi spoke: reply withdrawn")
 
