@@ -103,7 +103,7 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
 
     try:
         aec = Replayed(echo.FarEnd(R), "pywebrtc")
-        aec._cancel = lambda near, _far: out[aec.at : aec.at + len(near)]
+        aec._cancel = lambda near, _far, bypass=False: out[aec.at : aec.at + len(near)]  # as recorded
         cfg = dataclasses.replace(Config(), vad=dataclasses.replace(vad_cfg, turn_model="off", speculate_ms=0))
         pipe = Pipeline(None, Segmenter(SileroVad(resolve("vad").path), cfg.vad), cfg, "transcribe")
         decided, stopped, paused, paused_for = [], False, [], False

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,13 +44,10 @@ def listening(mode: str, seconds: float) -> float:
             if json.loads(line).get("type") == "status":
                 break
         time.sleep(2.0)  # start-up's last work (the first windows, the stream settling) left out
+        # its events are read on (a full pipe would stall it)
+        threading.Thread(target=lambda: [None for _ in moi.stdout], daemon=True).start()
         c0, t0 = cpu_s(moi.pid), time.monotonic()
-        # keep reading its events (a full pipe would stall it), until the time is up
-        deadline = t0 + seconds
-        os.set_blocking(moi.stdout.fileno(), False)
-        while time.monotonic() < deadline:
-            moi.stdout.read()
-            time.sleep(0.2)
+        time.sleep(seconds)
         return (cpu_s(moi.pid) - c0) / (time.monotonic() - t0)
     finally:
         end(moi)

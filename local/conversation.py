@@ -79,7 +79,7 @@ CONFIRM_S = 1.0
 # then talked through: it is withdrawn, and what it answered is answered again with what they
 # say now (one thought, one turn), not remembered as an exchange.
 REJOIN_S = 2.0
-STATUS_EVERY_S = 0.1
+STATUS_EVERY_S = 1.0  # a Status event on every change of it, and at least this often
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -285,6 +285,7 @@ class Conversation:
         self._checking: Check | None = None
         self._input_ended = False
         self._next_status = 0.0
+        self._status: tuple[bool, bool, int] | None = None
         self._overflows = 0
 
     # --- what views ask --------------------------------------------------------------------
@@ -352,8 +353,9 @@ class Conversation:
             self._utterance = "person"
             self._barge_in()
         self._pause_for_someone()
-        if self.now >= self._next_status:
-            self._next_status = self.now + STATUS_EVERY_S
+        status = (self._speaking, self.answering, self._overflows)
+        if status != self._status or self.now >= self._next_status:  # on a change, else a heartbeat
+            self._status, self._next_status = status, self.now + STATUS_EVERY_S
             self.emit(Status(self.now, self._speaking, self.answering, self.pipeline.engine_name, self._overflows))
 
     def _speech_started(self) -> None:

@@ -85,6 +85,9 @@ GUARDED_SHARE = 0.45
 # and none of that is moi's (in a room at -50 dBFS, 77-89 % unexplained as moi's first word came
 # in); Kokoro's gaps between words, 30-60 ms, leave the echo most of it.
 SURE_SHARE, SURE_DB, FLOOR_S, BREAK_S = 0.6, 10.0, 3.0, 0.1
+# The speaker silent this long, and its reference silent in the chunk: the canceller is not run
+# (AEC3's filter spans well under a second of echo), the microphone goes through as it is.
+IDLE_S = 2.0
 
 Backend = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (near, far) int16[FRAME] -> int16[FRAME]
 
@@ -194,6 +197,7 @@ class EchoPath:
         self._since = 0  # samples since the last estimate
         self._filled = 0  # samples held since the last reset
         self._last: float | None = None
+        self._quiet = 0  # samples since a chunk in which the speaker played
         self.lag: float | None = None  # the latest clear estimate (s), kept through silences
 
     def reset(self) -> None:
@@ -207,10 +211,13 @@ class EchoPath:
         self._at = (self._at + n) % self._n
         self._since += n
         self._filled = min(self._filled + n, self._n)
+        self._quiet = 0 if n and float(np.dot(ref, ref)) / len(ref) >= FAR_ACTIVE else self._quiet + n
         if self._since < self.EVERY_S * SPEECH_RATE or self._filled < self._n:
             return None
         self._since = 0
-        lag = self._estimate()
+        # no chunk of the window had the speaker playing: the estimate would find nothing (its
+        # power, averaged down to 4 kHz, is no more than the chunks'), so it is not made
+        lag = self._estimate() if self._quiet < self._n else None
         agreed = lag is not None and self._last is not None and abs(lag - self._last) <= self.AGREE_S
         self._last = lag
         self.lag = lag if lag is not None else self.lag
@@ -307,13 +314,18 @@ class LinearEcho:
         late = np.concatenate([np.zeros(len(far) - len(late), np.float32), late])
         self._mic, self._ref = np.concatenate([self._mic, mic]), np.concatenate([self._ref, late])
         while len(self._mic) >= self.N:
-            x = np.fft.rfft(self._window * self._mic[: self.N])
-            y = np.fft.rfft(self._window * self._ref[: self.N])
-            if learn:
-                self._sxy = self.FORGET * self._sxy + x * np.conj(y)
-                self._syy = self.FORGET * self._syy + np.abs(y) ** 2
-            h = self._sxy / (self._syy + 1e-9)
-            self._ola += self._window * np.fft.irfft(x - h * y, self.N).astype(np.float32)
+            if not self._ref[: self.N].any():  # nothing of moi in the frame: H y = 0, what is left is the frame
+                if learn:
+                    self._sxy, self._syy = self.FORGET * self._sxy, self.FORGET * self._syy
+                self._ola += self._window * self._window * self._mic[: self.N]
+            else:
+                x = np.fft.rfft(self._window * self._mic[: self.N])
+                y = np.fft.rfft(self._window * self._ref[: self.N])
+                if learn:
+                    self._sxy = self.FORGET * self._sxy + x * np.conj(y)
+                    self._syy = self.FORGET * self._syy + np.abs(y) ** 2
+                h = self._sxy / (self._syy + 1e-9)
+                self._ola += self._window * np.fft.irfft(x - h * y, self.N).astype(np.float32)
             self._emit(self._ola[: self.HOP] / 1.5)  # Hann at a quarter hop sums to 1.5
             self._ola = np.concatenate([self._ola[self.HOP :], np.zeros(self.HOP, np.float32)])
             self._mic, self._ref = self._mic[self.HOP :], self._ref[self.HOP :]
@@ -343,12 +355,16 @@ class FrameCanceller:
         self._far = np.zeros(0, np.float32)
         self._out = np.zeros(FRAME, np.float32)  # the frame of latency, silent at the start
 
-    def __call__(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
+    def __call__(self, near: np.ndarray, far: np.ndarray, bypass: bool = False) -> np.ndarray:
+        """``bypass``: the speaker has long been silent: the frames go through as they are
+        (the canceller is not run), one frame behind as always."""
         self._near = np.concatenate([self._near, near])
         self._far = np.concatenate([self._far, far])
         n = len(self._near) // FRAME
         cleaned = [self._out]
-        for i in range(n):
+        if bypass:
+            cleaned.append(self._near[: n * FRAME])
+        for i in range(0 if bypass else n):
             s = slice(i * FRAME, (i + 1) * FRAME)
             cleaned.append(self.process(_to_int16(self._near[s]), _to_int16(self._far[s])).astype(np.float32) / 32768.0)
         self._near, self._far = self._near[n * FRAME :], self._far[n * FRAME :]
@@ -471,7 +487,9 @@ class EchoCanceller:
 
     def __call__(self, chunk: Audio, captured_at: float) -> Audio:
         far = self.reference(captured_at + self.shift, len(chunk.samples))
-        cleaned = self._cancel(chunk.samples, far)
+        # silence costs little: with the speaker quiet for IDLE_S there is no echo left to take out
+        idle = self.talk.quiet_s >= IDLE_S and not far.any()
+        cleaned = self._cancel(chunk.samples, far, bypass=idle)
         if self.recording is not None:
             self.recording.write(chunk.samples, far, cleaned, captured_at)
         self.seconds += chunk.seconds
@@ -585,6 +603,11 @@ class TalkOver:
         """Whether moi's voice is in the microphone: the speaker played within the last TAIL_S
         (its echo's tail)."""
         return self.seconds - self._far_last < TAIL_S
+
+    @property
+    def quiet_s(self) -> float:
+        """Seconds since the speaker last played."""
+        return self.seconds - self._far_last
 
     def played(self, start_s: float, end_s: float) -> bool:
         """Whether moi's voice played in the microphone's span ``start_s`` to ``end_s`` (the

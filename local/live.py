@@ -41,7 +41,7 @@ from local.pipeline import Canceller, Listener, Pipeline
 from shared.audio import Audio
 from shared.engine import Stopwatch
 from shared.errors import MoiError
-from shared.events import ErrorEvent, Event, ReplyAudio
+from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio
 
 __all__ = ["BARGE_IN_MODES", "LiveSession", "Worker"]
 log = logging.getLogger("moi.live")
@@ -77,8 +77,10 @@ class LiveSession:
         barge_in: str = "auto",
         hears_player: bool = True,
         echo: Canceller | None = None,
+        meters: bool = True,
     ) -> None:
         self.pipeline = pipeline
+        self.meters = meters  # MeterTick events for a view that draws them (else dropped here)
         self.source = source
         self.player = player
         self.echo = echo
@@ -183,6 +185,8 @@ class LiveSession:
     # --- threads -----------------------------------------------------------------------------
 
     def _emit(self, ev: Event | None) -> None:
+        if not self.meters and isinstance(ev, MeterTick):
+            return
         if isinstance(ev, ReplyAudio):
             self.reply_audio.append(ev)
         self.events.put(ev)

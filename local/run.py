@@ -164,7 +164,8 @@ def run_live(
     echo, note = attach_echo(source, player, cfg, barge_in)
     if note:
         err.print(f"[dim]{escape(note)}[/]")
-    session = LiveSession(pipeline, source, player, barge_in=barge_in, hears_player=hears_player, echo=echo).start()
+    session = LiveSession(pipeline, source, player, barge_in=barge_in, hears_player=hears_player, echo=echo,
+                          meters=mode == "view").start()  # only the view draws meters
     keys = KeyReader(session.stop_reply, session.close).start()
     state = ViewState(width=max(20, min(100, out.width - 24)))
     errors = 0

@@ -241,7 +241,7 @@ def test_echo_the_canceller_lets_through_is_not_a_person(reply, speech60, person
 
 @pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
 @pytest.mark.parametrize("room", ["person", "moi alone", "speaker muted"])
-def test_someone_is_there_before_the_canceller_lets_them_through(reply, speech60, room):
+def test_someone_is_there_before_the_canceller_lets_them_through(reply, speech60, room, monkeypatch):
     """While both talk AEC3's suppressor can hold a person down for 0.3 s (measured live), and
     near_end, which needs the canceller to let them through, hears nobody. Here it lets nothing
     through at all: a person talking over moi is still ``someone`` within 0.25 s; moi's voice
@@ -250,6 +250,7 @@ def test_someone_is_there_before_the_canceller_lets_them_through(reply, speech60
     far_end = FarEnd(R)
     aec = EchoCanceller(far_end, WEBRTC[0])
     aec._cancel = FrameCanceller(lambda near, far: np.zeros_like(near))
+    monkeypatch.setattr(echo, "IDLE_S", float("inf"))  # nothing through, even before moi's first word
     far = np.concatenate([np.zeros(R // 2, np.float32), reply.samples])
     mic = laptop_echo(far) if room != "speaker muted" else np.zeros(len(far), np.float32)
     mic += np.random.default_rng(1).standard_normal(len(mic)).astype(np.float32) * 10 ** (-50 / 20)  # the room
@@ -261,7 +262,7 @@ def test_someone_is_there_before_the_canceller_lets_them_through(reply, speech60
     far_end.write(t0, far)
     for i in range(0, len(mic) - 511, 512):
         aec(Audio(mic[i : i + 512], R), t0 + i / R)
-        heard.append((i / R, aec.talk.someone(), aec.talk.person()))
+        heard.append((i / R, aec.talk.someone(), aec.playing and aec.talk.person()))  # asked as the listener asks it
     assert not any(near for _, _, near in heard)  # the canceller let nobody through
     someone = [t for t, sure, _ in heard if sure]
     if room != "person":
@@ -648,3 +649,31 @@ def test_live_echo_makes_no_turn_and_talking_over_it_does(echo_path, engine, vad
         player.close()
     heard = [e.text for e in more if isinstance(e, Transcript)]
     assert heard and "dublin" in words(heard[-1]), heard  # the interruption became the next turn
+
+
+def test_a_silent_speaker_costs_little_and_changes_nothing(monkeypatch):
+    """Listening to a quiet room while moi is silent: after IDLE_S the canceller is not run and
+    the microphone goes through as it is (one frame behind, as always); the linear filter's
+    frames with a silent reference skip their FFTs and give the same samples to 1e-6."""
+    from local.echo import IDLE_S, LinearEcho
+
+    rng = np.random.default_rng(3)
+    aec = EchoCanceller(FarEnd(R), "pywebrtc") if WEBRTC else None
+    if aec is not None:
+        calls = []
+        aec._cancel = FrameCanceller(lambda near, far: calls.append(1) or np.zeros_like(near))
+        mic = (rng.standard_normal(int((IDLE_S + 2.0) * R)) * 0.01).astype(np.float32)
+        out = np.concatenate([aec(Audio(mic[i : i + 512], R), 100 + i / R).samples for i in range(0, len(mic), 512)])
+        late = int((IDLE_S + 0.1) * R)
+        assert np.array_equal(out[late:], mic[late - FRAME : len(out) - FRAME])  # through as it is
+        n = len(calls)
+        aec(Audio(mic[:512], R), 200.0)
+        assert len(calls) == n  # the canceller was not run
+
+    x = (rng.standard_normal(3 * R) * 0.1).astype(np.float32)
+    linear, zero, ffts = LinearEcho(), np.zeros(512, np.float32), []
+    monkeypatch.setattr(np.fft, "rfft", lambda *a, **k: ffts.append(1) or np.fft.fft(*a, **k))
+    for i in range(0, len(x), 512):
+        linear.feed(x[i : i + 512], zero, 0.05, learn=False)
+    got = linear.cleaned(0, 2 * R)
+    assert ffts == [] and got is not None and np.allclose(got, x[: len(got)], atol=1e-6)  # H y = 0: the microphone
