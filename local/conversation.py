@@ -229,6 +229,8 @@ class Stages(Protocol):  # what the machine needs of local.pipeline.Pipeline
 
     def remember(self, heard: str, reply: str) -> None: ...
 
+    def has_words(self, audio: Audio) -> bool: ...
+
 
 @dataclass
 class _Reply:
@@ -498,7 +500,7 @@ class Conversation:
     def _deliver(self, r: _Reply, ev: Event) -> None:
         if isinstance(ev, Transcript):
             r.heard = ev.text
-        elif isinstance(ev, ReplyText) and r.heard and ev.text and self.pipeline.variant == "chat" and not r.withdrawn:
+        elif isinstance(ev, ReplyText) and not r.withdrawn:
             self.pipeline.remember(r.heard, ev.text)
         elif isinstance(ev, ReplyAudio):
             if r.stopping:

@@ -204,14 +204,15 @@ class EchoPath:
         """The reference moved: what is held no longer matches it."""
         self._filled, self._last, self.lag = 0, None, None
 
-    def update(self, mic: np.ndarray, ref: np.ndarray) -> float | None:
+    def update(self, mic: np.ndarray, ref: np.ndarray, active: bool) -> float | None:
+        """Another chunk of both; ``active``: the speaker played in it (FAR_ACTIVE)."""
         n = min(len(mic), self._n)
         where = (self._at + np.arange(n)) % self._n
         self._mic[where], self._ref[where] = mic[len(mic) - n :], ref[len(ref) - n :]
         self._at = (self._at + n) % self._n
         self._since += n
         self._filled = min(self._filled + n, self._n)
-        self._quiet = 0 if n and float(np.dot(ref, ref)) / len(ref) >= FAR_ACTIVE else self._quiet + n
+        self._quiet = 0 if active else self._quiet + n
         if self._since < self.EVERY_S * SPEECH_RATE or self._filled < self._n:
             return None
         self._since = 0
@@ -503,7 +504,7 @@ class EchoCanceller:
             self._linear_from = int(round((self.seconds + LinearEcho.LEARN_S) * SPEECH_RATE))
         alone = active and not _let_through(mic_e, out_e)  # the canceller found only moi's echo
         self.linear_echo.feed(chunk.samples, far, lag if lag is not None else TRAIL_S, learn=alone)
-        lag = self.path.update(chunk.samples, far)
+        lag = self.path.update(chunk.samples, far, active)
         if lag is not None and not REACH[0] <= lag <= REACH[1]:  # move the reference: the next cut is afresh
             self.shift -= lag - TRAIL_S
             self.moves += 1

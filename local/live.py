@@ -176,11 +176,10 @@ class LiveSession:
         if self._closing.is_set():
             return False
         try:
-            text = self.pipeline.engine.transcribe(audio, language=self.pipeline.cfg.stt.language).text
+            return self.pipeline.has_words(audio)
         except Exception as exc:  # noqa: BLE001 - cannot tell: a person, as without the check
             log.debug("confirming a barge-in failed", exc_info=exc)
             return True
-        return any(c.isalnum() for c in text)
 
     # --- threads -----------------------------------------------------------------------------
 

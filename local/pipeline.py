@@ -173,7 +173,6 @@ class Pipeline:
         clock = Stopwatch()
         for item in self.listen(source, clock, echo):
             if isinstance(item, Audio):
-                self.turns += 1
                 yield from self.turn(item, clock, cancel)
             else:
                 yield item
@@ -198,12 +197,13 @@ class Pipeline:
 
     def turn(self, utterance: Audio, clock: Clock | None = None, cancel: threading.Event | None = None,
              ) -> Iterator[Event]:
-        """Turn ``self.turns`` of a file run: answered, and the exchange remembered."""
+        """The next turn of a file run (or a bench's): answered, and the exchange remembered."""
+        self.turns += 1
         heard = ""
         for ev in self.answer(utterance, self.request(self.turns), cancel or threading.Event(), clock):
             if isinstance(ev, Transcript):
                 heard = ev.text
-            elif isinstance(ev, ReplyText) and heard and self.variant == "chat" and ev.text:
+            elif isinstance(ev, ReplyText):
                 self.remember(heard, ev.text)
             yield ev
 
@@ -223,8 +223,15 @@ class Pipeline:
             close_iterator(events)
 
     def remember(self, heard: str, reply: str) -> None:
-        """The conversation learns an exchange (chat)."""
-        self.thread.add_exchange(heard, reply)
+        """The conversation learns an exchange: what was heard and what was replied (chat, both
+        said; a stopped reply's words count)."""
+        if self.variant == "chat" and heard and reply:
+            self.thread.add_exchange(heard, reply)
+
+    def has_words(self, audio: Audio) -> bool:
+        """Whether Whisper finds words in ``audio`` (a barge-in's utterance)."""
+        text = self.engine.transcribe(audio, language=self.cfg.stt.language).text
+        return any(c.isalnum() for c in text)
 
     def request(self, n: int) -> TurnRequest:
         """Turn ``n``: the conversation so far and the reply options."""
