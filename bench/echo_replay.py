@@ -13,7 +13,7 @@ reference replaced by the recorded ones, so everything after AEC3 runs as it did
   first sound as played (`speech_onset` after paplay started it), to the chunk's capture time:
   the sound server's delay is in every figure alike, so compare the columns, not the target;
 - stops decided where no person spoke (moi's own voice): target 0. Since live run 34 such a
-  decision pauses the reply, and the conversation (`local.conversation`) stops it only once the person talks on for
+  decision pauses the reply, and the conversation (`cloud.conversation`) stops it only once the person talks on for
   `CONFIRM_S` or Whisper finds words in what they said; the replay counts the decision, not
   what Whisper then makes of it;
 - the same for the first pause or stop (``TalkOver.someone`` pauses a reply as soon as it
@@ -49,7 +49,7 @@ def replay(folder: Path, setting: dict[str, str], clips: dict[str, Audio]) -> tu
     sound to the decision to stop (None: never), and the times stops were decided for nobody."""
     from cloud.vad import Segmenter, SileroVad
     from local import echo
-    from local.pipeline import Pipeline
+    from cloud.pipeline import Pipeline
     from shared.config import Config
     from shared.models import resolve
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from _common import SPEECH, console, median, show, verdict
-from local.pipeline import Pipeline, file_source
+from cloud.pipeline import Pipeline, file_source
 from local.run import build
 from local.view import TIMING_LABELS
 from cloud.vad import SpeechEnd

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import SPEECH, console, median, show, verdict  # noqa: E402
 from local.audio_io import MicSource, Player  # noqa: E402
 from cloud.engine import LocalEngine  # noqa: E402
-from local.live import LiveSession  # noqa: E402
-from local.pipeline import Pipeline  # noqa: E402
+from cloud.live import LiveSession  # noqa: E402
+from cloud.pipeline import Pipeline  # noqa: E402
 from cloud.vad import Segmenter, SileroVad  # noqa: E402
 from shared.audio import Audio, decode  # noqa: E402
 from shared.config import Config  # noqa: E402

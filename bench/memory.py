@@ -24,7 +24,7 @@ def child(audio: Path, turns: int) -> None:
     import psutil
 
     from cloud.engine import LocalEngine
-    from local.pipeline import Pipeline, file_source
+    from cloud.pipeline import Pipeline, file_source
     from cloud.vad import Segmenter, SileroVad, SpeechEnd
     from shared.config import Config
     from shared.models import resolve

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import SPEECH, console, median, show, start_server  # noqa: E402
 from cloud.engine import LocalEngine  # noqa: E402
 from cloud.vad import Segmenter, SileroVad, SpeechEnd  # noqa: E402
-from local.pipeline import file_source  # noqa: E402
+from cloud.pipeline import file_source  # noqa: E402
 from local.remote import HttpEngine, RemoteConfig  # noqa: E402
 from shared.config import Config  # noqa: E402
 from shared.engine import TurnRequest  # noqa: E402

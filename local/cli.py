@@ -117,7 +117,7 @@ def main(
             )
         else:
             from local.audio_io import MicSource, Player
-            from local.pipeline import file_source
+            from cloud.pipeline import file_source
             from local.run import paced
 
             if input == "mic":

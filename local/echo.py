@@ -79,7 +79,7 @@ GUARDED_SHARE = 0.45
 # moi's voice alone, two chunks in a row, stayed at or under 0.51 in five live runs (17,000
 # chunks, replayed). At SURE_SHARE two chunks in a row, SURE_DB over the microphone's quietest
 # of the last FLOOR_S (a muted speaker leaves only the room, all of it unexplained), someone is
-# there; no VAD has asked whether it is speech, so local.live pauses the reply, not stops it.
+# there; no VAD has asked whether it is speech, so cloud.live pauses the reply, not stops it.
 # Only once moi's voice has played without a break of BREAK_S for NEAR_S and the echo's longest
 # delay (REACH): as it starts, the room's noise before it is most of what the microphone heard,
 # and none of that is moi's (in a room at -50 dBFS, 77-89 % unexplained as moi's first word came
@@ -621,7 +621,7 @@ class TalkOver:
         PERSON_SHARE of that sound is not moi's (no linear filter of the reference explains
         it), GUARDED_SHARE at the onset of moi's voice and in the TAIL_S after it stops
         (ONSET_S, TAIL_S). A person, not silence: an utterance moi's echo began is held and
-        judged again as it goes on (local.conversation), and the pause between two pieces of a
+        judged again as it goes on (cloud.conversation), and the pause between two pieces of a
         reply must not release it."""
         tail = self.seconds > self._far_last  # it played, but not in the last chunk
         guarded = self.playing and (tail or self.seconds - self._far_since < ONSET_S)

@@ -17,8 +17,8 @@ from local.audio_io import Player
 from cloud.engine import LocalEngine
 from shared.engine import ROLES_FOR, Engine
 from local.echo import INSTALL, EchoCanceller, canceller
-from local.live import LiveSession
-from local.pipeline import Pipeline, file_source, reply_audio
+from cloud.live import LiveSession
+from cloud.pipeline import Pipeline, file_source, reply_audio
 from local.view import KeyReader, ViewState, format_timings, render
 from cloud.turn_end import SmartTurn
 from cloud.vad import Segmenter, SileroVad

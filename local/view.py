@@ -21,7 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from local.meter import FLOOR_DB
+from cloud.meter import FLOOR_DB
 from shared.events import (
     Dropped,
     ErrorEvent,

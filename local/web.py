@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from cloud.engine import LocalEngine
 from cloud.gate import Gate, any_error_handler
 from shared.engine import Engine
-from local.live import BARGE_IN_MODES
+from cloud.live import BARGE_IN_MODES
 from local.run import build
 from local.web_hub import PIPELINES, Client, Hub
 from shared.config import Config

@@ -26,8 +26,8 @@ from pathlib import Path
 from fastapi import WebSocket, WebSocketDisconnect
 
 from shared.engine import Engine
-from local.live import LiveSession
-from local.pipeline import file_source
+from cloud.live import LiveSession
+from cloud.pipeline import file_source
 from local.run import attach_echo, build, paced
 from shared.audio import Audio, decode
 from shared.config import Config
@@ -44,7 +44,7 @@ class UiPipeline:
 
     id: str
     label: str
-    variant: str  # local.pipeline.VARIANTS
+    variant: str  # cloud.pipeline.VARIANTS
     panels: tuple[str, ...]  # of "pre", "post", "reply" ("aec" shows with "pre" when a canceller runs)
     stages: tuple[str, ...]  # drawn as the chain of elements
 

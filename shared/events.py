@@ -56,7 +56,7 @@ class Dropped(Event):
     """Speech that reaches no transcript, and why: ``too short`` (a blip under the VAD's
     minimum), ``no words`` (Whisper found none in a sound over moi), ``moi's own voice``,
     ``said while moi spoke (half-duplex)``, ``the session ended``. With the transcripts, these
-    account for every utterance the VAD cut (local.conversation)."""
+    account for every utterance the VAD cut (cloud.conversation)."""
 
     type: ClassVar[str] = "dropped"
     start_t: float  # where it lies in the input stream (s)
@@ -66,7 +66,7 @@ class Dropped(Event):
 
 @dataclass(frozen=True)
 class StateChanged(Event):
-    """The live conversation entered ``state`` (local.conversation: listening, speaking,
+    """The live conversation entered ``state`` (cloud.conversation: listening, speaking,
     deciding, answering, paused, stopping, closed), and why."""
 
     type: ClassVar[str] = "state"
@@ -133,7 +133,7 @@ class ReplyStopped(Event):
 class ReplyPaused(Event):
     """The speaker paused the reply (``paused``) for something in the microphone that is not
     moi's voice, before the VAD could say whether it is a person, or went on with it (not
-    ``paused``) when the VAD heard nobody (``--barge-in auto``: local.live)."""
+    ``paused``) when the VAD heard nobody (``--barge-in auto``: cloud.live)."""
 
     type: ClassVar[str] = "paused"
     turn: int

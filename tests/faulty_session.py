@@ -7,7 +7,7 @@ from itertools import chain, repeat
 from pathlib import Path
 
 from cloud.engine import LocalEngine
-from local.pipeline import file_source
+from cloud.pipeline import file_source
 from local.run import paced, run_live
 from shared.audio import Audio
 from shared.config import Config

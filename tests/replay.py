@@ -12,7 +12,7 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from local.conversation import (
+from cloud.conversation import (
     Utterance,
     Answer,
     Check,
@@ -25,7 +25,7 @@ from local.conversation import (
     StopReply,
     Tick,
 )
-from local.pipeline import Listener, Pipeline
+from cloud.pipeline import Listener, Pipeline
 from shared.audio import SPEECH_RATE, Audio
 from shared.events import (
     Dropped,
@@ -207,7 +207,7 @@ def replay(
 
 
 def check_invariants(r: Replay) -> None:
-    """Nothing said is lost and nobody is talked over (see local.conversation)."""
+    """Nothing said is lost and nobody is talked over (see cloud.conversation)."""
     ends = [e for e in r.events if isinstance(e, SpeechEnded)]
     dropped = [(d.start_t, d.end_t) for d in r.of(Dropped)]
     answered = [s for s in r.machine.answered_spans if s[0] >= 0]  # not the question moi started on

@@ -18,9 +18,9 @@ import pytest
 from cloud.engine import LocalEngine
 from cloud.turn_end import SmartTurn
 from cloud.vad import Segmenter
-from local.conversation import OverMoi
-from local.live import CLOSE_S, LiveSession
-from local.pipeline import Pipeline
+from cloud.conversation import OverMoi
+from cloud.live import CLOSE_S, LiveSession
+from cloud.pipeline import Pipeline
 from shared.audio import Audio
 from shared.config import Config
 from shared.events import Dropped, ReplyPaused, ReplyStopped, StateChanged

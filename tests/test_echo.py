@@ -15,9 +15,9 @@ from cloud.vad import Segmenter, SpeechStart
 from local import echo
 from local.audio_io import MicSource, Player, StreamClock
 from local.echo import FRAME, EchoCanceller, FarEnd, FrameCanceller, canceller
-from local.conversation import CONFIRM_S, HOLD_S, OverMoi
-from local.live import LiveSession
-from local.pipeline import Pipeline
+from cloud.conversation import CONFIRM_S, HOLD_S, OverMoi
+from cloud.live import LiveSession
+from cloud.pipeline import Pipeline
 from local.run import attach_echo
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
@@ -462,7 +462,7 @@ def test_an_utterance_begun_over_moi_reaches_further_back(vad_model, speech60, m
     """Over moi's voice the VAD hears a person late (the canceller holds them down at first),
     and the VAD's pre-roll lost their first words: an utterance that began while moi spoke is
     what the linear filter cleaned from OVER_MOI_PRE_ROLL_S before the VAD's cut; others as cut."""
-    from local.pipeline import OVER_MOI_PRE_ROLL_S
+    from cloud.pipeline import OVER_MOI_PRE_ROLL_S
 
     spoken = Audio.concat([Audio.silence(1.0), speech60.slice(3.0, 6.5), Audio.silence(1.0)])
     utterances = {}

@@ -11,8 +11,8 @@ import pytest
 
 from local.audio_io import MicSource, Player, list_devices
 from cloud.engine import LocalEngine
-from local.live import LiveSession
-from local.pipeline import Pipeline
+from cloud.live import LiveSession
+from cloud.pipeline import Pipeline
 from cloud.vad import Segmenter
 from shared.audio import Audio
 from shared.config import Config

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cloud.engine import LocalEngine
-from local.pipeline import Pipeline, file_source, reply_audio
+from cloud.pipeline import Pipeline, file_source, reply_audio
 from local.cli import SAMPLE
 from cloud.vad import Segmenter
 from shared.config import Config

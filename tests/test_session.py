@@ -17,8 +17,8 @@ import pytest
 
 from cloud.engine import LocalEngine
 from cloud.vad import Segmenter
-from local.live import LiveSession
-from local.pipeline import Pipeline, file_source
+from cloud.live import LiveSession
+from cloud.pipeline import Pipeline, file_source
 from local.run import paced
 from local.web_hub import BrowserPlayback
 from shared.audio import Audio

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from local.meter import FLOOR_DB, LevelMeter, measure
+from cloud.meter import FLOOR_DB, LevelMeter, measure
 from cloud.vad import WINDOW, Segmenter, SpeechEnd, SpeechStart
 from shared.audio import SPEECH_RATE, Audio
 from shared.config import VadConfig

@@ -1,10 +1,10 @@
-"""A live session: the conversation state machine (:mod:`local.conversation`) on real threads.
+"""A live session: the conversation state machine (:mod:`cloud.conversation`) on real threads.
 
 - **capture**: the source (a microphone, a file played in real time) through the listening
-  stage (:class:`local.pipeline.Listener`: meters, echo canceller, VAD, Smart Turn), one
-  :class:`~local.conversation.Heard` a chunk into the machine's inbox; never blocked by a model;
-- **machine**: takes the inbox in order and steps :class:`~local.conversation.Conversation`;
-  a :class:`~local.conversation.Tick` when nothing came for 50 ms;
+  stage (:class:`cloud.pipeline.Listener`: meters, echo canceller, VAD, Smart Turn), one
+  :class:`~cloud.conversation.Heard` a chunk into the machine's inbox; never blocked by a model;
+- **machine**: takes the inbox in order and steps :class:`~cloud.conversation.Conversation`;
+  a :class:`~cloud.conversation.Tick` when nothing came for 50 ms;
 - **answer** and **check** workers: the models, one job at a time each, reporting back into
   the inbox;
 - the caller's, which reads :attr:`LiveSession.events` to draw a view (``None``: it is over).
@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from local.conversation import (
+from cloud.conversation import (
     BARGE_IN_MODES,
     Answer,
     Check,
@@ -37,7 +37,7 @@ from local.conversation import (
     StopReply,
     Tick,
 )
-from local.pipeline import Canceller, Listener, Pipeline
+from cloud.pipeline import Canceller, Listener, Pipeline
 from shared.audio import Audio
 from shared.engine import Stopwatch
 from shared.errors import MoiError

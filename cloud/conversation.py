@@ -96,7 +96,7 @@ class OverMoi:
 
 @dataclass(frozen=True)
 class Heard:
-    """One microphone chunk through the listening stage (local.pipeline.Listener)."""
+    """One microphone chunk through the listening stage (cloud.pipeline.Listener)."""
 
     t: float
     meters: tuple[MeterTick, ...] = ()
@@ -221,7 +221,7 @@ class Player(Protocol):
     def stop(self) -> None: ...
 
 
-class Stages(Protocol):  # what the machine needs of local.pipeline.Pipeline
+class Stages(Protocol):  # what the machine needs of cloud.pipeline.Pipeline
     variant: str
     engine_name: str
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from cloud.streams import close_iterator
 from cloud.vad import Segmenter, SpeechEnd, SpeechPause, SpeechStart
-from local.conversation import Heard, OverMoi, speech_ended
-from local.meter import LevelMeter
+from cloud.conversation import Heard, OverMoi, speech_ended
+from cloud.meter import LevelMeter
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
 from shared.engine import VARIANTS, Clock, Engine, Stopwatch, TurnRequest
