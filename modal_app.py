@@ -114,7 +114,13 @@ tts_image = (
     .run_function(download_tts)
     .add_local_python_source("cloud")
 )
-gateway_image = _base.uv_pip_install("fastapi>=0.110", "python-multipart>=0.0.9").add_local_python_source("cloud")
+# The gateway also listens, for /v1/realtime: Silero (its ONNX file) and Smart Turn (in the pipecat
+# wheel) on onnxruntime, on the CPU, next to the socket.
+gateway_image = (
+    _base.uv_pip_install("fastapi>=0.110", "python-multipart>=0.0.9", "onnxruntime>=1.17")
+    .uv_pip_install("silero-vad>=5", "pipecat-ai==1.14.0", extra_options="--no-deps")
+    .add_local_python_source("cloud")
+)
 IMAGES = {"stt": stt_image, "llm": llm_image, "tts": tts_image, "gateway": gateway_image}
 
 

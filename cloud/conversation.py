@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from cloud.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart
@@ -57,11 +57,13 @@ from shared.events import (
     ReplyPaused,
     ReplyStopped,
     ReplyText,
+    ReplyWithdrawn,
     SpeechEnded,
     SpeechStarted,
     StateChanged,
     Status,
     Transcript,
+    TurnStarted,
 )
 
 BARGE_IN_MODES = ("auto", "half", "full")
@@ -143,6 +145,23 @@ class InputEnded:
 
 
 @dataclass(frozen=True)
+class Said:
+    """An utterance cut by the client, not by the VAD (a Realtime client's commit): owned and
+    answered like one the VAD cut."""
+
+    t: float
+    utterance: Utterance
+
+
+@dataclass(frozen=True)
+class Respond:
+    """Answer now (a Realtime client's ``response.create``): what is pending, or else the
+    thread's waiting typed message."""
+
+    t: float
+
+
+@dataclass(frozen=True)
 class Quit:
     t: float
 
@@ -154,7 +173,7 @@ class Tick:
     t: float
 
 
-Input = Heard | Output | JobEnded | Checked | StopReply | InputEnded | Quit | Tick
+Input = Heard | Said | Respond | Output | JobEnded | Checked | StopReply | InputEnded | Quit | Tick
 
 
 # --- the parts the machine drives -----------------------------------------------------------
@@ -177,10 +196,11 @@ class Utterance:
 
 @dataclass
 class Answer:
-    """A turn for the answer worker: ``utterance`` through the pipeline's stages."""
+    """A turn for the answer worker: ``utterance`` through the pipeline's stages (None: a typed
+    message, ``request.text``)."""
 
     id: int
-    utterance: Utterance
+    utterance: Utterance | None
     request: TurnRequest
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -227,7 +247,7 @@ class Stages(Protocol):  # what the machine needs of cloud.pipeline.Pipeline
 
     def request(self, turn: int) -> TurnRequest: ...
 
-    def remember(self, heard: str, reply: str) -> None: ...
+    def remember(self, heard: str | None, reply: str) -> None: ...
 
     def has_words(self, audio: Audio) -> bool: ...
 
@@ -244,7 +264,7 @@ class _Reply:
     withdrawn: bool = False  # stopped so soon that what it answered is answered again
     ended: bool = False  # its job ended
     stopping: bool = False
-    heard: str = ""
+    heard: str | None = ""  # None: a typed message's turn
 
 
 class Conversation:
@@ -260,6 +280,7 @@ class Conversation:
         *,
         barge_in: str = "auto",
         hears_player: bool = True,
+        auto_answer: bool = True,
     ) -> None:
         if barge_in not in BARGE_IN_MODES:
             raise MoiError(f"unknown barge-in mode {barge_in!r}: use auto (echo cancelled), half (speakers) or full (headset)")
@@ -269,6 +290,7 @@ class Conversation:
         self.player = player
         self.barge_in = barge_in
         self.hears_player = hears_player  # a microphone near the speaker: half-duplex drops what it hears over moi
+        self.auto_answer = auto_answer  # False: a turn is answered when asked (Respond), not when it ends
         self.state = "listening"
         self.now = 0.0
         self.turns = 0  # turns decided
@@ -289,6 +311,7 @@ class Conversation:
         self._next_status = 0.0
         self._status: tuple[bool, bool, int] | None = None
         self._overflows = 0
+        self._asked = False  # Respond came: answer what is pending once nothing runs
 
     # --- what views ask --------------------------------------------------------------------
 
@@ -309,6 +332,11 @@ class Conversation:
         self.now = max(self.now, inp.t)
         if isinstance(inp, Heard):
             self._heard(inp)
+        elif isinstance(inp, Said):
+            self.pending.append(inp.utterance)
+            self.pending.sort(key=lambda u: u.spans[0][0] if u.spans else 0.0)
+        elif isinstance(inp, Respond):
+            self._respond()
         elif isinstance(inp, Output):
             self._output(inp)
         elif isinstance(inp, JobEnded):
@@ -454,15 +482,44 @@ class Conversation:
         else:
             parts, self.pending = self.pending, []
         self.turns += 1
+        self._asked = False
         self._reply = self._start(parts, decided=True)
         self.answered_spans += [s for p in parts for s in p.spans]
+        self.emit(TurnStarted(self.now, self._reply.turn, tuple(s for p in parts for s in p.spans)))
         self._go("answering", "turn ended")
+
+    def _respond(self) -> None:
+        """Respond: what is pending is answered once nothing else runs; with nothing pending, the
+        thread's waiting typed message is, now."""
+        r = self._reply
+        if r is not None and r.decided:
+            if not r.ended:
+                self.emit(ErrorEvent(self.now, "a response is in progress: cancel it first"))
+                return
+            self._reply = None  # it only plays out: the next reply plays after it
+        if self.pending:
+            self._asked = True
+            return
+        request = self.pipeline.request(self.turns + 1)
+        if not request.messages or request.messages[-1].role != "user":
+            self.emit(ErrorEvent(self.now, "nothing to respond to: send audio or a user message first"))
+            return
+        if self._reply is not None:
+            self._drop_speculation()
+        self.turns += 1
+        job = Answer(next(self._ids), None, replace(request, messages=request.messages[:-1],
+                                                    text=request.messages[-1].content))
+        self._reply = _Reply(job, [], job.request.turn, decided=True, heard=None)
+        self.jobs.answer(job)
+        self.emit(TurnStarted(self.now, job.request.turn))
+        self._go("answering", "asked to respond")
 
     def _decide(self, r: _Reply) -> None:
         r.decided = True
         r.parts, self.pending = self.pending, []  # what was speculated on, as the turn's end cut it
         self.answered_spans += [s for p in r.parts for s in p.spans]
         self.turns += 1
+        self.emit(TurnStarted(self.now, r.turn, tuple(s for p in r.parts for s in p.spans)))
         self._go("answering", "turn ended where it was speculated")
         held, r.held = r.held, []
         for ev in held:
@@ -486,6 +543,7 @@ class Conversation:
             self.answered_spans.remove(s)
         self.turns -= 1  # nothing of it was heard: the turn that answers it all keeps its number
         self._reply = None
+        self.emit(ReplyWithdrawn(self.now, r.turn))
         self._go("speaking", "the person went on before moi spoke: reply withdrawn")
 
     def _output(self, o: Output) -> None:
@@ -528,6 +586,7 @@ class Conversation:
             self.pending[:0] = r.parts
             for span in (s for p in r.parts for s in p.spans):
                 self.answered_spans.remove(span)
+            self.emit(ReplyWithdrawn(self.now, r.turn))
             self._go("stopping", "barge-in as the reply began: it is answered again with what follows")
             return
         self._go("stopping", reason)
@@ -603,7 +662,7 @@ class Conversation:
         if r is not None and r.decided and r.ended and not (self.player is not None and self.player.playing):
             self._reply = None  # answered, and its reply has played out
             self._go("speaking" if self._speaking else "listening", "reply over")
-        if self._reply is None and self.pending and self._checking is None and (
+        if self._reply is None and self.pending and self._checking is None and (self.auto_answer or self._asked) and (
                 not self._speaking or self.pipeline.variant == "transcribe"):
             self._answer()
         if self._input_ended and self._reply is None and not self.pending and self._checking is None:

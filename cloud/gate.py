@@ -115,15 +115,16 @@ class Gate:
             else:
                 await json_error(ApiError(403, why, code="forbidden_host"))(scope, receive, send)
             return
+        given = headers.get(b"authorization", b"")
+        refused = self.api_key and scope["path"] not in OPEN_PATHS and not bearer_matches(given, self.api_key)
         if scope["type"] == "websocket":
+            if refused:  # at the handshake: the client sees HTTP 403
+                await receive()
+                await send({"type": "websocket.close", "code": 1008, "reason": "missing or incorrect API key"})
+                return
             await self.app(scope, receive, send)
             return
-        given = headers.get(b"authorization", b"")
-        if (
-            self.api_key
-            and scope["path"] not in OPEN_PATHS
-            and not bearer_matches(given, self.api_key)
-        ):
+        if refused:
             err = ApiError(
                 401,
                 "missing or incorrect API key: send `Authorization: Bearer <key>`",

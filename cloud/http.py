@@ -12,14 +12,15 @@ request's cancel event, which stops generation between tokens and synthesis betw
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -28,6 +29,8 @@ from starlette.exceptions import HTTPException
 
 from cloud.admission import Admission, Capacity
 from cloud.gate import Gate, any_error_handler, as_api_error, log
+from cloud.pipeline import listening as listen
+from cloud.realtime import serve_realtime
 from cloud.streams import END, Deadline, ThreadStream, cancel_on_disconnect, close_iterator, in_thread, iterate
 from cloud.wire import (
     OPENAI_VOICES,
@@ -54,6 +57,7 @@ from cloud.wire import (
     wav_stream_header,
 )
 from shared.audio import ENCODINGS, Audio, Encoder, decode
+from shared.config import Config
 from shared.engine import TurnRequest
 from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, ReplyAudio, to_wire
@@ -61,6 +65,7 @@ from shared.messages import ChatOptions
 from shared.wire import encode_frame
 
 if TYPE_CHECKING:
+    from cloud.vad import Segmenter
     from shared.engine import Engine
 
 DEFAULTS = ChatOptions()
@@ -75,10 +80,15 @@ class Limits:
     stt: Capacity = Capacity(running=2)  # per model: running at once, and waiting → else 429
     llm: Capacity = Capacity()
     tts: Capacity = Capacity()
+    realtime_sessions: int = 4  # /v1/realtime connections at once; one more is told the server is busy
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
-    """The gateway over ``engine``; with ``api_key`` set, every route but /health needs it."""
+def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits(), cfg: Config | None = None,
+               listening: Callable[[], Segmenter] | None = None) -> FastAPI:
+    """The gateway over ``engine``; with ``api_key`` set, every route but /health needs it.
+    ``cfg``: the Realtime sessions' VAD and reply settings; ``listening`` builds a connection's
+    VAD and Smart Turn (default: :func:`cloud.pipeline.listening` from ``cfg``)."""
+    cfg = cfg or Config()
     app = FastAPI(title="moi gateway", version="0.1.0")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(Gate, api_key=api_key, max_body=limits.max_upload_bytes)
@@ -331,6 +341,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
                 cancel.set()  # also on disconnect (Stop on the client): generation ends
 
         return StreamingResponse(frames(first), media_type="application/x-moi-frames")
+
+    slots = asyncio.Semaphore(limits.realtime_sessions)
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket) -> None:
+        """OpenAI's Realtime API (cloud/realtime.py): the Gate has checked the key."""
+        await serve_realtime(ws, engine, listening or (lambda: listen(cfg)), cfg, slots)
 
     app.include_router(router)
     return app

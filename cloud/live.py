@@ -34,8 +34,11 @@ from cloud.conversation import (
     Output,
     Player,
     Quit,
+    Respond,
+    Said,
     StopReply,
     Tick,
+    Utterance,
 )
 from cloud.pipeline import Canceller, Listener, Pipeline
 from shared.audio import Audio
@@ -78,7 +81,11 @@ class LiveSession:
         hears_player: bool = True,
         echo: Canceller | None = None,
         meters: bool = True,
+        auto_answer: bool = True,
+        on_event: Callable[[Event | None], None] | None = None,
     ) -> None:
+        """``on_event``: every event goes to it, on the machine's thread, in order, instead of to
+        :attr:`events` (a Realtime connection translates them as they happen)."""
         self.pipeline = pipeline
         self.meters = meters  # MeterTick events for a view that draws them (else dropped here)
         self.source = source
@@ -86,10 +93,12 @@ class LiveSession:
         self.echo = echo
         self.clock = Stopwatch()
         self.events: queue.Queue[Event | None] = queue.Queue()  # None: the session ended
-        self.reply_audio: list[ReplyAudio] = []
+        self.reply_audio: list[ReplyAudio] = []  # without on_event: what was played, for the caller
+        self.on_event = on_event
         self._inbox: queue.Queue[Input] = queue.Queue()
         self.listener = Listener(pipeline.segmenter, pipeline.cfg, echo, self.clock)
-        self.machine = Conversation(pipeline, self, self._emit, player, barge_in=barge_in, hears_player=hears_player)
+        self.machine = Conversation(pipeline, self, self._emit, player, barge_in=barge_in, hears_player=hears_player,
+                                    auto_answer=auto_answer)
         self._closing = threading.Event()
         self._over = threading.Event()  # the machine emitted its end
         self._answers: Worker | None = None
@@ -117,6 +126,14 @@ class LiveSession:
     def stop_reply(self, reason: str = "stop") -> None:
         """Cut the current reply (Stop: a key, the page's button)."""
         self._inbox.put(StopReply(self.clock(), reason))
+
+    def said(self, utterance: Utterance) -> None:
+        """An utterance the caller cut (a Realtime client's commit)."""
+        self._inbox.put(Said(self.clock(), utterance))
+
+    def respond(self) -> None:
+        """Answer now what is pending (or the waiting typed message)."""
+        self._inbox.put(Respond(self.clock()))
 
     def close(self) -> None:
         """End the session now (see the module): every thread it started is joined."""
@@ -151,7 +168,8 @@ class LiveSession:
             try:
                 if job.cancel.is_set() or self._closing.is_set():
                     return
-                for ev in self.pipeline.answer(job.utterance.audio, job.request, job.cancel, self.clock):
+                audio = job.utterance.audio if job.utterance is not None else Audio.silence(0.0)  # typed: request.text
+                for ev in self.pipeline.answer(audio, job.request, job.cancel, self.clock):
                     self._inbox.put(Output(self.clock(), job.id, ev))
                     if self._closing.is_set():
                         job.cancel.set()
@@ -186,9 +204,12 @@ class LiveSession:
     def _emit(self, ev: Event | None) -> None:
         if not self.meters and isinstance(ev, MeterTick):
             return
-        if isinstance(ev, ReplyAudio):
-            self.reply_audio.append(ev)
-        self.events.put(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+        else:
+            if isinstance(ev, ReplyAudio):
+                self.reply_audio.append(ev)
+            self.events.put(ev)
         if ev is None:
             self._over.set()
 

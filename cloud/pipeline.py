@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -22,15 +22,17 @@ from typing import Protocol
 import numpy as np
 
 from cloud.streams import close_iterator
-from cloud.vad import Segmenter, SpeechEnd, SpeechPause, SpeechStart
+from cloud.turn_end import SmartTurn
+from cloud.vad import Segmenter, SileroVad, SpeechEnd, SpeechPause, SpeechStart
 from cloud.conversation import Heard, OverMoi, speech_ended
 from cloud.meter import LevelMeter
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import Config
 from shared.engine import VARIANTS, Clock, Engine, Stopwatch, TurnRequest
-from shared.errors import MoiError
+from shared.errors import ModelNotFound, MoiError
 from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio, ReplyText, SpeechStarted, Transcript
 from shared.messages import ChatOptions, Thread
+from shared.models import PACK_INSTALL, resolve
 
 log = logging.getLogger("moi.pipeline")
 # Over moi's voice the VAD hears a person 0.25-0.5 s after they begin (the canceller holds them
@@ -46,6 +48,22 @@ def file_source(path: str | Path, chunk_s: float = 0.1) -> Iterator[Audio]:
     step = max(1, int(chunk_s * SPEECH_RATE))
     for i in range(0, len(audio), step):
         yield Audio(audio.samples[i : i + step], SPEECH_RATE)
+
+
+def listening(cfg: Config, note: Callable[[str], None] | None = None) -> Segmenter:
+    """The VAD with the end-of-turn model ``cfg.vad.turn_model`` names, loaded; ``auto``
+    without Smart Turn installed (or ``off``) ends turns on silence alone, and ``note`` says so."""
+    turn_end = None
+    if cfg.vad.turn_model != "off":
+        try:
+            turn_end = SmartTurn(resolve("turn", cfg.vad.turn_model).path)
+        except ModelNotFound:
+            if cfg.vad.turn_model != "auto":
+                raise
+            if note is not None:
+                note(f"no turn-end model (`{PACK_INSTALL['smart-turn-v3.2']}` adds Smart Turn): "
+                     f"turns end after {cfg.vad.silence_ms} ms of silence")
+    return Segmenter(SileroVad(resolve("vad", cfg.vad.model).path), cfg.vad, turn_end)
 
 
 class Canceller(Protocol):
@@ -222,11 +240,17 @@ class Pipeline:
         finally:
             close_iterator(events)
 
-    def remember(self, heard: str, reply: str) -> None:
+    def remember(self, heard: str | None, reply: str, ids: tuple[str, str] = ("", "")) -> None:
         """The conversation learns an exchange: what was heard and what was replied (chat, both
-        said; a stopped reply's words count)."""
-        if self.variant == "chat" and heard and reply:
-            self.thread.add_exchange(heard, reply)
+        said; a stopped reply's words count). ``heard`` None: the reply answers the thread's
+        waiting typed message. ``ids``: the user's and the reply's item ids (Realtime)."""
+        if self.variant != "chat" or not reply:
+            return
+        if heard is None:
+            if self.thread.waiting is not None:
+                self.thread.add_assistant(reply, ids[1])
+        elif heard:
+            self.thread.add_exchange(heard, reply, ids)
 
     def has_words(self, audio: Audio) -> bool:
         """Whether Whisper finds words in ``audio`` (a barge-in's utterance)."""

@@ -227,7 +227,8 @@ def serve(
     from cloud.http import create_app
 
     try:
-        engine = LocalEngine(Config.load())
+        cfg = Config.load()
+        engine = LocalEngine(cfg)
         if preload:
             with err.status("loading stt, llm, tts models…"):
                 engine.warm()
@@ -235,7 +236,7 @@ def serve(
         raise fail(str(exc)) from None
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         err.print("[yellow]warning:[/] serving beyond loopback with no --api-key: anyone who can reach it can use it")
-    uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, api_key=api_key, cfg=cfg), host=host, port=port, log_level="info")
 
 
 @app.command()

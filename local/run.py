@@ -18,10 +18,8 @@ from cloud.engine import LocalEngine
 from shared.engine import ROLES_FOR, Engine
 from local.echo import INSTALL, EchoCanceller, canceller
 from cloud.live import LiveSession
-from cloud.pipeline import Pipeline, file_source, reply_audio
+from cloud.pipeline import Pipeline, file_source, listening, reply_audio
 from local.view import KeyReader, ViewState, format_timings, render
-from cloud.turn_end import SmartTurn
-from cloud.vad import Segmenter, SileroVad
 from shared.audio import Audio, decode
 from shared.config import Config
 from shared.events import (
@@ -32,13 +30,12 @@ from shared.events import (
     MeterTick,
     ReplyPaused,
     ReplyStopped,
+    ReplyWithdrawn,
     ReplyText,
     Transcript,
     TurnDone,
     to_dict,
 )
-from shared.errors import ModelNotFound
-from shared.models import PACK_INSTALL, resolve
 
 
 
@@ -46,8 +43,7 @@ def build(cfg: Config, variant: str, console: Console | None = None, engine: Eng
     """Resolve and load what ``variant`` needs (the engine's models where they live in this
     process, a fallback's too), with a spinner while they load. ``engine``: default the
     in-process LocalEngine."""
-    vad = SileroVad(resolve("vad", cfg.vad.model).path)
-    turn_end = turn_end_model(cfg, console)
+    segmenter = listening(cfg, note=None if console is None else lambda text: console.print(f"[dim]{text}[/]"))
     engine = engine or LocalEngine(cfg)
     roles = ROLES_FOR.get(variant, ())
     if console is not None:
@@ -55,24 +51,7 @@ def build(cfg: Config, variant: str, console: Console | None = None, engine: Eng
             engine.warm(roles)
     else:
         engine.warm(roles)
-    return Pipeline(engine, Segmenter(vad, cfg.vad, turn_end), cfg, variant)
-
-
-def turn_end_model(cfg: Config, console: Console | None = None) -> SmartTurn | None:
-    """The end-of-turn model ``cfg.vad.turn_model`` names; ``auto`` without it installed (or
-    ``off``) ends turns on silence alone, and says so once."""
-    spec = cfg.vad.turn_model
-    if spec == "off":
-        return None
-    try:
-        return SmartTurn(resolve("turn", spec).path)
-    except ModelNotFound:
-        if spec != "auto":
-            raise
-        if console is not None:
-            console.print(f"[dim]no turn-end model (`{PACK_INSTALL['smart-turn-v3.2']}` adds Smart Turn): "
-                          f"turns end after {cfg.vad.silence_ms} ms of silence[/]")
-        return None
+    return Pipeline(engine, segmenter, cfg, variant)
 
 
 def run_file(
@@ -230,6 +209,8 @@ def _print_line(out: Console, err: Console, ev: Event) -> None:
         err.print(f"[yellow]{escape(ev.engine)}:[/] {escape(ev.reason)}")
     elif isinstance(ev, ReplyStopped):
         out.print(f"     [dim](stopped by {escape(ev.reason)})[/]")
+    elif isinstance(ev, ReplyWithdrawn):
+        out.print("     [dim](withdrawn: answered again with what you say next)[/]")
     elif isinstance(ev, Dropped) and ev.reason != "too short":  # a blip is no news
         out.print(f"     [dim](not heard: {escape(ev.reason)})[/]")
     elif isinstance(ev, ReplyPaused) and not ev.paused:

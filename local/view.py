@@ -31,6 +31,7 @@ from shared.events import (
     ReplyAudio,
     ReplyPaused,
     ReplyStopped,
+    ReplyWithdrawn,
     ReplyText,
     ReplyToken,
     SpeechEnded,
@@ -127,6 +128,8 @@ class ViewState:
             self.lines.append(Line("note", f"(stopped by {ev.reason} in {ev.latency * 1000:.0f} ms)", ev.turn))
         elif isinstance(ev, ReplyPaused):
             self.lines.append(Line("note", "(paused: someone there?)" if ev.paused else "(went on: nobody)", ev.turn))
+        elif isinstance(ev, ReplyWithdrawn):
+            self.lines.append(Line("note", "(withdrawn: answered again with what you say next)", ev.turn))
         elif isinstance(ev, FallbackUsed):
             self.engine = ev.engine
             self.lines.append(Line("note", f"({ev.engine}: {ev.reason})", ev.turn))

@@ -75,6 +75,27 @@ class StateChanged(Event):
 
 
 @dataclass(frozen=True)
+class TurnStarted(Event):
+    """The conversation decided that the person's turn ended and starts answering it as turn
+    ``turn``: what it answers lies at ``spans`` of the input stream (s); a typed message has
+    none (cloud.conversation)."""
+
+    type: ClassVar[str] = "turn"
+    turn: int
+    spans: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplyWithdrawn(Event):
+    """Turn ``turn``'s reply is withdrawn: the person went on before it was heard, or talked
+    over its first sound. What it answered is answered again with what they say next, and
+    nothing of it is remembered (cloud.conversation)."""
+
+    type: ClassVar[str] = "withdrawn"
+    turn: int
+
+
+@dataclass(frozen=True)
 class Transcript(Event):
     type: ClassVar[str] = "transcript"
     turn: int

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -13,6 +13,7 @@ Role = Literal["system", "user", "assistant"]
 class Message:
     role: Role
     content: str
+    id: str = field(default="", compare=False)  # a Realtime client's item id; "" elsewhere
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,12 @@ class ChatOptions:
 
 
 class Thread:
-    """A running conversation: a system prompt plus the last ``max_turns`` exchanges.
+    """A running conversation: a system prompt plus the messages of the last ``max_turns``
+    turns (a turn: a user message and what follows it).
 
-    The client owns the thread (servers are stateless); older exchanges fall off the front
-    so the prompt stays bounded.
+    The client owns the thread (servers are stateless); older turns fall off the front so the
+    prompt stays bounded. Messages may carry ids (a Realtime connection's items), by which they
+    can be deleted.
     """
 
     def __init__(self, system_prompt: str = "", max_turns: int = 6) -> None:
@@ -36,45 +39,59 @@ class Thread:
             raise ValueError("a thread keeps at least one turn")
         self.system_prompt = system_prompt
         self.max_turns = max_turns
-        self._turns: list[tuple[Message, Message | None]] = []
+        self._messages: list[Message] = []
 
-    def add_user(self, text: str) -> None:
-        self._turns.append((Message("user", text), None))
-        del self._turns[: max(0, len(self._turns) - self.max_turns)]
+    def add_user(self, text: str, id: str = "") -> None:
+        self._messages.append(Message("user", text, id))
+        starts = [i for i, m in enumerate(self._messages) if m.role == "user"]
+        if len(starts) > self.max_turns:
+            del self._messages[: starts[-self.max_turns]]
 
-    def add_assistant(self, text: str) -> None:
-        if not self._turns or self._turns[-1][1] is not None:
+    def add_assistant(self, text: str, id: str = "") -> None:
+        if not self._messages or self._messages[-1].role != "user":
             raise ValueError("an assistant reply needs a user message before it")
-        self._turns[-1] = (self._turns[-1][0], Message("assistant", text))
+        self._messages.append(Message("assistant", text, id))
 
-    def add_exchange(self, user: str, assistant: str) -> None:
+    def add_exchange(self, user: str, assistant: str, ids: tuple[str, str] = ("", "")) -> None:
         """One whole turn: what was heard and what was answered (even if cut short)."""
-        self.add_user(user)
-        self.add_assistant(assistant)
+        self.add_user(user, ids[0])
+        self.add_assistant(assistant, ids[1])
 
     def drop_last_user(self) -> None:
         """Forget an unanswered user message (its turn failed or was cancelled early)."""
-        if self._turns and self._turns[-1][1] is None:
-            self._turns.pop()
+        if self._messages and self._messages[-1].role == "user":
+            self._messages.pop()
+
+    def delete(self, id: str) -> bool:
+        """Forget the message with this id; False if there is none."""
+        for i, m in enumerate(self._messages):
+            if id and m.id == id:
+                del self._messages[i]
+                return True
+        return False
+
+    @property
+    def waiting(self) -> Message | None:
+        """The last message when it is the user's, not answered yet."""
+        return self._messages[-1] if self._messages and self._messages[-1].role == "user" else None
 
     def messages(self, max_chars: int | None = None) -> list[Message]:
-        """System prompt, then the exchanges; with ``max_chars``, the oldest exchanges are left
-        out until all of it fits (the system prompt and the newest exchange always stay)."""
-        turns = list(self._turns)
+        """System prompt, then the turns; with ``max_chars``, the oldest turns are left out until
+        all of it fits (the system prompt and the newest turn always stay)."""
+        kept = list(self._messages)
         if max_chars is not None:
-            size = len(self.system_prompt) + sum(len(u.content) + len(r.content if r else "") for u, r in turns)
-            while len(turns) > 1 and size > max_chars:
-                user, reply = turns.pop(0)
-                size -= len(user.content) + len(reply.content if reply else "")
-        out = [Message("system", self.system_prompt)] if self.system_prompt else []
-        for user, reply in turns:
-            out.append(user)
-            if reply is not None:
-                out.append(reply)
-        return out
+            size = len(self.system_prompt) + sum(len(m.content) for m in kept)
+            while size > max_chars:
+                starts = [i for i, m in enumerate(kept) if m.role == "user" and i > 0]
+                if not starts:
+                    break
+                size -= sum(len(m.content) for m in kept[: starts[0]])
+                del kept[: starts[0]]
+        return ([Message("system", self.system_prompt)] if self.system_prompt else []) + kept
 
     def __len__(self) -> int:
-        return len(self._turns)
+        """Turns held."""
+        return sum(m.role == "user" for m in self._messages)
 
     def __iter__(self) -> Iterator[Message]:
         return iter(self.messages())

@@ -66,6 +66,22 @@ def test_thread_rules():
     assert thread.messages()[-1].role == "system" and len(thread) == 0
 
 
+def test_thread_items_keep_their_ids_and_can_be_deleted():
+    """A Realtime connection's items: typed messages wait for a reply, ids delete them, and the
+    oldest turns fall off the front (by count, and by size with the newest turn kept)."""
+    thread = Thread("sys", max_turns=2)
+    thread.add_user("first", "u1")
+    assert thread.waiting is not None and thread.waiting.id == "u1"
+    thread.add_assistant("one", "a1")
+    assert thread.waiting is None
+    thread.add_exchange("second", "two", ("u2", "a2"))
+    thread.add_user("third", "u3")  # a third turn: the first falls off
+    assert [m.id for m in thread.messages()] == ["", "u2", "a2", "u3"] and len(thread) == 2
+    assert thread.delete("a2") and not thread.delete("a2") and not thread.delete("")
+    assert [m.content for m in thread.messages()] == ["sys", "second", "third"]
+    assert [m.content for m in thread.messages(max_chars=len("sys") + len("third"))] == ["sys", "third"]
+
+
 @pytest.mark.slow
 def test_transformers_backend_on_the_same_weights():
     """The GPU path's code on the shipped GGUF (dequantized, CPU): streams, stops, cancels."""

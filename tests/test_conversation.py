@@ -23,7 +23,7 @@ from cloud.live import CLOSE_S, LiveSession
 from cloud.pipeline import Pipeline
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import Dropped, ReplyPaused, ReplyStopped, StateChanged
+from shared.events import Dropped, ReplyPaused, ReplyStopped, ReplyWithdrawn, StateChanged, TurnStarted
 from shared.models import resolve
 from shared.text import spoken_words
 from tests.replay import check_invariants, replay
@@ -89,6 +89,10 @@ def test_speech_before_moi_says_a_word_withdraws_the_reply(engine, vad_model, sm
     assert wer(r.transcripts()[-1:]) <= 0.1, r.transcripts()
     if pause_s > 1.0:  # long enough for the turn to end in it
         assert any(e.state == "speaking" and "withdrawn" in e.why for e in r.of(StateChanged)), r.of(StateChanged)
+        withdrawn, started = r.of(ReplyWithdrawn), r.of(TurnStarted)
+        # said so, and the turn that answers both halves keeps the withdrawn one's number
+        assert len(withdrawn) == 1 and len(started) == 2 and started[0].turn == started[1].turn == withdrawn[0].turn
+        assert started[1].spans[0] == started[0].spans[0] and len(started[1].spans) >= 2
 
 
 def test_half_duplex_drops_what_it_hears_over_moi_and_says_so(engine, vad_model, smart_turn, speech60):

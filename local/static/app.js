@@ -245,6 +245,9 @@ function apply(ev) {
       moi.player.stop(ev.turn);
       chatLine("note", `(stopped by ${ev.reason} in ${(ev.latency * 1000).toFixed(0)} ms)`, ev.turn);
       break;
+    case "withdrawn":
+      chatLine("note", "(withdrawn: answered again with what you say next)", ev.turn);
+      break;
     case "paused":
       chatLine("note", ev.paused ? "(paused: someone there?)" : "(went on: nobody)", ev.turn);
       break;
