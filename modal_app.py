@@ -1,9 +1,10 @@
-"""moi on Modal: one GPU class per model, and the gateway that runs each turn over them.
+"""moi on Modal: one GPU class that runs a whole turn, a transcriber for batch, and the gateway.
 
-Thin on purpose: images, the secret, decorators. Each class builds a ``cloud/`` runner in
-``@modal.enter`` and forwards to it; the gateway is ``cloud.http.create_app`` over
-:class:`ModalEngine`, so a turn runs :func:`cloud.turn.run_turn` next to the GPUs and the laptop
-pays one round trip per utterance. This file imports only ``cloud/`` and ``shared/`` (and
+Thin on purpose: images, the secret, decorators. :class:`Voice` loads Whisper, the LLM and
+Kokoro together (under 1.5 GB of GPU memory) and runs :func:`cloud.turn.run_turn` inside, so a
+conversation holds one GPU container and an utterance is one call into it, from the laptop
+(``/v1/turn``) as from the gateway. :class:`Transcriber` serves batch's ``.map`` fan-out. The
+gateway is ``cloud.http.create_app`` over :class:`ModalEngine`. This file imports only ``cloud/`` and ``shared/`` (and
 ``cloud/`` only inside functions, so a build step needs nothing but ``shared/``); nothing
 imports it: the laptop looks the deployed app up by name (``local/deployed.py``).
 
@@ -14,7 +15,9 @@ imports it: the laptop looks the deployed app up by name (``local/deployed.py``)
 
 Deploy-time settings (environment of the `modal deploy` command): ``MOI_MODAL_GPU`` (default
 ``L4``; e.g. ``T4``, ``A10G``, ``L40S``, or a comma list to let Modal pick), ``MOI_MODAL_SCALEDOWN``
-(seconds a warm container waits for the next request before scaling to zero, default 300).
+(seconds a warm container waits for the next request before scaling to zero, default 300),
+``MOI_MODAL_LLM`` (the chat model baked into the image, default SmolLM2-135M-Instruct; e.g.
+``HuggingFaceTB/SmolLM2-360M-Instruct`` or ``-1.7B-Instruct``: a model the laptop cannot run).
 """
 
 
@@ -38,6 +41,9 @@ APP_NAME = MODAL_APP
 GPU: str | list[str] = [g.strip() for g in os.environ.get("MOI_MODAL_GPU", "L4").split(",")]
 GPU = GPU[0] if len(GPU) == 1 else GPU
 SCALEDOWN_S = int(os.environ.get("MOI_MODAL_SCALEDOWN", "300"))
+# The chat model: chosen at deploy time, then carried in the images' environment (MOI_LLM_MODEL),
+# where build steps and containers read it back.
+LLM_MODEL = os.environ.get("MOI_MODAL_LLM") or os.environ.get("MOI_LLM_MODEL") or HUB_DEFAULTS["llm"]
 SECRET_NAME = "moi-api-key"  # holds MOI_API_KEY, the bearer key the gateway checks
 PYTHON = "3.11"
 HF_HOME = "/models"  # weights are baked into each image under here at build time
@@ -62,22 +68,19 @@ def download_stt() -> None:
     resolve("stt", HUB_DEFAULTS["stt"], download=True)
 
 
-def download_llm() -> None:
+def download_voice() -> None:
+    """Everything a turn needs: Whisper, the chat model chosen at deploy time, Kokoro."""
     from shared.models import resolve
 
-    resolve("llm", HUB_DEFAULTS["llm"], download=True)
-
-
-def download_tts() -> None:
-    from shared.models import resolve
-
+    resolve("stt", HUB_DEFAULTS["stt"], download=True)
+    resolve("llm", os.environ["MOI_LLM_MODEL"], download=True)
     resolve("tts", HUB_DEFAULTS["tts"], download=True)  # config.json, kokoro-v1_0.pth, voices/*.pt
 
 
 _hub_env = {
     "HF_HOME": HF_HOME,
     "MOI_STT_MODEL": HUB_DEFAULTS["stt"],
-    "MOI_LLM_MODEL": HUB_DEFAULTS["llm"],
+    "MOI_LLM_MODEL": LLM_MODEL,
     "MOI_TTS_MODEL": HUB_DEFAULTS["tts"],
     "MOI_LLM_BACKEND": "transformers",
     "MOI_TTS_BACKEND": "torch",
@@ -92,26 +95,22 @@ _base = (
     .add_local_python_source("shared", copy=True)
 )
 
+_cuda_libs = {"LD_LIBRARY_PATH": f"{SITE}/nvidia/cublas/lib:{SITE}/nvidia/cudnn/lib"}
 stt_image = (
     _base.uv_pip_install("faster-whisper>=1.1", "nvidia-cublas-cu12", "nvidia-cudnn-cu12==9.*", "onnxruntime>=1.17")
     .uv_pip_install("silero-vad>=5", extra_options="--no-deps")  # only for its silero_vad.onnx: no torch
     # CTranslate2 loads cuBLAS and cuDNN by name; the pip wheels put them here, off the loader's path.
-    .env({**_hub_env, "LD_LIBRARY_PATH": f"{SITE}/nvidia/cublas/lib:{SITE}/nvidia/cudnn/lib"})
+    .env({**_hub_env, **_cuda_libs})
     .run_function(download_stt)
     .add_local_python_source("cloud")
 )
-llm_image = (
-    _base.uv_pip_install("torch==2.13.0", "transformers>=4.45", "accelerate>=0.30")
-    .env(_hub_env)
-    .run_function(download_llm)
-    .add_local_python_source("cloud")
-)
-tts_image = (
+voice_image = (
     _base.apt_install("espeak-ng")
-    .uv_pip_install("torch==2.13.0", "kokoro==0.9.4", "pip")
+    .uv_pip_install("torch==2.13.0", "transformers>=4.45", "accelerate>=0.30", "kokoro==0.9.4", "pip",
+                    "faster-whisper>=1.1", "nvidia-cublas-cu12", "nvidia-cudnn-cu12==9.*")
     .run_commands("python -m spacy download en_core_web_sm")  # misaki's English G2P
-    .env(_hub_env)
-    .run_function(download_tts)
+    .env({**_hub_env, **_cuda_libs})
+    .run_function(download_voice)
     .add_local_python_source("cloud")
 )
 # The gateway also listens, for /v1/realtime: Silero (its ONNX file) and Smart Turn (in the pipecat
@@ -119,9 +118,10 @@ tts_image = (
 gateway_image = (
     _base.uv_pip_install("fastapi>=0.110", "python-multipart>=0.0.9", "onnxruntime>=1.17")
     .uv_pip_install("silero-vad>=5", "pipecat-ai==1.14.0", extra_options="--no-deps")
+    .env({"MOI_LLM_MODEL": LLM_MODEL})  # what /v1/models names
     .add_local_python_source("cloud")
 )
-IMAGES = {"stt": stt_image, "llm": llm_image, "tts": tts_image, "gateway": gateway_image}
+IMAGES = {"stt": stt_image, "voice": voice_image, "gateway": gateway_image}
 
 
 def _runners(device: str):
@@ -144,12 +144,35 @@ _gpu_class = dict(
 DEVICE = modal.parameter(default="cuda")
 
 
-# --- one class per model ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _stoppable(key: str | None) -> Iterator[threading.Event]:
+    """An event set once the caller has put ``key`` into :data:`STOPS` (or the block ends)."""
+    cancel = threading.Event()
+
+    def watch() -> None:
+        while not cancel.wait(STOP_POLL_S):
+            try:
+                if STOPS.contains(key):
+                    cancel.set()
+            except (modal.exception.Error, ConnectionError, OSError) as exc:  # a blip: keep watching
+                print(f"moi: stop flag unreadable for a moment ({type(exc).__name__}: {exc})", flush=True)
+                cancel.wait(1.0)
+
+    if key:
+        threading.Thread(target=watch, name="moi-stop-watch", daemon=True).start()
+    try:
+        yield cancel
+    finally:
+        cancel.set()
+
+
+# --- the GPU classes -----------------------------------------------------------------------
 
 
 @app.cls(image=stt_image, **_gpu_class)
 @modal.concurrent(max_inputs=4)  # CTranslate2 serves concurrent calls from one model
 class Transcriber:
+    """Batch: whole files fanned out with ``.map`` (``moi transcribe --remote``)."""
     device: str = DEVICE
 
     @modal.enter(snap=True)
@@ -180,39 +203,43 @@ class Transcriber:
         return transcribe_one(name, data, options, self.batch)
 
 
-@contextlib.contextmanager
-def _stoppable(key: str | None) -> Iterator[threading.Event]:
-    """An event set once the caller has put ``key`` into :data:`STOPS` (or the block ends)."""
-    cancel = threading.Event()
-
-    def watch() -> None:
-        while not cancel.wait(STOP_POLL_S):
-            try:
-                if STOPS.contains(key):
-                    cancel.set()
-            except (modal.exception.Error, ConnectionError, OSError) as exc:  # a blip: keep watching
-                print(f"moi: stop flag unreadable for a moment ({type(exc).__name__}: {exc})", flush=True)
-                cancel.wait(1.0)
-
-    if key:
-        threading.Thread(target=watch, name="moi-stop-watch", daemon=True).start()
-    try:
-        yield cancel
-    finally:
-        cancel.set()
-
-
-@app.cls(image=llm_image, **_gpu_class)
-class Chatter:
-    """One generation at a time per container (a single model context); Modal scales out.
-    Closing the stream (the gateway does when its client goes) ends generation at the next token."""
+@app.cls(image=voice_image, **_gpu_class)
+@modal.concurrent(max_inputs=4)  # a few conversations share a container: the models are small
+class Voice:
+    """A whole turn on one GPU: Whisper, the chat model and Kokoro loaded together; also each
+    model alone, for the OpenAI endpoints. Stop travels as a key in :data:`STOPS`."""
 
     device: str = DEVICE
 
     @modal.enter(snap=True)
     def load(self) -> None:
+        from cloud.engine import LocalEngine
+
         self.runners = _runners(self.device)
-        self.runners.warm(("llm",))
+        self.runners.warm()
+        self.engine = LocalEngine(self.runners.cfg, self.runners)
+        self.label = f"modal · {self.runners.model('llm').name}"  # who answered, in turn_done
+
+    @modal.method()
+    def turn(self, pcm16: bytes, sample_rate: int, request: TurnRequest, stop_key: str | None = None,
+             ) -> Iterator[Event]:
+        """One utterance's turn, its events as they come (``cloud.turn.run_turn`` in here)."""
+        from dataclasses import replace
+
+        from shared.events import TurnDone
+
+        audio = Audio.from_pcm16(pcm16, sample_rate)
+        with _stoppable(stop_key) as cancel:
+            for ev in self.engine.turn(audio, request, cancel=cancel):
+                yield replace(ev, engine=self.label) if isinstance(ev, TurnDone) else ev
+
+    @modal.method()
+    def transcribe(
+        self, pcm16: bytes, sample_rate: int = SPEECH_RATE, language: str | None = None,
+        prompt: str | None = None, word_timestamps: bool = False,
+    ) -> Transcription:
+        audio = Audio.from_pcm16(pcm16, sample_rate)
+        return self.runners.stt.transcribe(audio, language=language, prompt=prompt, word_timestamps=word_timestamps)
 
     @modal.method()
     def chat(
@@ -225,16 +252,6 @@ class Chatter:
         with _stoppable(stop_key) as cancel:
             yield from self.runners.chat.stream(thread, options, cancel)
 
-
-@app.cls(image=tts_image, **_gpu_class)
-class Speaker:
-    device: str = DEVICE
-
-    @modal.enter(snap=True)
-    def load(self) -> None:
-        self.runners = _runners(self.device)
-        self.runners.warm(("tts",))
-
     @modal.method()
     def voices(self) -> list[str]:
         return list(self.runners.tts.voices)
@@ -245,8 +262,8 @@ class Speaker:
         stop_key: str | None = None,
     ) -> Iterator[tuple[str, bytes, int]]:
         """(piece, PCM16 bytes, sample rate) per piece: sentences, the first clause early, or
-        the text as one piece (``split=False``: a turn's pieces, already cut); stops before the
-        next piece once ``stop_key`` is in STOPS."""
+        the text as one piece (``split=False``); stops before the next piece once ``stop_key``
+        is in STOPS."""
         with _stoppable(stop_key) as cancel:
             for piece, audio in self.runners.tts.speak(text, voice=voice, speed=speed, split=split, cancel=cancel):
                 yield piece, audio.to_pcm16(), audio.sample_rate
@@ -266,20 +283,18 @@ def _modal_errors(what: str) -> Iterator[None]:
 
 
 class ModalEngine:
-    """The Engine protocol over the GPU classes: what the deployed gateway serves, so each model
-    scales on its own and a turn (:func:`cloud.turn.run_turn`) runs next to them.
+    """The Engine protocol over :class:`Voice`: what the deployed gateway serves. A turn is one
+    call into one container, which runs it whole and streams its events back.
 
-    ``local=True`` runs the classes in this process through Modal's ``.local()`` (their
+    ``local=True`` runs the class in this process through Modal's ``.local()`` (its
     ``@modal.enter`` included) instead of ``.remote()``: the tests' double of the Modal call, and
     nothing else. A stream left early (Stop, a client gone) puts its key into :data:`STOPS`.
     """
 
     name = "modal"
 
-    def __init__(self, transcriber=None, chatter=None, speaker=None, *, local: bool = False) -> None:  # noqa: ANN001
-        self.transcriber = transcriber or Transcriber()
-        self.chatter = chatter or Chatter()
-        self.speaker = speaker or Speaker()
+    def __init__(self, voice=None, *, local: bool = False) -> None:  # noqa: ANN001
+        self.voice = voice or Voice()
         self.local = local
         self._voices: list[str] | None = None
 
@@ -305,7 +320,7 @@ class ModalEngine:
         return method.local if self.local else method.remote
 
     def warm(self, roles: tuple[str, ...] = ("stt", "llm", "tts")) -> None:
-        """Nothing loads here: each class loads in its own container."""
+        """Nothing loads here: the models load in the GPU container."""
 
     def transcribe(
         self, audio: Audio, *, language: str | None = None, prompt: str | None = None,
@@ -313,37 +328,44 @@ class ModalEngine:
     ) -> Transcription:
         pcm = audio.resample(SPEECH_RATE).to_pcm16()
         with _modal_errors("transcription"):
-            return self._call(self.transcriber.transcribe)(pcm, SPEECH_RATE, language, prompt, word_timestamps)
+            return self._call(self.voice.transcribe)(pcm, SPEECH_RATE, language, prompt, word_timestamps)
 
     def chat(
         self, messages: Sequence[Message], *, options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
         pairs = [(m.role, m.content) for m in messages]
         args = (pairs, options.max_tokens, options.temperature, options.seed, options.repeat_penalty)
-        yield from self._stream("chat", self.chatter.chat, *args, cancel=cancel)
+        yield from self._stream("chat", self.voice.chat, *args, cancel=cancel)
 
     def speak(
         self, text: str, *, voice: str | None = None, speed: float | None = None,
         cancel: threading.Event | None = None, split: bool = True,
     ) -> Iterator[Speech]:
-        for piece, pcm, rate in self._stream("speech", self.speaker.speak, text, voice, speed, split, cancel=cancel):
+        for piece, pcm, rate in self._stream("speech", self.voice.speak, text, voice, speed, split, cancel=cancel):
             yield Speech(piece, Audio.from_pcm16(pcm, rate))
 
     def turn(
         self, audio: Audio, request: TurnRequest, *, cancel: threading.Event, clock: Clock | None = None
     ) -> Iterator[Event]:
-        from cloud.turn import run_turn
+        """One call: the container runs the whole turn; its events are stamped on ``clock`` here."""
+        from dataclasses import replace
 
-        return run_turn(self, audio, request, cancel=cancel, clock=clock)
+        from shared.engine import Stopwatch
+
+        clock = clock or Stopwatch()
+        pcm = audio.resample(SPEECH_RATE).to_pcm16()
+        for ev in self._stream("the turn", self.voice.turn, pcm, SPEECH_RATE, request, cancel=cancel):
+            yield replace(ev, t=clock())
 
     def voices(self) -> list[str]:
         if self._voices is None:
             with _modal_errors("voices"):
-                self._voices = self._call(self.speaker.voices)()
+                self._voices = self._call(self.voice.voices)()
         return self._voices
 
     def models(self) -> list[dict]:
-        out = [{"id": HUB_DEFAULTS[r], "role": r, "owned_by": "moi"} for r in ("stt", "llm", "tts")]
+        out = [{"id": m, "role": r, "owned_by": "moi"}
+               for r, m in (("stt", HUB_DEFAULTS["stt"]), ("llm", LLM_MODEL), ("tts", HUB_DEFAULTS["tts"]))]
         out[-1]["voices"] = self.voices()
         return out
 
@@ -355,6 +377,6 @@ def web():
     from cloud.admission import Capacity
     from cloud.http import Limits, create_app
 
-    # Each model scales out in its own containers: the gateway lets many through at once.
+    # The GPU class scales out in containers of its own: the gateway lets many through at once.
     wide = Capacity(running=32, waiting=64)
     return create_app(ModalEngine(), api_key=os.environ.get("MOI_API_KEY"), limits=Limits(stt=wide, llm=wide, tts=wide))

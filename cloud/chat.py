@@ -11,7 +11,9 @@ honour ``max_tokens`` and ``temperature``, and stop between tokens when ``cancel
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -142,6 +144,15 @@ class LlamaCppChat:
 
 
 class TransformersChat:
+    """SmolLM2 (or any causal LM checkpoint) on transformers: the GPU path, also the GGUF on CPU.
+
+    Per token it does only what streaming needs: the no-copies guard runs on the device (no
+    host copy of the sequence), the generate thread just hands each step's token over, and the
+    consumer decodes. With ``static_cache`` (``auto``: on CUDA) one fixed-size KV cache is reused
+    for every reply, so transformers compiles the decode step once (CUDA graphs) and a step is a
+    few ms; generations then take turns on it (a lock).
+    """
+
     name = "transformers"
 
     def __init__(self, model: ResolvedModel, cfg: LlmConfig = LlmConfig()) -> None:
@@ -168,18 +179,30 @@ class TransformersChat:
         self.model.eval()
         self.no_repeat_ngram = cfg.no_repeat_ngram
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or cfg.context)
+        if cfg.static_cache not in ("auto", "on", "off"):
+            raise ConfigError(f"llm static_cache {cfg.static_cache!r}: use auto (on CUDA), on or off")
+        self._cache = None
+        self._lock = threading.Lock()
+        self.last_tokens = 0
+        if cfg.static_cache == "on" or (cfg.static_cache == "auto" and self.device == "cuda"):
+            from transformers import StaticCache
+
+            self.context = min(self.context, cfg.context)  # the cache holds this much, allocated once
+            self._cache = StaticCache(config=self.model.config, max_cache_len=self.context)
 
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+        torch = self.torch
         cancel = cancel or threading.Event()
         done = threading.Event()  # set when our consumer leaves early: stops generate()
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001, ANN204
-                return cancel.is_set() or done.is_set()
+                return torch.full((input_ids.shape[0],), cancel.is_set() or done.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)
 
         prompt = self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
@@ -187,7 +210,6 @@ class TransformersChat:
             return_tensors="pt",
             return_dict=True,
         ).to(self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         earlier = [m.content for m in messages if m.role == "assistant" and m.content]
         guard = RepeatGuard(
             [self.tokenizer.encode(t, add_special_tokens=False) for t in earlier], self.no_repeat_ngram
@@ -198,53 +220,103 @@ class TransformersChat:
                 f"the conversation does not fit the model: {prompt_len} prompt tokens + {options.max_tokens} "
                 f"to generate exceed its context window of {self.context}"
             )
-
-        class _NoCopies(LogitsProcessor):
-            def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204
-                for row in range(input_ids.shape[0]):
-                    for token in guard.banned(input_ids[row, prompt_len:].tolist()):
-                        scores[row, token] = -float("inf")
-                return scores
-
+        tokens = _Tokens()
         sampling = options.temperature > 0
         kwargs = dict(
             **prompt,
             max_new_tokens=options.max_tokens,
             repetition_penalty=options.repeat_penalty,
             do_sample=sampling,
-            streamer=streamer,
+            streamer=tokens,
             stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-            logits_processor=LogitsProcessorList([_NoCopies()] if guard else []),
+            logits_processor=LogitsProcessorList([_NoCopies(guard, prompt_len, self.device)] if guard else []),
             pad_token_id=self.tokenizer.eos_token_id,
         )
         if sampling:
             kwargs["temperature"] = options.temperature
-            self.torch.manual_seed(options.seed)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                with self.torch.inference_mode():
+                with self._lock if self._cache is not None else contextlib.nullcontext(), torch.inference_mode():
+                    if self._cache is not None:
+                        self._cache.reset()
+                        kwargs["past_key_values"] = self._cache  # (transformers 5 also calls it `cache`)
+                    if sampling:
+                        torch.manual_seed(options.seed)
                     self.model.generate(**kwargs)
             except BaseException as exc:  # surfaced to the caller below
                 errors.append(exc)
-                streamer.end()
+            finally:
+                tokens.end()
 
         worker = threading.Thread(target=run, name="moi-generate", daemon=True)
         worker.start()
         try:
-            for piece in streamer:
+            ids: list[int] = []
+            shown = 0
+            while (step := tokens.queue.get()) is not None:
                 if cancel.is_set():
                     break
+                ids.extend(step.reshape(-1).tolist())  # one token: the one host sync streaming needs
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # a character split across tokens: wait for the rest of it
+                piece, shown = text[shown:], len(text)
                 if piece:
                     yield piece
         finally:
             done.set()
             worker.join()
+            self.last_tokens = len(ids)  # for benches: tokens the last reply took
         if errors:
             raise errors[0]
+
+
+class _Tokens:
+    """generate()'s streamer: the generate thread only queues each step's token tensor; the
+    consumer's thread decodes (transformers calls ``put`` with the prompt first, then a token a
+    step, and ``end`` once)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt = True
+
+    def put(self, value) -> None:  # noqa: ANN001 - a tensor
+        if self._prompt:
+            self._prompt = False
+            return
+        self.queue.put(value)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class _NoCopies:
+    """:class:`RepeatGuard` as a logits processor on the device: the last ``n - 1`` tokens of
+    each row are compared with every banned prefix at once, no host copy, no sync."""
+
+    def __init__(self, guard: RepeatGuard, prompt_len: int, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.n, self.prompt_len = guard.n, prompt_len
+        pairs = [(prefix, token) for prefix, banned in guard.table.items() for token in banned]
+        self.prefixes = torch.tensor([p for p, _ in pairs], dtype=torch.long, device=device).reshape(len(pairs), self.n - 1)
+        self.banned = torch.tensor([t for _, t in pairs], dtype=torch.long, device=device)
+
+    def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204 - tensors
+        torch, keep = self.torch, self.n - 1
+        if input_ids.shape[1] - self.prompt_len < keep:
+            return scores
+        if keep:
+            hit = (input_ids[:, -keep:, None] == self.prefixes.T[None]).all(1)  # [rows, pairs]
+        else:
+            hit = torch.ones((input_ids.shape[0], len(self.banned)), dtype=torch.bool, device=scores.device)
+        ban = torch.zeros_like(scores).index_add_(1, self.banned, hit.to(scores.dtype))
+        return scores.masked_fill(ban > 0, -float("inf"))
 
 
 def load_chat(model: ResolvedModel, cfg: LlmConfig = LlmConfig()) -> ChatBackend:

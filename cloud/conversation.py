@@ -34,6 +34,12 @@ is trusted, and without one, ``half``), ``half`` (speech over moi's voice from a
 that hears the speaker is dropped, said so), ``full`` (headsets: speech over moi stops it).
 A source that cannot hear the player (a file played in real time) waits its turn, except in
 ``full``.
+
+A Realtime connection (cloud/realtime.py) drives the same machine from a socket: utterances the
+client cuts itself come as :class:`Said`; with ``auto_answer`` off a turn waits for
+:class:`Respond` (``response.create``), which with nothing pending answers the thread's waiting
+typed message. Every decided turn is a :class:`~shared.events.TurnStarted` event, every reply
+taken back a :class:`~shared.events.ReplyWithdrawn`.
 """
 
 from __future__ import annotations

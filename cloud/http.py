@@ -1,8 +1,11 @@
-"""The HTTP gateway: OpenAI-compatible endpoints plus ``/v1/turn``, over any engine.
+"""The HTTP gateway: OpenAI-compatible endpoints, the Realtime WebSocket and ``/v1/turn``, over
+any engine.
 
-Stateless (the client owns the conversation) and Modal-free: ``create_app(LocalEngine(cfg))``
-serves the in-process models (``moi serve``); Modal serves the same app over its GPU classes
+Stateless over HTTP (the client owns the conversation) and Modal-free: ``create_app(LocalEngine(cfg))``
+serves the in-process models (``moi serve``); Modal serves the same app over its GPU class
 (``modal_app.ModalEngine``). ``/v1/turn`` streams ``engine.turn``: one request per utterance.
+The routes live in :mod:`cloud.routes`, one router per area; this module only assembles them
+behind the :class:`cloud.gate.Gate` (host, key, body size, errors in OpenAI's shape).
 
 The engine is blocking, so every call runs in a worker thread (:mod:`cloud.streams`). A
 stream's first item is awaited before the response starts, so failures up to then get a real
@@ -12,75 +15,21 @@ request's cancel event, which stops generation between tokens and synthesis betw
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
-from cloud.admission import Admission, Capacity
-from cloud.gate import Gate, any_error_handler, as_api_error, log
-from cloud.pipeline import listening as listen
-from cloud.realtime import serve_realtime
-from cloud.streams import END, Deadline, ThreadStream, cancel_on_disconnect, close_iterator, in_thread, iterate
-from cloud.wire import (
-    OPENAI_VOICES,
-    SPEECH_FORMATS,
-    SPEECH_OUT_RATE,
-    TRANSCRIPTION_FORMATS,
-    ApiError,
-    ERROR_RESPONSES,
-    ChatBody,
-    SpeechBody,
-    TurnBody,
-    chat_chunk,
-    chat_completion,
-    message_from_openai,
-    pcm_rate,
-    pick_voice,
-    sse,
-    to_srt,
-    to_vtt,
-    transcription_upload,
-    turn_upload,
-    usage,
-    verbose_json,
-    wav_stream_header,
-)
-from shared.audio import ENCODINGS, Audio, Encoder, decode
+from cloud.gate import Gate, any_error_handler
+from cloud.routes import ROUTERS, Gateway, Limits
 from shared.config import Config
-from shared.engine import TurnRequest
 from shared.errors import MoiError
-from shared.events import ErrorEvent, Event, ReplyAudio, to_wire
-from shared.messages import ChatOptions
-from shared.wire import encode_frame
 
 if TYPE_CHECKING:
     from cloud.vad import Segmenter
     from shared.engine import Engine
-
-DEFAULTS = ChatOptions()
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_upload_bytes: int = 25 * 1024 * 1024  # any request body; OpenAI's limit for audio files
-    max_audio_seconds: float = 600.0  # /v1/audio/transcriptions
-    max_turn_seconds: float = 60.0  # /v1/turn: one utterance
-    request_timeout_s: float = 120.0  # a whole answer, or a stream's first item and each gap after it → 504
-    stt: Capacity = Capacity(running=2)  # per model: running at once, and waiting → else 429
-    llm: Capacity = Capacity()
-    tts: Capacity = Capacity()
-    realtime_sessions: int = 4  # /v1/realtime connections at once; one more is told the server is busy
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits(), cfg: Config | None = None,
@@ -88,268 +37,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     """The gateway over ``engine``; with ``api_key`` set, every route but /health needs it.
     ``cfg``: the Realtime sessions' VAD and reply settings; ``listening`` builds a connection's
     VAD and Smart Turn (default: :func:`cloud.pipeline.listening` from ``cfg``)."""
-    cfg = cfg or Config()
     app = FastAPI(title="moi gateway", version="0.1.0")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.state.gateway = Gateway(engine, limits, cfg or Config(), listening)
     app.add_middleware(Gate, api_key=api_key, max_body=limits.max_upload_bytes)
     for exc_class in (HTTPException, MoiError, RequestValidationError):
         app.add_exception_handler(exc_class, any_error_handler)
-    router = APIRouter(prefix="/v1")
-    doors = {role: Admission(role, getattr(limits, role)) for role in ("stt", "llm", "tts")}
-
-    def deadline(start: float | None = None) -> Deadline:
-        return Deadline(limits.request_timeout_s, start)
-
-    def gap() -> Deadline:
-        """A stream's next item is due within the time limit of its own: a long answer that
-        keeps coming is never cut, a stalled one is."""
-        return Deadline(limits.request_timeout_s)
-
-    async def voice_or_default(until: Deadline, voice: str | None, param: str) -> str | None:
-        """An installed voice for ``voice``: itself, or what an OpenAI name maps to."""
-        if not voice or voice == "auto":
-            return None
-        voices = await in_thread(until, engine.voices)
-        chosen = pick_voice(voice, voices)
-        if chosen is None:
-            raise ApiError(
-                400,
-                f"unknown voice {voice!r}; this server has: {', '.join(voices)} "
-                f"(and maps OpenAI's {', '.join(OPENAI_VOICES)} onto them)",
-                param=param,
-                code="invalid_voice",
-            )
-        return chosen
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @router.get("/models", responses=ERROR_RESPONSES)
-    async def models() -> dict[str, Any]:
-        found = await in_thread(deadline(), engine.models)
-        return {"object": "list", "data": [{"object": "model", "created": 0, **m} for m in found]}
-
-    @router.post(
-        "/audio/transcriptions", openapi_extra=transcription_upload(), responses=ERROR_RESPONSES | {
-            200: {"description": "the transcript", "content": {
-                "application/json": {"schema": {"type": "object", "properties": {"text": {"type": "string"}}}},
-                "text/plain": {"schema": {"type": "string"}}, "application/x-subrip": {"schema": {"type": "string"}},
-                "text/vtt": {"schema": {"type": "string"}}}}})
-    async def transcriptions(request: Request) -> Response:
-        until = deadline()
-        form = await _form(request)
-        upload = _upload(form, "file")
-        fmt = _field(form, "response_format", "json")
-        if fmt not in TRANSCRIPTION_FORMATS:
-            raise ApiError(
-                400,
-                f"response_format {fmt!r}: use one of {', '.join(TRANSCRIPTION_FORMATS)}",
-                param="response_format",
-            )
-        grains = set(form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities"))
-        if grains - {"segment", "word"}:
-            raise ApiError(
-                400, "timestamp_granularities takes segment and/or word", param="timestamp_granularities"
-            )
-        if grains and fmt != "verbose_json":
-            raise ApiError(
-                400,
-                "timestamp_granularities needs response_format=verbose_json",
-                param="timestamp_granularities",
-            )
-        try:
-            float(_field(form, "temperature", "0"))  # accepted for compatibility; beam search decides
-        except ValueError:
-            raise ApiError(400, "temperature must be a number", param="temperature") from None
-        data = await upload.read()
-        release = await doors["stt"].enter(until)
-        try:
-            audio = await in_thread(
-                until, decode, data, name=upload.filename or "file", max_seconds=limits.max_audio_seconds
-            )
-            tr = await in_thread(
-                until,
-                engine.transcribe,
-                audio,
-                language=_field(form, "language"),
-                prompt=_field(form, "prompt"),
-                word_timestamps="word" in grains,
-            )
-        finally:
-            release()
-        if fmt == "text":
-            return PlainTextResponse(tr.text + "\n")
-        if fmt == "srt":
-            return PlainTextResponse(to_srt(tr), media_type="application/x-subrip")
-        if fmt == "vtt":
-            return PlainTextResponse(to_vtt(tr), media_type="text/vtt")
-        if fmt == "verbose_json":
-            return JSONResponse(
-                verbose_json(tr, segments=not grains or "segment" in grains, words="word" in grains)
-            )
-        return JSONResponse({"text": tr.text})
-
-    @router.post("/chat/completions", responses=ERROR_RESPONSES | {
-        200: {"description": "the reply: JSON, or server-sent events with `stream`", "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "text/event-stream": {"schema": {  # each event: `data:` a chat.completion.chunk, or [DONE]
-                "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}})
-    async def chat_completions(body: ChatBody, request: Request) -> Response:
-        until = deadline()
-        messages = [message_from_openai(i, m.model_dump()) for i, m in enumerate(body.messages)]
-        options = ChatOptions(
-            max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULTS.max_tokens,
-            temperature=DEFAULTS.temperature if body.temperature is None else body.temperature,
-            seed=DEFAULTS.seed if body.seed is None else body.seed,
-            stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
-        )
-        cid, created, cancel = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), threading.Event()
-        release = await doors["llm"].enter(until)
-        stream = ThreadStream(iterate(lambda: engine.chat(messages, options=options, cancel=cancel)), cancel, release)
-        piece = await stream.first(until)
-
-        def finish(n: int) -> str:
-            return "length" if n >= options.max_tokens else "stop"
-
-        if not body.stream:
-            pieces = []
-            try:
-                async with cancel_on_disconnect(request, cancel):  # no write would notice a client gone
-                    while piece is not END:
-                        pieces.append(piece)
-                        piece = await stream.next(until)
-            finally:
-                cancel.set()
-            text = "".join(pieces)
-            return JSONResponse(
-                chat_completion(cid, created, body.model, text, finish(len(pieces)), len(pieces))
-            )
-
-        async def events(piece: Any) -> AsyncIterator[bytes]:
-            n = 0
-            try:
-                yield sse(chat_chunk(cid, created, body.model, {"role": "assistant", "content": ""}))
-                while piece is not END:
-                    n += 1
-                    yield sse(chat_chunk(cid, created, body.model, {"content": piece}))
-                    piece = await stream.next(gap())
-                yield sse(chat_chunk(cid, created, body.model, {}, finish(n)))
-                if (body.stream_options or {}).get("include_usage"):
-                    yield sse({**chat_chunk(cid, created, body.model, {}), "choices": [], "usage": usage(n)})
-                yield sse("[DONE]")
-            except Exception as exc:  # noqa: BLE001 - headers are out: report it in-stream, as OpenAI does
-                yield sse(as_api_error(exc).body())
-            finally:
-                cancel.set()  # also on disconnect (CancelledError): stops generation
-
-        return StreamingResponse(
-            events(piece), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-
-    @router.post("/audio/speech", response_class=Response, responses=ERROR_RESPONSES | {
-        200: {"description": "the speech, streamed sentence by sentence", "content": {
-            media: {"schema": {"type": "string", "format": "binary"}}
-            for media in ("audio/wav", f"audio/pcm;rate={SPEECH_OUT_RATE}", *(e[3] for e in ENCODINGS.values()))}}})
-    async def speech(body: SpeechBody) -> Response:
-        until = deadline()
-        if body.response_format not in SPEECH_FORMATS:
-            raise ApiError(
-                400,
-                f"response_format {body.response_format!r} is not supported: use one of "
-                f"{', '.join(SPEECH_FORMATS)} (pcm: PCM16 mono {SPEECH_OUT_RATE} Hz)",
-                param="response_format",
-                code="unsupported_format",
-            )
-        if not any(c.isalnum() for c in body.input):
-            raise ApiError(400, "input has no words to speak: send the text to speak", param="input")
-        voice = await voice_or_default(until, body.voice, "voice")
-        cancel = threading.Event()
-
-        fmt = body.response_format
-
-        def produce(emit: Any) -> None:  # in the stream's thread, off the event loop
-            encoder = Encoder(fmt) if fmt in ENCODINGS else None
-            pieces = engine.speak(body.input, voice=voice, speed=body.speed, cancel=cancel)
-            try:
-                for piece in pieces:
-                    emit(encoder.feed(piece.audio) if encoder else piece.audio.resample(SPEECH_OUT_RATE).to_pcm16())
-                if encoder is not None:
-                    emit(encoder.close())
-            finally:
-                close_iterator(pieces)
-
-        stream = ThreadStream(produce, cancel, await doors["tts"].enter(until))
-        chunk = await stream.first(until)
-
-        async def audio(chunk: Any) -> AsyncIterator[bytes]:
-            try:
-                if body.response_format == "wav":
-                    yield wav_stream_header(SPEECH_OUT_RATE)
-                while chunk is not END:
-                    yield chunk
-                    chunk = await stream.next(gap())
-            except Exception as exc:  # nowhere to say so inside audio: log it, and cut the connection
-                log.error("speech stream failed after its first sentence: %s", exc)
-                raise
-            finally:
-                cancel.set()
-
-        media = {"wav": "audio/wav", "pcm": f"audio/pcm;rate={SPEECH_OUT_RATE}"}.get(fmt) or ENCODINGS[fmt][3]
-        return StreamingResponse(audio(chunk), media_type=media)
-
-    @router.post("/turn", response_class=Response, openapi_extra=turn_upload(), responses=ERROR_RESPONSES | {
-        200: {"description": "the turn's events as frames (shared/wire.py), as they exist", "content": {
-            "application/x-moi-frames": {"schema": {"type": "string", "format": "binary"}}}}})
-    async def turn(request: Request) -> Response:
-        until = deadline()
-        form = await _form(request)
-        req = await _turn_request(form)
-        upload = _upload(form, "audio")
-        data = await upload.read()
-        rate = pcm_rate(upload.content_type or "")
-        if rate is not None:
-            _check_length(len(data) / 2 / rate, limits.max_turn_seconds, "the utterance", "audio")
-            audio = Audio.from_pcm16(data, rate)
-        else:
-            audio = await in_thread(
-                until, decode, data, name=upload.filename or "audio", max_seconds=limits.max_turn_seconds
-            )
-        if req.variant != "transcribe":
-            voice = await voice_or_default(until, req.voice, "request.voice")
-            req = replace(req, voice=voice)
-        cancel = threading.Event()
-
-        def frame(event: Event) -> bytes:  # in the stream's thread
-            if isinstance(event, ReplyAudio) and event.audio.sample_rate != SPEECH_OUT_RATE:
-                event = replace(event, audio=event.audio.resample(SPEECH_OUT_RATE))
-            return encode_frame(*to_wire(event))
-
-        release = await doors["llm"].enter(until)  # a turn holds the LLM's door for its whole length
-        stream = ThreadStream(iterate(lambda: engine.turn(audio, req, cancel=cancel), frame), cancel, release)
-        first = await stream.first(until)  # the transcript: an STT failure still gets a status code
-
-        async def frames(item: Any) -> AsyncIterator[bytes]:
-            try:
-                while item is not END:
-                    yield item
-                    item = await stream.next(gap())
-            except Exception as exc:  # noqa: BLE001 - headers are out: an error frame ends the turn
-                err = as_api_error(exc)
-                yield encode_frame(*to_wire(ErrorEvent(0.0, err.message, req.turn)))
-            finally:
-                cancel.set()  # also on disconnect (Stop on the client): generation ends
-
-        return StreamingResponse(frames(first), media_type="application/x-moi-frames")
-
-    slots = asyncio.Semaphore(limits.realtime_sessions)
-
-    @app.websocket("/v1/realtime")
-    async def realtime(ws: WebSocket) -> None:
-        """OpenAI's Realtime API (cloud/realtime.py): the Gate has checked the key."""
-        await serve_realtime(ws, engine, listening or (lambda: listen(cfg)), cfg, slots)
-
-    app.include_router(router)
+    for router in ROUTERS:
+        app.include_router(router)
     return app
 
 
@@ -366,58 +61,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-# --- request parsing -----------------------------------------------------------------------
-
-
-async def _form(request: Request) -> FormData:
-    return await request.form(max_files=4, max_fields=64)
-
-
-def _field(form: FormData, name: str, default: str | None = None) -> str | None:
-    value = form.get(name)
-    if value is None or value == "":
-        return default
-    if not isinstance(value, str):
-        raise ApiError(400, f"`{name}` must be a form field, not a file", param=name)
-    return value
-
-
-def _upload(form: FormData, name: str) -> UploadFile:
-    value = form.get(name)
-    if not isinstance(value, UploadFile):
-        raise ApiError(400, f"send the audio as a multipart file field named `{name}`", param=name)
-    return value
-
-
-def _check_length(seconds: float, limit: float, what: str, param: str) -> None:
-    if seconds > limit:
-        raise ApiError(
-            400,
-            f"{what} is {seconds:.1f} s long; the limit is {limit:g} s",
-            param=param,
-            code="audio_too_long",
-        )
-
-
-async def _turn_request(form: FormData) -> TurnRequest:
-    raw = form.get("request")
-    if isinstance(raw, UploadFile):
-        raw = (await raw.read()).decode("utf-8", errors="replace")
-    try:
-        body = TurnBody.model_validate_json(raw or "{}")
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
-        raise ApiError(400, f"bad `request` JSON: {problems}", param="request") from None
-    options = ChatOptions(
-        max_tokens=body.max_tokens or DEFAULTS.max_tokens,
-        temperature=DEFAULTS.temperature if body.temperature is None else body.temperature,
-        seed=DEFAULTS.seed if body.seed is None else body.seed,
-        repeat_penalty=DEFAULTS.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
-    )
-    messages = tuple(message_from_openai(i, m) for i, m in enumerate(body.messages))
-    return TurnRequest(messages, options, body.variant, body.voice, body.language, body.turn)
 
 
 __all__ = ["Limits", "create_app"]

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from local import SAMPLE
 from shared.config import Config
 from shared.engine import Engine
 from shared.errors import MoiError
 
-SAMPLE = Path(__file__).parent / "assets" / "sample.flac"
 
 app = typer.Typer(
     add_completion=False,

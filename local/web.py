@@ -37,6 +37,7 @@ from cloud.engine import LocalEngine
 from cloud.gate import Gate, any_error_handler
 from shared.engine import Engine
 from cloud.live import BARGE_IN_MODES
+from local import SAMPLE
 from local.run import build
 from local.web_hub import PIPELINES, Client, Hub
 from shared.config import Config
@@ -68,8 +69,6 @@ def create_ui_app(
     if barge_in not in BARGE_IN_MODES:
         raise ConfigError(f"unknown barge-in mode {barge_in!r}: use auto, half (speakers) or full (headset)")
     if sample is None:
-        from local.cli import SAMPLE
-
         sample = SAMPLE
     engine = engine or LocalEngine(cfg)
     uploads = tempfile.TemporaryDirectory(prefix="moi-ui-")

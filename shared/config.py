@@ -98,6 +98,9 @@ class LlmConfig:
     # gets the last answer again, word for word (see cloud.chat.RepeatGuard).
     no_repeat_ngram: int = 4
     seed: int = 0
+    # transformers: one fixed-size KV cache reused for every reply, so the decode step compiles
+    # once into CUDA graphs (auto: on CUDA; on: also on the CPU, where it only saves allocations)
+    static_cache: str = "auto"
 
 
 @dataclass(frozen=True)

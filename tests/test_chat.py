@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from cloud.chat import TransformersChat
+from cloud.chat import RepeatGuard, TransformersChat
 from shared.config import LlmConfig
 from shared.messages import ChatOptions, Thread
 from shared.models import resolve
@@ -158,3 +158,18 @@ def test_a_thread_past_the_context_is_a_clear_error_and_the_pipeline_trims_it(ch
     assert kept[-1].content == long.messages()[-1].content  # the newest exchange stays, the oldest go
     tokens = ask(chat, Thread(SYSTEM), max_tokens=4)  # the model is fine after the refusal
     assert tokens
+
+
+def test_the_device_side_guard_bans_what_the_repeat_guard_bans():
+    """TransformersChat's guard runs on the device (no host copy a token); it must ban exactly
+    what RepeatGuard bans for every reply so far."""
+    import torch
+
+    from cloud.chat import _NoCopies
+
+    for n in (1, 3):
+        guard = RepeatGuard([[1, 2, 3, 4, 5], [7, 2, 3, 9]], n)
+        processor = _NoCopies(guard, prompt_len=2, device="cpu")
+        for generated in ([], [2], [5, 2, 3], [0, 1, 2], [4, 7, 2, 3], [2, 3, 4, 5]):
+            out = processor(torch.tensor([[11, 12, *generated]]), torch.zeros(1, 16))
+            assert {i for i in range(16) if out[0, i] == -float("inf")} == guard.banned(generated), (n, generated)

@@ -532,7 +532,7 @@ def test_moi_s_own_voice_let_through_pauses_the_reply_and_it_goes_on(engine, vad
 def test_speech_whisper_finds_no_words_in_lets_the_reply_go_on(engine, vad_model, speech60, monkeypatch):
     """An utterance over moi that ends before CONFIRM_S goes to Whisper first: speech it gets
     no words from (a sentence 35 dB down, -59 dBFS: Silero still hears it) is no turn, the reply goes on, and the drop says why."""
-    from local import conversation
+    from cloud import conversation
 
     monkeypatch.setattr(conversation, "CONFIRM_S", 60.0)  # Whisper decides (its pause counts as talking on)
     faint = Audio(speech60.slice(48.6, 50.2).samples * 10 ** (-35 / 20), R)

@@ -69,11 +69,8 @@ def modal_engine():
         for k, v in ENV.items():
             mp.setenv(k, v)  # read by each class's Config.load() in its @modal.enter
         mp.setattr(modal_app, "STOPS", FakeStops())  # the stop flags, in this process
-        engine = modal_app.ModalEngine(
-            modal_app.Transcriber(device="cpu"), modal_app.Chatter(device="cpu"), modal_app.Speaker(device="cpu"),
-            local=True,
-        )
-        engine.voices()  # runs Speaker's @modal.enter under this environment
+        engine = modal_app.ModalEngine(modal_app.Voice(device="cpu"), local=True)
+        engine.voices()  # runs Voice's @modal.enter under this environment
         yield engine
 
 
@@ -135,7 +132,8 @@ def test_every_engine_answers_the_same_turns_the_same_way(kind, request, utteran
         assert reply.text == "".join(e.text for e in events if isinstance(e, ReplyToken)).strip()
         spoken = " ".join(e.text for e in events if isinstance(e, ReplyAudio))
         assert spoken.split() == reply.text.split()  # every word spoken, none twice
-        assert done.engine == {"local": "local", "http": "remote", "fallback": "remote → local", "modal": "modal"}[kind]
+        assert done.engine == {"local": "local", "http": "remote", "fallback": "remote → local",
+                               "modal": "modal · SmolLM2-135M-Instruct Q4_1"}[kind]
         assert 0 <= done.timings["first_audio"] <= done.timings["total"]
 
 
@@ -150,24 +148,23 @@ def test_the_system_prompt_is_sent_once_as_the_system_message(local, utterances,
             return super().chat(messages, options=options, cancel=cancel)
 
     spy = Spy(CFG, local.runners)
-    modal_chat = modal_engine.chat
+    original = LocalEngine.chat
 
-    def modal_spy(messages, *, options, cancel=None):
+    def container_spy(self, messages, *, options, cancel=None):  # the Voice container's engine, in-process
         seen.append(list(messages))
-        return modal_chat(messages, options=options, cancel=cancel)
+        return original(self, messages, options=options, cancel=cancel)
 
-    modal_engine.chat = modal_spy
-    try:
-        with serve(create_app(spy)) as url:
-            for engine in (spy, HttpEngine(RemoteConfig(url, first_byte_s=120)), modal_engine):
-                seen.clear()
+    with serve(create_app(spy)) as url:
+        for engine in (spy, HttpEngine(RemoteConfig(url, first_byte_s=120)), modal_engine):
+            seen.clear()
+            with pytest.MonkeyPatch.context() as mp:
+                if engine is modal_engine:
+                    mp.setattr(LocalEngine, "chat", container_spy)
                 turns = converse(engine, utterances)
-                assert len(seen) == 2
-                for messages, n in zip(seen, (1, 2)):
-                    roles = [m.role for m in messages]
-                    assert roles == ["system"] + ["user", "assistant"] * (n - 1) + ["user"], roles
-                    assert messages[0].content == CFG.llm.system_prompt
-                    assert sum(CFG.llm.system_prompt in m.content for m in messages) == 1
-                assert seen[1][-1].content == turns[1][0].text and seen[1][2].content == turns[0][-2].text
-    finally:
-        modal_engine.chat = modal_chat
+            assert len(seen) == 2
+            for messages, n in zip(seen, (1, 2)):
+                roles = [m.role for m in messages]
+                assert roles == ["system"] + ["user", "assistant"] * (n - 1) + ["user"], roles
+                assert messages[0].content == CFG.llm.system_prompt
+                assert sum(CFG.llm.system_prompt in m.content for m in messages) == 1
+            assert seen[1][-1].content == turns[1][0].text and seen[1][2].content == turns[0][-2].text

@@ -14,6 +14,7 @@ import pytest
 
 from shared.audio import Audio
 from shared.errors import EngineError
+from shared.engine import TurnRequest
 from shared.messages import ChatOptions, Message
 from tests.conftest import ROOT, words
 
@@ -29,7 +30,7 @@ def test_imports_without_credentials_or_network():
 
 
 def test_declares_gpu_classes_that_scale_to_zero_with_snapshots():
-    for cls in (modal_app.Transcriber, modal_app.Chatter, modal_app.Speaker):
+    for cls in (modal_app.Transcriber, modal_app.Voice):
         assert isinstance(cls, modal.Cls)
     assert isinstance(modal_app.web, modal.Function)
     opts = modal_app._gpu_class
@@ -63,32 +64,50 @@ def test_transcriber_runs_locally(speech60):
     assert "dublin" in words(good["text"])
 
 
-def test_chatter_streams_locally():
-    pieces = list(modal_app.Chatter(device="cpu").chat.local([("system", "Be brief."), ("user", "Say hello.")], 12))
+@pytest.fixture(scope="module")
+def voice():
+    return modal_app.Voice(device="cpu")
+
+
+def test_voice_streams_chat_locally(voice):
+    pieces = list(voice.chat.local([("system", "Be brief."), ("user", "Say hello.")], 12))
     assert len(pieces) > 1 and "".join(pieces).strip()
 
 
-def test_speaker_streams_sentences_locally(stt):
-    out = list(modal_app.Speaker(device="cpu").speak.local("Hello there. The weather is lovely today."))
+def test_voice_runs_a_whole_turn_in_one_call(voice, speech60, stt):
+    """The conversation's one GPU container: an utterance in, the turn's events out, the model
+    that answered named in turn_done."""
+    from shared.engine import TurnRequest
+    from shared.events import ReplyAudio, ReplyText, Transcript, TurnDone
+
+    request = TurnRequest((Message("system", "Be brief."),), ChatOptions(max_tokens=16), turn=3)
+    events = list(voice.turn.local(speech60.slice(0.0, 2.3).to_pcm16(), 16_000, request))
+    assert isinstance(events[0], Transcript) and "dublin" in words(events[0].text)
+    assert isinstance(events[-1], TurnDone) and events[-1].engine == "modal · SmolLM2-135M-Instruct Q4_1"
+    reply = next(e for e in events if isinstance(e, ReplyText)).text
+    audio = Audio.concat([e.audio for e in events if isinstance(e, ReplyAudio)])
+    assert reply and all(e.turn == 3 for e in events)
+    assert words(reply) & words(stt.transcribe(audio).text)  # the reply, spoken
+
+
+def test_voice_speaks_sentences_locally(voice, stt):
+    out = list(voice.speak.local("Hello there. The weather is lovely today."))
     assert [p for p, _, _ in out] == ["Hello there.", "The weather is lovely today."]
     audio = Audio.from_pcm16(out[1][1], out[1][2])
     assert {"weather", "lovely"} <= words(stt.transcribe(audio).text)
 
 
-def test_speaker_speaks_a_piece_whole_when_told(stt):
-    out = list(modal_app.Speaker(device="cpu").speak.local("Well, hello there, my friend.", None, None, False))
+def test_voice_speaks_a_piece_whole_when_told(voice):
+    out = list(voice.speak.local("Well, hello there, my friend.", None, None, False))
     assert [p for p, _, _ in out] == ["Well, hello there, my friend."]
 
 
-@pytest.mark.parametrize("cls", ["Transcriber", "Chatter", "Speaker"])
+@pytest.mark.parametrize("cls", ["Transcriber", "Voice"])
 def test_gpu_classes_refuse_to_serve_from_the_cpu(cls):
     """Configured for CUDA (the default), a class whose model lands on the CPU fails loudly at
     load instead of answering slowly while the GPU is billed."""
-    method = {"Transcriber": "transcribe", "Chatter": "chat", "Speaker": "voices"}[cls]
-    args = {"Transcriber": (b"\x00\x00" * 1600,), "Chatter": ([("user", "hi")],), "Speaker": ()}[cls]
     with pytest.raises(EngineError, match="loaded on cpu, but this runner must use cuda"):
-        result = getattr(getattr(modal_app, cls)(), method).local(*args)
-        list(result) if cls == "Chatter" else result
+        getattr(modal_app, cls)().transcribe.local(b"\x00\x00" * 1600)
 
 
 BUILD_CHECK = """
@@ -96,7 +115,7 @@ import sys
 # the editable install would find the project's packages anywhere: this check must not see them
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 import modal_app
-for name in ("download_stt", "download_llm", "download_tts"):
+for name in ("download_stt", "download_voice"):
     assert callable(getattr(modal_app, name)), name
 from shared.models import resolve  # what the download functions import when they run
 assert "cloud" not in sys.modules and "local" not in sys.modules, sorted(sys.modules)
@@ -133,6 +152,29 @@ def test_imports_run_one_way():
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+def test_no_import_cycles_among_the_modules():
+    """Every import among shared/, cloud/ and local/ (function-level ones too) runs one way: no
+    module reaches itself again."""
+    graph = {}
+    for package in ("shared", "cloud", "local"):
+        for path in (ROOT / package).glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            graph[name] = {m for m in imports(path) if m.split(".")[0] in ("shared", "cloud", "local")}
+    graph = {name: deps & graph.keys() - {name} for name, deps in graph.items()}
+
+    def reaches(start, node, seen):
+        for dep in graph[node]:
+            if dep == start:
+                return True
+            if dep not in seen:
+                seen.add(dep)
+                if reaches(start, dep, seen):
+                    return True
+        return False
+
+    assert not [name for name in graph if reaches(name, name, set())]
+
+
 class FakeStops(dict):
     """Not a model: modal.Dict's put/contains in this process (the double of the Modal call)."""
 
@@ -150,10 +192,10 @@ def stops(monkeypatch):
     return fake
 
 
-def test_stop_ends_a_streamed_chat_in_the_container_within_one_token(stops):
+def test_stop_ends_a_streamed_chat_in_the_container_within_one_token(stops, voice):
     """Closing a remote stream does not stop a Modal generator, so Stop travels as a flag the
     container polls: once it is seen, at most the token in flight comes out."""
-    tokens = modal_app.Chatter(device="cpu").chat.local(
+    tokens = voice.chat.local(
         [("user", "Tell me a long story about a dragon who learns to cook.")], 300, stop_key="turn-1"
     )
     assert len([next(tokens) for _ in range(3)]) == 3
@@ -162,10 +204,8 @@ def test_stop_ends_a_streamed_chat_in_the_container_within_one_token(stops):
     assert len(list(tokens)) <= 1
 
 
-def test_the_engine_flags_a_stream_left_early_and_only_then(stops):
-    engine = modal_app.ModalEngine(
-        modal_app.Transcriber(device="cpu"), modal_app.Chatter(device="cpu"), modal_app.Speaker(device="cpu"), local=True
-    )
+def test_the_engine_flags_a_stream_left_early_and_only_then(stops, voice):
+    engine = modal_app.ModalEngine(voice, local=True)
     whole = list(engine.chat([Message("user", "Say hello.")], options=ChatOptions(max_tokens=8)))
     assert whole and not stops  # a stream that ran to its end needs no stop
     cancel = threading.Event()
@@ -177,3 +217,21 @@ def test_the_engine_flags_a_stream_left_early_and_only_then(stops):
     next(spoken)
     spoken.close()  # the consumer goes away mid-reply
     assert len(stops) == 2
+    cancel = threading.Event()  # a turn stopped mid-reply: one key for the whole turn
+    turn = engine.turn(Audio.silence(0.2), TurnRequest(options=ChatOptions(max_tokens=300), text="Tell me a long story."),
+                       cancel=cancel)
+    next(turn)
+    cancel.set()
+    assert len(list(turn)) <= 1 and len(stops) == 3
+
+
+def test_the_chat_model_is_chosen_at_deploy_time():
+    """MOI_MODAL_LLM picks the model baked into the Voice image; it travels in the images'
+    environment (MOI_LLM_MODEL), where the build step and the containers read it back."""
+    env = {**os.environ, "MOI_MODAL_LLM": "HuggingFaceTB/SmolLM2-360M-Instruct"}
+    code = "import modal_app; print(modal_app.LLM_MODEL, modal_app._hub_env['MOI_LLM_MODEL'])"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["HuggingFaceTB/SmolLM2-360M-Instruct"] * 2, r.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("MOI_MODAL_LLM", "MOI_LLM_MODEL")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["HuggingFaceTB/SmolLM2-135M-Instruct"] * 2, r.stderr

@@ -6,7 +6,7 @@ import pytest
 
 from cloud.engine import LocalEngine
 from cloud.pipeline import Pipeline, file_source, reply_audio
-from local.cli import SAMPLE
+from local import SAMPLE
 from cloud.vad import Segmenter
 from shared.config import Config
 from shared.errors import EngineError, MoiError

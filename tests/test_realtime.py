@@ -252,3 +252,29 @@ def test_past_the_connection_limit_the_server_says_it_is_busy(engine):
     with serve(create_app(engine, api_key=KEY, cfg=CFG, limits=Limits(realtime_sessions=1))) as base:
         busy = run(talk(base), timeout=60)
     assert busy["type"] == "error" and busy["error"]["code"] == "server_busy"
+
+
+def test_speech_over_a_reply_cancels_it_and_is_answered_with_what_came_before(base, question, speech60):
+    """Server VAD, as the live client: speaking while a reply streams stops it (its response is
+    done, cancelled), and the next response answers what the person said."""
+    more = speech60.slice(2.4, 7.1).resample(RATE)  # "And the answer that comes back is, well, ..."
+
+    async def talk():
+        seen: list = []
+        async with connect(base) as conn:
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 200})
+            await until(conn, "session.updated", seen)
+            for b64 in chunks(Audio.concat([Audio.silence(0.3, RATE), question, Audio.silence(1.5, RATE)])):
+                await conn.input_audio_buffer.append(audio=b64)
+            first = await until(conn, "response.output_audio.delta", seen)
+            for b64 in chunks(Audio.concat([more, Audio.silence(1.5, RATE)])):
+                await conn.input_audio_buffer.append(audio=b64)
+            done = [await until(conn, "response.done", seen)]
+            while done[-1].response.id == first.response_id or done[-1].response.status != "completed":
+                done.append(await until(conn, "response.done", seen))
+        return seen, first, done
+
+    seen, first, done = run(talk(), timeout=300)
+    assert done[0].response.id == first.response_id and done[0].response.status == "cancelled"
+    heard = [e.transcript for e in seen if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert "comes" in words(heard[-1]) and done[-1].response.status == "completed"

@@ -14,7 +14,7 @@ import pytest
 from cloud.engine import LocalEngine
 from cloud.http import create_app
 from cloud.vad import Segmenter, SileroVad
-from local.cli import SAMPLE
+from local import SAMPLE
 from cloud.pipeline import Pipeline, file_source
 from local.remote import Breaker, FallbackEngine, HttpEngine, RemoteConfig
 from shared.audio import Audio
