@@ -31,7 +31,7 @@ import modal
 
 from shared.audio import SPEECH_RATE, Audio
 from shared.config import MODAL_APP
-from shared.engine import Clock, Speech, TurnRequest
+from shared.engine import Clock, Speech, TurnRequest, when_cancelled
 from shared.errors import EngineError
 from shared.events import Event
 from shared.messages import ChatOptions, Message, Transcription
@@ -149,19 +149,20 @@ def _stoppable(key: str | None) -> Iterator[threading.Event]:
     """An event set once the caller has put ``key`` into :data:`STOPS` (or the block ends)."""
     cancel = threading.Event()
 
-    def watch() -> None:
-        while not cancel.wait(STOP_POLL_S):
-            try:
-                if STOPS.contains(key):
-                    cancel.set()
-            except (modal.exception.Error, ConnectionError, OSError) as exc:  # a blip: keep watching
-                print(f"moi: stop flag unreadable for a moment ({type(exc).__name__}: {exc})", flush=True)
-                cancel.wait(1.0)
+    def stopped() -> bool:
+        try:
+            return STOPS.contains(key)
+        except (modal.exception.Error, ConnectionError, OSError) as exc:  # a blip: keep watching
+            print(f"moi: stop flag unreadable for a moment ({type(exc).__name__}: {exc})", flush=True)
+            cancel.wait(1.0)
+            return False
 
-    if key:
-        threading.Thread(target=watch, name="moi-stop-watch", daemon=True).start()
-    try:
+    if not key:
         yield cancel
+        return
+    try:
+        with when_cancelled(stopped, cancel.set, "moi-stop-watch", every_s=STOP_POLL_S):
+            yield cancel
     finally:
         cancel.set()
 

@@ -47,8 +47,8 @@ from cloud.conversation import Utterance
 from cloud.live import LiveSession
 from cloud.pipeline import Pipeline
 from cloud.vad import Segmenter
-from cloud.wire import SPEECH_OUT_RATE, pick_voice
-from shared.audio import SPEECH_RATE, Audio
+from cloud.wire import pick_voice
+from shared.audio import REPLY_RATE, SPEECH_RATE, Audio
 from shared.config import Config
 from shared.engine import Engine, TurnRequest
 from shared.events import (
@@ -68,7 +68,7 @@ from shared.events import (
 from shared.messages import Thread
 
 log = logging.getLogger("moi.realtime")
-RATE = SPEECH_OUT_RATE  # the Realtime API's audio/pcm: PCM16 mono 24 kHz, both ways
+RATE = REPLY_RATE  # the Realtime API's audio/pcm: PCM16 mono 24 kHz, both ways
 MIN_COMMIT_S = 0.1  # OpenAI refuses to commit less than 100 ms of audio
 
 

@@ -34,7 +34,6 @@ from cloud.vad import Segmenter
 from cloud.wire import (
     OPENAI_VOICES,
     SPEECH_FORMATS,
-    SPEECH_OUT_RATE,
     TRANSCRIPTION_FORMATS,
     ApiError,
     ERROR_RESPONSES,
@@ -55,7 +54,7 @@ from cloud.wire import (
     verbose_json,
     wav_stream_header,
 )
-from shared.audio import ENCODINGS, Audio, Encoder, decode
+from shared.audio import ENCODINGS, REPLY_RATE, Audio, Encoder, decode
 from shared.config import Config
 from shared.engine import Engine, TurnRequest
 from shared.events import ErrorEvent, Event, ReplyAudio, to_wire
@@ -257,14 +256,14 @@ async def chat_completions(body: ChatBody, request: Request, gw: Gateway = Depen
 @audio_router.post("/audio/speech", response_class=Response, responses=ERROR_RESPONSES | {
     200: {"description": "the speech, streamed sentence by sentence", "content": {
         media: {"schema": {"type": "string", "format": "binary"}}
-        for media in ("audio/wav", f"audio/pcm;rate={SPEECH_OUT_RATE}", *(e[3] for e in ENCODINGS.values()))}}})
+        for media in ("audio/wav", f"audio/pcm;rate={REPLY_RATE}", *(e[3] for e in ENCODINGS.values()))}}})
 async def speech(body: SpeechBody, gw: Gateway = Depends(gateway)) -> Response:
     until = gw.deadline()
     if body.response_format not in SPEECH_FORMATS:
         raise ApiError(
             400,
             f"response_format {body.response_format!r} is not supported: use one of "
-            f"{', '.join(SPEECH_FORMATS)} (pcm: PCM16 mono {SPEECH_OUT_RATE} Hz)",
+            f"{', '.join(SPEECH_FORMATS)} (pcm: PCM16 mono {REPLY_RATE} Hz)",
             param="response_format",
             code="unsupported_format",
         )
@@ -280,7 +279,7 @@ async def speech(body: SpeechBody, gw: Gateway = Depends(gateway)) -> Response:
         pieces = gw.engine.speak(body.input, voice=voice, speed=body.speed, cancel=cancel)
         try:
             for piece in pieces:
-                emit(encoder.feed(piece.audio) if encoder else piece.audio.resample(SPEECH_OUT_RATE).to_pcm16())
+                emit(encoder.feed(piece.audio) if encoder else piece.audio.resample(REPLY_RATE).to_pcm16())
             if encoder is not None:
                 emit(encoder.close())
         finally:
@@ -292,7 +291,7 @@ async def speech(body: SpeechBody, gw: Gateway = Depends(gateway)) -> Response:
     async def audio(chunk: Any) -> AsyncIterator[bytes]:
         try:
             if body.response_format == "wav":
-                yield wav_stream_header(SPEECH_OUT_RATE)
+                yield wav_stream_header(REPLY_RATE)
             while chunk is not END:
                 yield chunk
                 chunk = await stream.next(gw.gap())
@@ -302,7 +301,7 @@ async def speech(body: SpeechBody, gw: Gateway = Depends(gateway)) -> Response:
         finally:
             cancel.set()
 
-    media = {"wav": "audio/wav", "pcm": f"audio/pcm;rate={SPEECH_OUT_RATE}"}.get(fmt) or ENCODINGS[fmt][3]
+    media = {"wav": "audio/wav", "pcm": f"audio/pcm;rate={REPLY_RATE}"}.get(fmt) or ENCODINGS[fmt][3]
     return StreamingResponse(audio(chunk), media_type=media)
 
 @turn_router.post("/turn", response_class=Response, openapi_extra=turn_upload(), responses=ERROR_RESPONSES | {
@@ -328,8 +327,8 @@ async def turn(request: Request, gw: Gateway = Depends(gateway)) -> Response:
     cancel = threading.Event()
 
     def frame(event: Event) -> bytes:  # in the stream's thread
-        if isinstance(event, ReplyAudio) and event.audio.sample_rate != SPEECH_OUT_RATE:
-            event = replace(event, audio=event.audio.resample(SPEECH_OUT_RATE))
+        if isinstance(event, ReplyAudio) and event.audio.sample_rate != REPLY_RATE:
+            event = replace(event, audio=event.audio.resample(REPLY_RATE))
         return encode_frame(*to_wire(event))
 
     release = await gw.doors["llm"].enter(until)  # a turn holds the LLM's door for its whole length

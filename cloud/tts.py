@@ -20,14 +20,13 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.audio import Audio
+from shared.audio import REPLY_RATE, Audio
 from shared.config import TtsConfig, model_threads
-from shared.engine import Speech
+from shared.engine import Speech, when_cancelled
 from shared.errors import ConfigError, ModelNotFound
 from shared.models import ResolvedModel
 from shared.text import split_sentences
 
-KOKORO_RATE = 24_000
 SPEEDS = (0.5, 2.0)  # what Kokoro takes
 HUB_VOICE = "af_heart"
 PACK_VOICE = "jf_alpha"
@@ -65,25 +64,14 @@ class _Abortable:
             yield
             return
         options = self._options = self._ort.RunOptions()
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                if cancel.wait(0.01):
-                    options.terminate = True
-                    return
-
-        watcher = threading.Thread(target=watch, name="moi-tts-cancel", daemon=True)
-        watcher.start()
         try:
-            yield
+            with when_cancelled(cancel.is_set, lambda: setattr(options, "terminate", True), "moi-tts-cancel"):
+                yield
         except Exception as exc:  # onnxruntime's "Exiting due to terminate flag being set to true"
             if options.terminate:
                 raise Interrupted from exc
             raise
         finally:
-            done.set()
-            watcher.join()
             self._options = None
         if options.terminate:  # set as the last node finished: the audio is whole, but not wanted
             raise Interrupted
@@ -119,7 +107,7 @@ class KokoroOnnx:
     ) -> np.ndarray:
         with self._lock, self._session.watching(cancel):
             samples, rate = self.kokoro.create(text, voice=voice, speed=speed, lang=lang)
-        assert rate == KOKORO_RATE, rate
+        assert rate == REPLY_RATE, rate
         return np.asarray(samples, dtype=np.float32)
 
 
@@ -214,7 +202,7 @@ class TextToSpeech:
         samples = self.backend.synthesize(
             text, self.resolve_voice(voice or self.default_voice), speed, self.cfg.lang, cancel
         )
-        return Audio(samples, KOKORO_RATE)
+        return Audio(samples, REPLY_RATE)
 
     def speak(
         self,

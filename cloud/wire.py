@@ -43,7 +43,6 @@ def pick_voice(requested: str, installed: list[str]) -> str | None:
         return name
     # Kokoro names its voices <language><f|m>_<name>: jf_alpha is a female voice, jm_kumo a male one.
     return next((v for v in installed if len(v) > 2 and v[1] == kind), installed[0] if installed else None)
-SPEECH_OUT_RATE = 24_000  # Kokoro's rate: /v1/audio/speech and /v1/turn audio frames use it
 PCM_TYPES = frozenset({"audio/l16", "audio/pcm"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

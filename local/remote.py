@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from shared.audio import SPEECH_RATE, Audio
-from shared.engine import Clock, Engine, Speech, Stopwatch, TurnRequest
+from shared.audio import REPLY_RATE, SPEECH_RATE, Audio
+from shared.engine import Clock, Engine, Speech, Stopwatch, TurnRequest, when_cancelled
 from shared.errors import EngineError
 from shared.events import (
     ErrorEvent,
@@ -41,7 +41,6 @@ from shared.events import (
 from shared.messages import ChatOptions, Message, Segment, Transcription, Word
 from shared.wire import FrameReader
 
-KOKORO_RATE = 24_000
 T = TypeVar("T")
 
 
@@ -242,7 +241,7 @@ class HttpEngine:
         payload = {"model": "kokoro", "input": text, "voice": voice or "auto", "response_format": "pcm"}
         if speed is not None:
             payload["speed"] = speed
-        min_bytes = KOKORO_RATE // 10 * 2
+        min_bytes = REPLY_RATE // 10 * 2
         try:
             with self.client.stream("POST", "/audio/speech", json=payload) as r:
                 r.raise_for_status()
@@ -253,10 +252,10 @@ class HttpEngine:
                     pending += chunk
                     if len(pending) >= min_bytes:
                         cut = len(pending) - len(pending) % 2
-                        yield Speech(text, Audio.from_pcm16(pending[:cut], KOKORO_RATE))
+                        yield Speech(text, Audio.from_pcm16(pending[:cut], REPLY_RATE))
                         pending = pending[cut:]
                 if len(pending) >= 2:
-                    yield Speech(text, Audio.from_pcm16(pending[: len(pending) - len(pending) % 2], KOKORO_RATE))
+                    yield Speech(text, Audio.from_pcm16(pending[: len(pending) - len(pending) % 2], REPLY_RATE))
         except httpx.HTTPError as exc:
             raise self._fail("speech", exc) from exc
 
@@ -414,22 +413,12 @@ def _labelled(events: Iterator[Event], engine: str) -> Iterator[Event]:
 def _shut_on(cancel: threading.Event, response: httpx.Response) -> Iterator[None]:
     """While the block runs, setting ``cancel`` shuts the response's socket: a read blocked on
     the server (mid-synthesis) returns at once, and the server sees the client gone."""
-    done = threading.Event()
+    def shut() -> None:
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
-    def watch() -> None:
-        while not done.is_set():
-            if cancel.wait(0.02):
-                stream = response.extensions.get("network_stream")
-                sock = stream.get_extra_info("socket") if stream is not None else None
-                if sock is not None:
-                    with suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-                return
-
-    watcher = threading.Thread(target=watch, name="moi-turn-stop", daemon=True)
-    watcher.start()
-    try:
+    with when_cancelled(cancel.is_set, shut, "moi-turn-stop", every_s=0.02):
         yield
-    finally:
-        done.set()
-        watcher.join()

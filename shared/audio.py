@@ -17,6 +17,9 @@ from shared.errors import AudioError, AudioTooLong
 
 #: The rate every model input is brought to (Silero VAD and Whisper both want 16 kHz).
 SPEECH_RATE = 16_000
+# moi's spoken replies: Kokoro's rate, and the rate of every wire that carries them (/v1/audio/speech's
+# pcm, /v1/turn's audio frames, the Realtime API's PCM16)
+REPLY_RATE = 24_000
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,10 +107,10 @@ class Audio:
 
 #: Compressed formats OpenAI's speech endpoint offers: container, codec, rate, media type.
 ENCODINGS: dict[str, tuple[str, str, int, str]] = {
-    "mp3": ("mp3", "libmp3lame", 24_000, "audio/mpeg"),
+    "mp3": ("mp3", "libmp3lame", REPLY_RATE, "audio/mpeg"),
     "opus": ("ogg", "libopus", 48_000, "audio/ogg"),  # opus in an Ogg container, as OpenAI sends it
-    "aac": ("adts", "aac", 24_000, "audio/aac"),
-    "flac": ("flac", "flac", 24_000, "audio/flac"),
+    "aac": ("adts", "aac", REPLY_RATE, "audio/aac"),
+    "flac": ("flac", "flac", REPLY_RATE, "audio/flac"),
 }
 
 

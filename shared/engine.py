@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
@@ -61,6 +62,29 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.monotonic() - self.start
+
+
+@contextmanager
+def when_cancelled(fired: Callable[[], bool], act: Callable[[], None], name: str, every_s: float = 0.01,
+                   ) -> Iterator[None]:
+    """While the block runs, a thread asks ``fired`` every ``every_s`` and calls ``act`` once when
+    it says yes: Stop reaching work that cannot look for it itself (an onnxruntime run, a socket
+    read, a GPU container). The thread is joined when the block ends."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every_s):
+            if fired():
+                act()
+                return
+
+    watcher = threading.Thread(target=watch, name=name, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 class Engine(Protocol):
