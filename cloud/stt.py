@@ -167,7 +167,7 @@ class SpeechToText:
         Real speech here scores no_speech_prob ~0.0-0.1 and avg_logprob ~-0.3; the classic
         hallucinations ("You", "Thank you." on trailing silence) score no_speech_prob > 0.6.
         A low log-probability alone is not junk: a sentence heard over moi's echo fell back to
-        temperature 1.0 and scored -1.0..-1.2 with no_speech_prob 0.10 (tests/test_stt.py), while
+        temperature 1.0 and scored -1.0..-1.2 with no_speech_prob 0.10 (tests/cloud/test_stt.py), while
         the words Whisper made up from echo residue scored the same log-probability with
         no_speech_prob 0.3-0.45 ("I see you.", "The people in the booth."). So a segment under
         the log-probability threshold is dropped only when Whisper also doubts there is speech

@@ -1,4 +1,4 @@
-"""Run as a script by tests/test_live_errors.py: a live session whose first turn raises a
+"""Run as a script by tests/local/test_session.py: a live session whose first turn raises a
 non-MoiError deep inside the engine (as a bug or a library error would), over a file played in
 real time and then silence, in quiet mode. The test reads its output and presses Ctrl-C."""
 

@@ -25,7 +25,7 @@ from shared.engine import TurnRequest
 from shared.events import FallbackUsed, ReplyAudio, ReplyText, ReplyToken, Transcript, TurnDone
 from shared.messages import ChatOptions, Thread
 from tests.conftest import ROOT, serve, words
-from tests.test_remote import Faults, _free_port
+from tests.local.test_remote import Faults, _free_port
 
 TOKENS = 24
 ENV = {"MOI_LLM_MAX_TOKENS": str(TOKENS), "MOI_LLM_REUSE_PREFIX": "0"}

@@ -1,0 +1,1 @@
+"""Tests of cloud/, one file per area."""

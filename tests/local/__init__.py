@@ -1,0 +1,1 @@
+"""Tests of local/, one file per area."""

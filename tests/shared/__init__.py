@@ -1,0 +1,1 @@
+"""Tests of shared/, one file per area."""
