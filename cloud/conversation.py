@@ -40,6 +40,9 @@ client cuts itself come as :class:`Said`; with ``auto_answer`` off a turn waits 
 :class:`Respond` (``response.create``), which with nothing pending answers the thread's waiting
 typed message. Every decided turn is a :class:`~shared.events.TurnStarted` event, every reply
 taken back a :class:`~shared.events.ReplyWithdrawn`.
+
+Why one long module (~700 lines): the machine's transitions only make sense read together, and
+its inputs and parts (~200 lines of small types) are what its one thread is stepped with.
 """
 
 from __future__ import annotations

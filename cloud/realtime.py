@@ -22,6 +22,9 @@ What maps to what:
 
 The server keeps a virtual playhead (:class:`Playhead`): a reply counts as playing for as long
 as its audio lasts from when it was sent, as the client would play it.
+
+Why one long module (~550 lines): a connection's two halves, what the client sends and what
+the machine's events become, share its ids and items; split, each would reach into the other.
 """
 
 from __future__ import annotations
