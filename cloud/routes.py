@@ -40,6 +40,7 @@ from cloud.wire import (
     ChatBody,
     SpeechBody,
     TurnBody,
+    chat_options,
     chat_chunk,
     chat_completion,
     message_from_openai,
@@ -58,11 +59,7 @@ from shared.audio import ENCODINGS, REPLY_RATE, Audio, Encoder, decode
 from shared.config import Config
 from shared.engine import Engine, TurnRequest
 from shared.events import ErrorEvent, Event, ReplyAudio, to_wire
-from shared.messages import ChatOptions
 from shared.wire import encode_frame
-
-DEFAULTS = ChatOptions()
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -377,18 +374,6 @@ def _upload(form: FormData, name: str) -> UploadFile:
     return value
 
 
-def chat_options(max_tokens: int | None, temperature: float | None, seed: int | None,
-                 repeat_penalty: float | None = None, stop: tuple[str, ...] = ()) -> ChatOptions:
-    """A request's reply options: what it set, the defaults for what it left out."""
-    return ChatOptions(
-        max_tokens=max_tokens or DEFAULTS.max_tokens,
-        temperature=DEFAULTS.temperature if temperature is None else temperature,
-        seed=DEFAULTS.seed if seed is None else seed,
-        repeat_penalty=DEFAULTS.repeat_penalty if repeat_penalty is None else repeat_penalty,
-        stop=stop,
-    )
-
-
 def _check_length(seconds: float, limit: float, what: str, param: str) -> None:
     if seconds > limit:
         raise ApiError(
@@ -408,9 +393,7 @@ async def _turn_request(form: FormData) -> TurnRequest:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
         raise ApiError(400, f"bad `request` JSON: {problems}", param="request") from None
-    options = chat_options(body.max_tokens, body.temperature, body.seed, body.repeat_penalty)
-    messages = tuple(message_from_openai(i, m) for i, m in enumerate(body.messages))
-    return TurnRequest(messages, options, body.variant, body.voice, body.language, body.turn)
+    return body.request()
 
 
 __all__ = ["Gateway", "Limits", "ROUTERS", "gateway"]

@@ -13,8 +13,11 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from shared.messages import Message, Transcription
+from shared.engine import TurnRequest
+from shared.messages import ChatOptions, Message, Transcription
 from shared.text import timestamp
+
+_DEFAULTS = ChatOptions()
 
 TRANSCRIPTION_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 SpeechFormat = Literal["wav", "pcm", "mp3", "opus", "aac", "flac"]  # the last four: shared.audio.ENCODINGS
@@ -201,6 +204,20 @@ class TurnBody(BaseModel):
     variant: Literal["chat", "echo", "transcribe"] = "chat"
     turn: Annotated[int, Field(ge=0), BeforeValidator(_whole)] = 0
 
+    @classmethod
+    def of(cls, req: TurnRequest) -> TurnBody:
+        """What a client sends for ``req`` (the one wire form of a turn's request, both ways)."""
+        return cls(messages=[{"role": m.role, "content": m.content} for m in req.messages],
+                   max_tokens=req.options.max_tokens, temperature=req.options.temperature, seed=req.options.seed,
+                   repeat_penalty=req.options.repeat_penalty, voice=req.voice, language=req.language,
+                   variant=req.variant, turn=req.turn)
+
+    def request(self) -> TurnRequest:
+        """The TurnRequest the server answers (defaults for what the client left out)."""
+        options = chat_options(self.max_tokens, self.temperature, self.seed, self.repeat_penalty)
+        messages = tuple(message_from_openai(i, m) for i, m in enumerate(self.messages))
+        return TurnRequest(messages, options, self.variant, self.voice, self.language, self.turn)
+
 
 class SpeechBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -230,6 +247,18 @@ def pcm_rate(content_type: str) -> int | None:
 
 
 # --- chat ----------------------------------------------------------------------------------
+
+
+def chat_options(max_tokens: int | None, temperature: float | None, seed: int | None,
+                 repeat_penalty: float | None = None, stop: tuple[str, ...] = ()) -> ChatOptions:
+    """A request's reply options: what it set, the defaults for what it left out."""
+    return ChatOptions(
+        max_tokens=max_tokens or _DEFAULTS.max_tokens,
+        temperature=_DEFAULTS.temperature if temperature is None else temperature,
+        seed=_DEFAULTS.seed if seed is None else seed,
+        repeat_penalty=_DEFAULTS.repeat_penalty if repeat_penalty is None else repeat_penalty,
+        stop=stop,
+    )
 
 
 def message_from_openai(i: int, raw: dict[str, Any]) -> Message:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from cloud.wire import TurnBody
 from shared.audio import REPLY_RATE, SPEECH_RATE, Audio
 from shared.engine import Clock, Engine, Speech, Stopwatch, TurnRequest, when_cancelled
 from shared.errors import EngineError
@@ -101,24 +102,14 @@ class HttpEngine:
         client gone, stops generating; this side then ends the turn as cancelled."""
         clock = clock or Stopwatch()
         t0 = clock()
-        body = {
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "max_tokens": request.options.max_tokens,
-            "temperature": request.options.temperature,
-            "seed": request.options.seed,
-            "repeat_penalty": request.options.repeat_penalty,
-            "voice": request.voice,
-            "language": request.language,
-            "variant": request.variant,
-            "turn": request.turn,
-        }
+        body = TurnBody.of(request).model_dump_json()
         pcm = audio.resample(SPEECH_RATE).to_pcm16()
         files = {"audio": ("utterance.pcm", pcm, f"audio/L16;rate={SPEECH_RATE}")}
         tokens: list[str] = []
         first_audio: float | None = None
         ended = False
         try:
-            with self.client.stream("POST", "/turn", data={"request": json.dumps(body)}, files=files) as r:
+            with self.client.stream("POST", "/turn", data={"request": body}, files=files) as r:
                 if r.is_error:
                     r.read()
                     r.raise_for_status()
