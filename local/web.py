@@ -100,7 +100,7 @@ def create_ui_app(
 
     @app.get("/api/state")
     async def state() -> dict:
-        return {"state": hub.state, "choice": hub.choice, "clients": len(hub.clients), "pipelines": list(PIPELINES)}
+        return {"state": hub.state, "choice": hub.choice, "clients": len(hub.pages.clients), "pipelines": list(PIPELINES)}
 
     @app.post("/api/upload")
     async def upload(file: UploadFile | None = None) -> JSONResponse:
@@ -108,7 +108,7 @@ def create_ui_app(
             return _error(400, "send the audio file as multipart/form-data field 'file'", "missing_file")
         data = await file.read()  # the Gate has cut anything over max_upload_mb already
         try:
-            up = await hub.add_upload(file.filename or "upload", data)
+            up = await hub.uploads.add(file.filename or "upload", data)
         except AudioError as exc:
             return _error(400, str(exc), "invalid_audio")
         return JSONResponse({"id": up.id, "name": up.name, "seconds": round(up.seconds, 2)})
@@ -127,7 +127,7 @@ def create_ui_app(
                 else:
                     await hub.command(msg, client)
         finally:  # the page went away (closed, reloaded, dropped): it reconnects if it can
-            hub.detach(client)
+            hub.pages.detach(client)
             sender.cancel()
 
     return app

@@ -5,6 +5,11 @@ The ticker drains the session's events every ``tick_s`` and sends one ``tick`` t
 whether or not anything happened: meter levels are aggregated per tick, so a page gets ~20
 steady updates a second (also in silence, so its waveforms keep their time scale) however
 bursty the pipeline is. Reply audio goes out as binary ``shared.wire`` frames (PCM16).
+
+Three parts by job: :class:`Hub` controls the session (start, Stop, end, from the pages'
+commands), :class:`Pages` is what the pages are shown (broadcast, history, meters, the tick),
+:class:`Uploads` what they uploaded. One module (~460 lines) because they share the page
+protocol's small types (:class:`Client`, :class:`BrowserPlayback`, :class:`FileInput`).
 """
 
 from __future__ import annotations
@@ -178,47 +183,64 @@ class Client:
             await self.ws.close(code=1013, reason=reason)
 
 
-class Hub:
-    """The one live session all pages share, and the ticker that streams it to them."""
+class Uploads:
+    """Files pages uploaded, on disk for a session to play: the newest ``limit`` of them."""
 
-    def __init__(
-        self, cfg: Config, engine: Engine, sample: Path, *, tick_s: float = 0.05, barge_in: str = "auto",
-        input_device: str | None = None, upload_dir: Path, max_uploads: int = 8, max_upload_s: float = 1800.0,
-        speaker: bool = False, output_device: str | None = None,
-    ) -> None:
-        self.cfg, self.engine, self.sample = cfg, engine, sample
-        self.tick_s, self.barge_in, self.input_device = tick_s, barge_in, input_device
-        self.upload_dir, self.max_uploads, self.max_upload_s = upload_dir, max_uploads, max_upload_s
-        self.speaker, self.output_device = speaker, output_device  # replies on this machine's speaker
+    def __init__(self, folder: Path, limit: int = 8, max_seconds: float = 1800.0) -> None:
+        self.folder, self.limit, self.max_seconds = folder, limit, max_seconds
+        self.items: dict[str, Upload] = {}
+
+    async def add(self, name: str, data: bytes) -> Upload:
+        # AudioError: not audio; AudioTooLong: over the limit, found before decoding it all
+        audio = await asyncio.to_thread(decode, data, name=name, max_seconds=self.max_seconds)
+        uid = uuid.uuid4().hex[:12]
+        path = self.folder / f"{uid}{Path(name).suffix[:10] or '.bin'}"
+        await asyncio.to_thread(path.write_bytes, data)
+        upload = Upload(uid, name, audio.seconds, path)
+        self.items[uid] = upload
+        while len(self.items) > self.limit:
+            old = self.items.pop(next(iter(self.items)))
+            old.path.unlink(missing_ok=True)
+        return upload
+
+    def find(self, spec: str) -> Upload | None:
+        """The upload an input spec (``upload:<id>``) names, if it is still here."""
+        return self.items.get(spec[7:]) if spec.startswith("upload:") else None
+
+    def listing(self) -> list[dict]:
+        return [{"id": u.id, "name": u.name, "seconds": round(u.seconds, 2)} for u in self.items.values()]
+
+
+class Pages:
+    """The connected pages and what they are shown: broadcasts, hub notices, and the session's
+    history and meter traces (a page that joins late sees what the others see). ``tick`` drains
+    a session's events into one ``tick`` message for every page."""
+
+    def __init__(self) -> None:
         self.clients: set[Client] = set()
-        self.uploads: dict[str, Upload] = {}
-        self.session: LiveSession | None = None
-        self.state = "idle"  # idle | loading | running
-        self.choice = {"pipeline": "chat", "input": "sample"}
         self.history: deque[dict] = deque(maxlen=2000)  # this session's events, for pages that join
         self.pre: deque[float] = deque(maxlen=600)
         self.aec: deque[float] = deque(maxlen=600)  # after the echo canceller, when one runs
         self.post: deque[float] = deque(maxlen=600)
         self.status: dict | None = None
         self.stopped_turn = 0  # reply audio of this turn and earlier is not sent
-        self._lock = asyncio.Lock()  # one start/end at a time
-        self._tasks: set[asyncio.Task] = set()  # starts and ends in flight (held so they are not collected)
         self._seq = itertools.count()
         self._pending: list[dict] = []  # hub notices for the next tick
+        self._tasks: set[asyncio.Task] = set()  # pages being dropped (held so they are not collected)
 
-    # --- pages ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """A new session: nothing of the last one is shown."""
+        self.history.clear()
+        self.pre.clear()
+        self.aec.clear()
+        self.post.clear()
+        self.stopped_turn = 0
+        self.status = None
 
-    def attach(self, client: Client) -> None:
+    def attach(self, client: Client, hello: dict) -> None:
         self.clients.add(client)
-        client.send({
-            "type": "hello", "pipelines": [asdict(p) for p in PIPELINES.values()],
-            "inputs": [{"id": k, "label": v} for k, v in INPUTS.items()],
-            "uploads": [{"id": u.id, "name": u.name, "seconds": round(u.seconds, 2)} for u in self.uploads.values()],
-            "state": self.state, "choice": self.choice, "history": list(self.history),
-            "pre": list(self.pre), "aec": list(self.aec), "post": list(self.post), "status": self.status,
-            "playback": "speaker" if self.speaker else "page",
-            "clients": len(self.clients), "tick_ms": round(self.tick_s * 1000),
-        })
+        client.send({**hello, "history": list(self.history), "pre": list(self.pre), "aec": list(self.aec),
+                     "post": list(self.post), "status": self.status, "clients": len(self.clients)})
 
     def detach(self, client: Client) -> None:
         self.clients.discard(client)
@@ -230,151 +252,22 @@ class Hub:
             if not client.send(message):
                 log.warning("a page fell behind; dropping it (it will reconnect)")
                 self.clients.discard(client)
-                self._spawn(client.drop("this page fell behind; reconnect"))
+                task = asyncio.ensure_future(client.drop("this page fell behind; reconnect"))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def notice(self, **fields) -> None:
         """A hub event (session state, errors outside a turn) for the next tick and the history."""
         self._pending.append(fields)
         self.history.append(fields)
 
-    # --- commands -------------------------------------------------------------------------
-
-    async def command(self, msg: dict, client: Client) -> None:
-        cmd = msg.get("cmd")
-        if cmd == "start":
-            self._spawn(self.start(str(msg.get("pipeline", "")), str(msg.get("input", ""))))
-        elif cmd == "stop":
-            self.stop_reply()
-        elif cmd == "end":
-            self._spawn(self.end())
-        else:
-            client.send({"type": "error", "message": f"unknown command {cmd!r}: use start, stop or end"})
-
-    def _spawn(self, work) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def start(self, pipeline_id: str, input_spec: str) -> None:
-        async with self._lock:
-            await self._end_session("restarted")
-            try:
-                choice = PIPELINES.get(pipeline_id)
-                if choice is None:
-                    raise ConfigError(f"unknown pipeline {pipeline_id!r}: choose one of {', '.join(PIPELINES)}")
-                self.choice = {"pipeline": pipeline_id, "input": input_spec}
-                self.history.clear()
-                self.pre.clear()
-                self.aec.clear()
-                self.post.clear()
-                self.stopped_turn = 0
-                self.status = None
-                self.state = "loading"
-                self.notice(type="session", state="loading", pipeline=pipeline_id, input=input_spec,
-                            input_label=self._input_label(input_spec))
-                pipeline = await asyncio.to_thread(build, self.cfg, choice.variant, None, self.engine)
-                source = await asyncio.to_thread(self._source, input_spec)
-                playback = await asyncio.to_thread(self._playback)
-                echo, note = attach_echo(source, playback, self.cfg, self.barge_in)
-                if note:
-                    self.notice(type="note", message=note)
-                self.session = LiveSession(
-                    pipeline, source, playback, barge_in=self.barge_in, hears_player=input_spec == "mic", echo=echo,
-                ).start()
-                self.state = "running"
-                self.notice(type="session", state="running", pipeline=pipeline_id, input=input_spec,
-                            input_label=self._input_label(input_spec))
-            except Exception as exc:  # the page must hear why, whatever it was
-                if not isinstance(exc, MoiError):
-                    log.exception("starting %s on %s failed", pipeline_id, input_spec)
-                message = str(exc) if isinstance(exc, MoiError) else f"{type(exc).__name__}: {exc} (see the server log)"
-                self.state = "idle"
-                self.notice(type="error", message=f"could not start: {message}", turn=None)
-                self.notice(type="session", state="idle", reason="could not start")
-
-    async def end(self) -> None:
-        async with self._lock:
-            await self._end_session("ended")
-
-    def stop_reply(self) -> None:
-        """Stop: every page silences its playback now; generation ends at its next step."""
-        session = self.session
-        turn = session.turns if session is not None else 0
-        self.stopped_turn = max(self.stopped_turn, turn)
-        self.broadcast({"type": "stop_playback", "turn": turn})
-        if session is not None:
-            session.stop_reply("stop")
-
-    async def _end_session(self, reason: str) -> None:
-        session, self.session = self.session, None
-        if session is None:
-            return
-        await asyncio.to_thread(session.close)
-        close_player = getattr(session.player, "close", None)
-        if close_player is not None:
-            await asyncio.to_thread(close_player)
-        self.state = "idle"
-        self.broadcast({"type": "stop_playback", "turn": session.turns})
-        self.notice(type="session", state="idle", reason=reason)
-
-    def _playback(self):  # noqa: ANN202 - the session's player
-        if not self.speaker:
-            return BrowserPlayback()
-        from local.audio_io import Player
-
-        return Player(self.output_device)
-
-    def _source(self, spec: str):  # an iterable of Audio with close()
-        if spec == "mic":
-            from local.audio_io import MicSource
-
-            return MicSource(self.input_device).start()
-        if spec == "sample":
-            return FileInput(self.sample)
-        if spec.startswith("upload:") and spec[7:] in self.uploads:
-            return FileInput(self.uploads[spec[7:]].path)
-        if spec.startswith("upload"):
-            raise AudioError("no such upload (it expired or the server restarted): upload the file again")
-        raise ConfigError(f"unknown input {spec!r}: mic, sample or upload:<id>")
-
-    def _input_label(self, spec: str) -> str:
-        if spec.startswith("upload:") and spec[7:] in self.uploads:
-            return self.uploads[spec[7:]].name
-        return INPUTS.get(spec, spec)
-
-    async def add_upload(self, name: str, data: bytes) -> Upload:
-        # AudioError: not audio; AudioTooLong: over the limit, found before decoding it all
-        audio = await asyncio.to_thread(decode, data, name=name, max_seconds=self.max_upload_s)
-        uid = uuid.uuid4().hex[:12]
-        path = self.upload_dir / f"{uid}{Path(name).suffix[:10] or '.bin'}"
-        await asyncio.to_thread(path.write_bytes, data)
-        upload = Upload(uid, name, audio.seconds, path)
-        self.uploads[uid] = upload
-        while len(self.uploads) > self.max_uploads:
-            old = self.uploads.pop(next(iter(self.uploads)))
-            old.path.unlink(missing_ok=True)
-        return upload
-
-    # --- the ticker ------------------------------------------------------------------------
-
-    async def run_ticker(self) -> None:
-        next_at = time.monotonic()
-        while True:
-            next_at += self.tick_s
-            delay = next_at - time.monotonic()
-            if delay < -self.tick_s:  # fell behind (a loaded machine): keep the cadence, skip the backlog
-                next_at = time.monotonic()
-            await asyncio.sleep(max(0.0, delay))
-            try:
-                await self.tick()
-            except Exception:  # a ticker that dies freezes every page: log it and keep ticking
-                log.exception("tick failed")
-
-    async def tick(self) -> None:
+    def tick(self, session: LiveSession | None, state: str) -> bool:
+        """One ``tick`` to every page with what ``session`` did since the last; True once the
+        session has ended (its source ended or failed)."""
         meters: dict[str, list[float]] = {"pre": [], "aec": [], "post": []}
         events, frames = self._pending, []
         self._pending = []
-        session, ended = self.session, False
+        ended = False
         if session is not None:
             for _ in range(5000):
                 try:
@@ -404,12 +297,160 @@ class Hub:
         self.aec.extend(meters["aec"])
         self.post.extend(meters["post"])
         self.broadcast({
-            "type": "tick", "seq": next(self._seq), "state": self.state, **meters,
+            "type": "tick", "seq": next(self._seq), "state": state, **meters,
             "events": events, "status": self.status, "clients": len(self.clients),
         })
         for frame in frames:
             self.broadcast(frame)
-        if ended and session is self.session:  # the source ended or failed (mic unplugged)
+        return ended
+
+
+class Hub:
+    """The one live session all pages share: starting, stopping and ending it, from the pages'
+    commands; what the pages are shown is :class:`Pages`, what they uploaded :class:`Uploads`."""
+
+    def __init__(
+        self, cfg: Config, engine: Engine, sample: Path, *, tick_s: float = 0.05, barge_in: str = "auto",
+        input_device: str | None = None, upload_dir: Path, max_uploads: int = 8, max_upload_s: float = 1800.0,
+        speaker: bool = False, output_device: str | None = None,
+    ) -> None:
+        self.cfg, self.engine, self.sample = cfg, engine, sample
+        self.tick_s, self.barge_in, self.input_device = tick_s, barge_in, input_device
+        self.speaker, self.output_device = speaker, output_device  # replies on this machine's speaker
+        self.pages = Pages()
+        self.uploads = Uploads(upload_dir, max_uploads, max_upload_s)
+        self.session: LiveSession | None = None
+        self.state = "idle"  # idle | loading | running
+        self.choice = {"pipeline": "chat", "input": "sample"}
+        self._lock = asyncio.Lock()  # one start/end at a time
+        self._tasks: set[asyncio.Task] = set()  # starts and ends in flight (held so they are not collected)
+
+    def attach(self, client: Client) -> None:
+        self.pages.attach(client, {
+            "type": "hello", "pipelines": [asdict(p) for p in PIPELINES.values()],
+            "inputs": [{"id": k, "label": v} for k, v in INPUTS.items()], "uploads": self.uploads.listing(),
+            "state": self.state, "choice": self.choice, "playback": "speaker" if self.speaker else "page",
+            "tick_ms": round(self.tick_s * 1000),
+        })
+
+    # --- commands -------------------------------------------------------------------------
+
+    async def command(self, msg: dict, client: Client) -> None:
+        cmd = msg.get("cmd")
+        if cmd == "start":
+            self._spawn(self.start(str(msg.get("pipeline", "")), str(msg.get("input", ""))))
+        elif cmd == "stop":
+            self.stop_reply()
+        elif cmd == "end":
+            self._spawn(self.end())
+        else:
+            client.send({"type": "error", "message": f"unknown command {cmd!r}: use start, stop or end"})
+
+    def _spawn(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, pipeline_id: str, input_spec: str) -> None:
+        notice = self.pages.notice
+        async with self._lock:
+            await self._end_session("restarted")
+            try:
+                choice = PIPELINES.get(pipeline_id)
+                if choice is None:
+                    raise ConfigError(f"unknown pipeline {pipeline_id!r}: choose one of {', '.join(PIPELINES)}")
+                self.choice = {"pipeline": pipeline_id, "input": input_spec}
+                self.pages.reset()
+                self.state = "loading"
+                notice(type="session", state="loading", pipeline=pipeline_id, input=input_spec,
+                       input_label=self._input_label(input_spec))
+                pipeline = await asyncio.to_thread(build, self.cfg, choice.variant, None, self.engine)
+                source = await asyncio.to_thread(self._source, input_spec)
+                playback = await asyncio.to_thread(self._playback)
+                echo, note = attach_echo(source, playback, self.cfg, self.barge_in)
+                if note:
+                    notice(type="note", message=note)
+                self.session = LiveSession(
+                    pipeline, source, playback, barge_in=self.barge_in, hears_player=input_spec == "mic", echo=echo,
+                ).start()
+                self.state = "running"
+                notice(type="session", state="running", pipeline=pipeline_id, input=input_spec,
+                       input_label=self._input_label(input_spec))
+            except Exception as exc:  # the page must hear why, whatever it was
+                if not isinstance(exc, MoiError):
+                    log.exception("starting %s on %s failed", pipeline_id, input_spec)
+                message = str(exc) if isinstance(exc, MoiError) else f"{type(exc).__name__}: {exc} (see the server log)"
+                self.state = "idle"
+                notice(type="error", message=f"could not start: {message}", turn=None)
+                notice(type="session", state="idle", reason="could not start")
+
+    async def end(self) -> None:
+        async with self._lock:
+            await self._end_session("ended")
+
+    def stop_reply(self) -> None:
+        """Stop: every page silences its playback now; generation ends at its next step."""
+        session = self.session
+        turn = session.turns if session is not None else 0
+        self.pages.stopped_turn = max(self.pages.stopped_turn, turn)
+        self.pages.broadcast({"type": "stop_playback", "turn": turn})
+        if session is not None:
+            session.stop_reply("stop")
+
+    async def _end_session(self, reason: str) -> None:
+        session, self.session = self.session, None
+        if session is None:
+            return
+        await asyncio.to_thread(session.close)
+        close_player = getattr(session.player, "close", None)
+        if close_player is not None:
+            await asyncio.to_thread(close_player)
+        self.state = "idle"
+        self.pages.broadcast({"type": "stop_playback", "turn": session.turns})
+        self.pages.notice(type="session", state="idle", reason=reason)
+
+    def _playback(self):  # noqa: ANN202 - the session's player
+        if not self.speaker:
+            return BrowserPlayback()
+        from local.audio_io import Player
+
+        return Player(self.output_device)
+
+    def _source(self, spec: str):  # an iterable of Audio with close()
+        if spec == "mic":
+            from local.audio_io import MicSource
+
+            return MicSource(self.input_device).start()
+        if spec == "sample":
+            return FileInput(self.sample)
+        if (upload := self.uploads.find(spec)) is not None:
+            return FileInput(upload.path)
+        if spec.startswith("upload"):
+            raise AudioError("no such upload (it expired or the server restarted): upload the file again")
+        raise ConfigError(f"unknown input {spec!r}: mic, sample or upload:<id>")
+
+    def _input_label(self, spec: str) -> str:
+        upload = self.uploads.find(spec)
+        return upload.name if upload is not None else INPUTS.get(spec, spec)
+
+    # --- the ticker ------------------------------------------------------------------------
+
+    async def run_ticker(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            next_at += self.tick_s
+            delay = next_at - time.monotonic()
+            if delay < -self.tick_s:  # fell behind (a loaded machine): keep the cadence, skip the backlog
+                next_at = time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+            try:
+                await self.tick()
+            except Exception:  # a ticker that dies freezes every page: log it and keep ticking
+                log.exception("tick failed")
+
+    async def tick(self) -> None:
+        session = self.session
+        if self.pages.tick(session, self.state) and session is self.session:  # its source ended or failed
             self._spawn(self._ended(session))
 
     async def _ended(self, session: LiveSession) -> None:
