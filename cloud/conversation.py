@@ -700,4 +700,5 @@ class Conversation:
 def speech_ended(ev: SpeechEnd, t: float) -> SpeechEnded:
     """The event for a VAD's utterance end, stamped ``t``."""
     seconds = ev.audio.seconds if ev.audio is not None else ev.at - ev.start
-    return SpeechEnded(t, ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p)
+    return SpeechEnded(t, ev.at, ev.start, seconds, ev.forced, ev.decided, ev.turn_p,
+                       round(max(0.0, ev.decided - ev.voice_end), 3))

@@ -79,6 +79,7 @@ class SpeechEnd:
     forced: bool = False  # flushed at max_utterance_s while speech went on
     decided: float = 0.0  # stream time (s) when the utterance was ended (the pause waited out)
     turn_p: float | None = None  # the turn-end model's last P(finished), when it was asked
+    voice_end: float = 0.0  # stream time (s) of the last window heard as speech
 
     @property
     def dropped(self) -> bool:
@@ -239,11 +240,13 @@ class Segmenter:
         self._cut = audio_end
         turn_p, self.turn_p = self.turn_p, None
         if speech < self._min_speech and not forced:
-            return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, None, decided=now / SPEECH_RATE)
+            return SpeechEnd(audio_end / SPEECH_RATE, cut / SPEECH_RATE, None, decided=now / SPEECH_RATE,
+                             voice_end=self._last_speech / SPEECH_RATE)
         base = self._buf_start - CONTEXT
         samples = self._store[cut - base : audio_end - base].copy()
         return SpeechEnd(
-            audio_end / SPEECH_RATE, cut / SPEECH_RATE, Audio(samples, SPEECH_RATE), forced, now / SPEECH_RATE, turn_p
+            audio_end / SPEECH_RATE, cut / SPEECH_RATE, Audio(samples, SPEECH_RATE), forced, now / SPEECH_RATE, turn_p,
+            self._last_speech / SPEECH_RATE,
         )
 
     def _trim(self) -> None:

@@ -90,6 +90,7 @@ class ViewState:
     engine: str = "local"
     overflows: int = 0
     timings: str = ""
+    decision: str = ""  # how the last turn's end was judged: the silence waited, Smart Turn's P(done)
 
     def apply(self, ev: Event) -> None:
         if isinstance(ev, MeterTick):
@@ -102,6 +103,8 @@ class ViewState:
             self.listening = True
         elif isinstance(ev, SpeechEnded):
             self.listening = False
+            p = f", P(done) {ev.turn_p:.2f}" if ev.turn_p is not None else ""
+            self.decision = f"turn decided after {ev.waited:.2f}s of silence{p}"
         elif isinstance(ev, Transcript):
             self.lines.append(Line("you", ev.text or "(nothing intelligible)", ev.turn))
         elif isinstance(ev, ReplyToken):
@@ -123,7 +126,8 @@ class ViewState:
                 self.reply.append(20 * np.log10(rms) if rms > 0 else FLOOR_DB)
         elif isinstance(ev, TurnDone):
             self.engine = ev.engine
-            self.timings = f"turn {ev.turn} · {ev.engine}: {format_timings(ev.timings)}"
+            decided = f"{self.decision} · " if self.decision else ""
+            self.timings = f"turn {ev.turn} · {ev.engine}: {decided}{format_timings(ev.timings)}"
         elif isinstance(ev, ReplyStopped):
             self.lines.append(Line("note", f"(stopped by {ev.reason} in {ev.latency * 1000:.0f} ms)", ev.turn))
         elif isinstance(ev, ReplyPaused):

@@ -49,6 +49,7 @@ class SpeechEnded(Event):
     forced: bool = False  # True when the maximum utterance length flushed it
     decided_t: float = 0.0  # where in the input stream (s) the pause was judged over
     turn_p: float | None = None  # the turn-end model's P(finished), when it was asked
+    waited: float = 0.0  # silence (s) from the last speech to that judgement: the turn decision's share of the latency
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,7 @@ const moi = window.moi = {
   ws: null, connected: false, connections: 0, hellos: 0, ticks: 0, audioFrames: 0, reconnects: 0,
   state: "idle", pipelines: {}, pipeline: null, turn: 0, upload: null, clients: 0, sessions: 0,
   player: new Player(), tracks: {}, lastError: null,
+  lastEnd: null, decisions: {},  // per turn: the silence waited before its end was judged, Smart Turn's P(done)
 };
 
 function engineKind(name) {
@@ -184,7 +185,10 @@ function bubble(who, turn) {
 
 function timingRow(ev) {
   const row = document.createElement("tr");
-  const cells = [String(ev.turn), ev.engine, ...TIMING_KEYS.map((k) => ev.timings[k] != null ? ev.timings[k].toFixed(2) : "–")];
+  const decided = moi.decisions[ev.turn] || {};
+  const cells = [String(ev.turn), ev.engine, decided.waited != null ? decided.waited.toFixed(2) : "–",
+    decided.turn_p != null ? decided.turn_p.toFixed(2) : "–",
+    ...TIMING_KEYS.map((k) => ev.timings[k] != null ? ev.timings[k].toFixed(2) : "–")];
   row.append(...cells.map((text) => Object.assign(document.createElement("td"), { textContent: text })));
   row.dataset.turn = ev.turn;
   $("timings").tBodies[0].append(row);
@@ -198,6 +202,8 @@ function clearSession() {
   for (const el of document.querySelectorAll('[data-panel="aec"]')) el.hidden = true;
   moi.player.reset();
   moi.turn = 0;
+  moi.lastEnd = null;
+  moi.decisions = {};
   showEngine(null);
 }
 
@@ -264,7 +270,13 @@ function apply(ev) {
       if (ev.reason !== "too short") chatLine("note", `(not heard: ${ev.reason})`);
       break;
     case "speech_start": $("listening").classList.add("on"); break;
-    case "speech_end": $("listening").classList.remove("on"); break;
+    case "speech_end":
+      $("listening").classList.remove("on");
+      moi.lastEnd = { waited: ev.waited, turn_p: ev.turn_p };
+      break;
+    case "turn":  // a turn decided: the utterance end that decided it is the last one heard
+      moi.decisions[ev.turn] = moi.lastEnd || {};
+      break;
   }
 }
 

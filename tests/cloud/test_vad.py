@@ -256,3 +256,16 @@ def test_without_the_model_a_no_waits_for_the_longest_pause(vad_model, speech60)
     (end,) = utterances(run(Segmenter(vad_model, cfg, never), asked))
     assert len(calls) == 2  # asked at 200 ms and at 500 ms of this pause, not once a window
     assert end.decided - (end.at - cfg.post_roll_ms / 1000) == pytest.approx(cfg.turn_max_silence_ms / 1000, abs=0.04)
+
+
+def test_an_utterance_end_says_how_much_silence_decided_it(vad_model, speech60):
+    """What the turn decision costs a person: from the last speech window to the end being
+    judged. On silence alone that is the silence rule (within a window); the event carries it."""
+    from cloud.conversation import speech_ended
+
+    cfg = VadConfig()
+    audio = Audio.concat([Audio.silence(0.3), speech60.slice(0.0, 2.3), Audio.silence(1.5)])
+    (end,) = utterances(run(Segmenter(vad_model, cfg), audio))
+    waited = speech_ended(end, 0.0).waited
+    assert abs(waited - cfg.silence_ms / 1000) <= 2 * WINDOW / SPEECH_RATE, waited
+    assert end.voice_end < end.at <= end.voice_end + cfg.post_roll_ms / 1000 + 1e-6

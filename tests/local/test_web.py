@@ -145,7 +145,8 @@ def test_chat_on_the_sample_streams_draws_plays_and_stops(open_page):
     page.wait_for_function("() => /stopped by stop/.test(document.getElementById('chat').textContent)", timeout=30_000)
     page.wait_for_function("() => document.querySelector('#timings tbody tr')", timeout=SLOW_MS)  # turn_done
     row = page.evaluate("() => [...document.querySelectorAll('#timings tbody tr:first-child td')].map(t => t.textContent)")
-    assert row[0] == "1" and row[1] == "local" and row[2] != "–", row  # turn 1, engine, stt seconds
+    assert row[0] == "1" and row[1] == "local" and row[4] != "–", row  # turn 1, engine, stt seconds
+    assert 0.0 < float(row[2]) <= 1.5, row  # the silence waited before the turn's end was judged
     assert "local" in page.text_content("#engine")
     page.wait_for_timeout(1500)
     assert not page.evaluate("() => moi.player.playing")  # the stopped reply's tail never plays
