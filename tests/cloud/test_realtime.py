@@ -278,3 +278,33 @@ def test_speech_over_a_reply_cancels_it_and_is_answered_with_what_came_before(ba
     assert done[0].response.id == first.response_id and done[0].response.status == "cancelled"
     heard = [e.transcript for e in seen if e.type == "conversation.item.input_audio_transcription.completed"]
     assert "comes" in words(heard[-1]) and done[-1].response.status == "completed"
+
+
+def test_a_client_that_goes_away_stops_the_work(base):
+    """Disconnecting mid-reply closes the session: its threads (capture, the machine, the
+    workers, the turn's LLM and TTS threads) are gone within a few seconds."""
+    import threading
+    import time
+
+    def moi_threads() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("moi-")}
+
+    before = moi_threads()
+
+    async def talk():
+        seen: list = []
+        async with connect(base) as conn:
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 300})
+            await until(conn, "session.updated", seen)
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Tell me a long story about a dragon who learns to cook."}]})
+            await conn.response.create()
+            await until(conn, "response.output_audio.delta", seen)
+            return moi_threads()  # the connection goes away here, mid-reply
+
+    during = run(talk())
+    assert {"moi-answer", "moi-conversation"} <= during - before
+    deadline = time.monotonic() + 10
+    while moi_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not moi_threads() - before, moi_threads() - before
