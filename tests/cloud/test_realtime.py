@@ -286,10 +286,10 @@ def test_a_client_that_goes_away_stops_the_work(base):
     import threading
     import time
 
-    def moi_threads() -> set[str]:
-        return {t.name for t in threading.enumerate() if t.name.startswith("moi-")}
+    def moi_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("moi-")}
 
-    before = moi_threads()
+    before = moi_threads()  # an earlier test's session may still be ending: threads, not names
 
     async def talk():
         seen: list = []
@@ -300,11 +300,11 @@ def test_a_client_that_goes_away_stops_the_work(base):
                 {"type": "input_text", "text": "Tell me a long story about a dragon who learns to cook."}]})
             await conn.response.create()
             await until(conn, "response.output_audio.delta", seen)
-            return moi_threads()  # the connection goes away here, mid-reply
+            return moi_threads() - before  # the connection goes away here, mid-reply
 
-    during = run(talk())
-    assert {"moi-answer", "moi-conversation"} <= during - before
+    mine = run(talk())
+    assert {"moi-answer", "moi-conversation"} <= {t.name for t in mine}
     deadline = time.monotonic() + 10
-    while moi_threads() - before and time.monotonic() < deadline:
+    while any(t.is_alive() for t in mine) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not moi_threads() - before, moi_threads() - before
+    assert not [t.name for t in mine if t.is_alive()]
