@@ -188,14 +188,6 @@ class Transcriber:
         self.batch = BatchModels(self.runners.stt, SileroVad(resolve("vad", cfg.vad.model).path), cfg.vad)
 
     @modal.method()
-    def transcribe(
-        self, pcm16: bytes, sample_rate: int = SPEECH_RATE, language: str | None = None,
-        prompt: str | None = None, word_timestamps: bool = False,
-    ) -> Transcription:
-        audio = Audio.from_pcm16(pcm16, sample_rate)
-        return self.runners.stt.transcribe(audio, language=language, prompt=prompt, word_timestamps=word_timestamps)
-
-    @modal.method()
     def transcribe_file(self, name: str, data: bytes, options: dict | None = None) -> dict:
         """One whole file for batch fan-out (`moi transcribe --remote`): VAD windows, timestamps
         on the file's clock; a bad file comes back as {"name", "error": {...}}, not raised."""

@@ -50,14 +50,12 @@ def test_gpu_is_configurable_at_deploy_time():
 
 def test_remote_without_a_token_fails_clearly():
     with pytest.raises(Exception) as info:
-        modal_app.Transcriber().transcribe.remote(b"\x00\x00" * 1600)
+        modal_app.Transcriber().transcribe_file.remote("a.wav", b"\x00\x00" * 1600)
     assert type(info.value).__module__.startswith("modal")
 
 
 def test_transcriber_runs_locally(speech60):
     clip = speech60.slice(0, 7)
-    result = modal_app.Transcriber(device="cpu").transcribe.local(clip.to_pcm16(), 16_000)
-    assert {"dublin", "answer"} <= words(result.text)
     out = modal_app.Transcriber(device="cpu").transcribe_file.local("bad.wav", b"not audio at all")
     assert "error" in out and "bad.wav" in out["error"]["message"]
     good = modal_app.Transcriber(device="cpu").transcribe_file.local("clip.wav", clip.to_wav())
@@ -67,6 +65,11 @@ def test_transcriber_runs_locally(speech60):
 @pytest.fixture(scope="module")
 def voice():
     return modal_app.Voice(device="cpu")
+
+
+def test_voice_transcribes_locally(voice, speech60):
+    result = voice.transcribe.local(speech60.slice(0, 7).to_pcm16(), 16_000)
+    assert {"dublin", "answer"} <= words(result.text)
 
 
 def test_voice_streams_chat_locally(voice):
@@ -107,7 +110,10 @@ def test_gpu_classes_refuse_to_serve_from_the_cpu(cls):
     """Configured for CUDA (the default), a class whose model lands on the CPU fails loudly at
     load instead of answering slowly while the GPU is billed."""
     with pytest.raises(EngineError, match="loaded on cpu, but this runner must use cuda"):
-        getattr(modal_app, cls)().transcribe.local(b"\x00\x00" * 1600)
+        if cls == "Transcriber":
+            modal_app.Transcriber().transcribe_file.local("a.wav", b"\x00\x00" * 1600)
+        else:
+            modal_app.Voice().transcribe.local(b"\x00\x00" * 1600)
 
 
 BUILD_CHECK = """
