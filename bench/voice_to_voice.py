@@ -104,11 +104,15 @@ def card() -> None:
     subprocess.run(["pactl", "set-default-sink", OUT], check=True)
 
 
-def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) -> tuple[list[Turn], np.ndarray, float]:
-    """One live moi run: each question played after the previous reply has been heard."""
+def session(spec: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) -> tuple[list[Turn], np.ndarray, float]:
+    """One live moi run: each question played after the previous reply has been heard.
+
+    ``spec``: a mode, then any ``:NAME=VALUE`` settings for moi's environment (a lever's on and
+    off side by side: ``local:MOI_TTS_THREADS=1``)."""
     server = None
     cmd = [str(BIN / "moi"), "--input", "mic", "--output", "speaker", "--json", "--no-meters"]
-    env = {**os.environ, "COLUMNS": "200"}
+    mode, *settings = spec.split(":")
+    env = {**os.environ, "COLUMNS": "200", **dict(s.split("=", 1) for s in settings)}
     if mode == "silence":  # the lever's baseline: turns end on 500 ms of silence, no turn-end model
         env["MOI_VAD_TURN_MODEL"] = "off"
     busy = None
@@ -121,7 +125,7 @@ def session(mode: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
         cmd += ["--remote", "--url", url]
     else:
         cmd += ["--local"]  # local, silence, nospec, busy
-    rec_path = tmp / f"{mode}.raw"
+    rec_path = tmp / "run.raw"
     rec = record_bus(rec_path, f"{REC}.monitor")
     rec_started = time.monotonic()
     moi = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
@@ -197,6 +201,17 @@ def find(clip: Audio, pcm: np.ndarray, near: int, span: int) -> int:
     return lo + int(np.argmax(corr))
 
 
+def dry_time(pieces: list[tuple[float, float]]) -> float:
+    """How long the speaker ran dry inside a reply: each piece (handed over at t, lasting s)
+    plays once it is given and the one before has played out; the waits after the first add up."""
+    dry, until = 0.0, None
+    for t, s in pieces:
+        if until is not None and t > until:
+            dry += t - until
+        until = max(t, until or t) + s
+    return dry
+
+
 def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, rec_started: float) -> list[dict]:
     db = frames_db(pcm)
     hop = SPEECH_RATE // 100
@@ -229,7 +244,9 @@ def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, 
         row = {"question": turn.question, "onset": onset / SPEECH_RATE, "end": end / SPEECH_RATE, "wer": wer,
                "heard": heard / SPEECH_RATE, "latency": latency, "cuts": cuts, "stt": tm.get("stt", 0.0),
                "llm_first_piece": tm.get("first_audio", 0.0) - tm.get("stt", 0.0) - tm.get("tts_first", 0.0),
-               "tts_first": tm.get("tts_first", 0.0), "first_audio": tm.get("first_audio", 0.0)}
+               "tts_first": tm.get("tts_first", 0.0), "first_audio": tm.get("first_audio", 0.0),
+               "gaps": dry_time([(t, ev["audio"]["seconds"]) for t, ev in turn.events
+                                 if ev["type"] == "reply_audio" and ev["turn"] == done["turn"]])}
         end_ev = next((ev for _, ev in turn.events if ev["type"] == "speech_end"), None)
         if start_ev is not None and end_ev is not None:
             # The recording and moi's input stream differ by a constant: found where moi's VAD saw
@@ -252,7 +269,8 @@ def main() -> None:
     ap.add_argument("--modes", default="local,remote",
                     help="comma list: local, remote (moi serve on loopback), silence (local without the turn-end "
                     "model), nospec (local, turns not started at the pause), busy (local with another process "
-                    "spinning on one core)")
+                    "spinning on one core); each may add :NAME=VALUE settings for moi's environment, a lever "
+                    "measured against the same mode without it (local,local:MOI_TTS_THREADS=1)")
     ap.add_argument("--rounds", type=int, default=1, help="run the modes this many times, interleaved; rows pooled")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of quiet after each reply")
     ap.add_argument("--keep", type=Path, help="save each run's recording (WAV) and events here")
@@ -269,12 +287,12 @@ def main() -> None:
                 results.setdefault(mode, []).extend(rows)
                 if args.keep:
                     args.keep.mkdir(parents=True, exist_ok=True)
-                    name = f"{mode}-{round_ + 1}" if args.rounds > 1 else mode
+                    name = mode.replace(":", "_").replace("=", "-") + (f"-{round_ + 1}" if args.rounds > 1 else "")
                     Audio(pcm, SPEECH_RATE).save_wav(args.keep / f"{name}.wav")
                     (args.keep / f"{name}.json").write_text(json.dumps(
                         {"rows": rows, "turns": [{"question": t.question, "played_at": t.played_at - started,
                                                   "events": [e for _, e in t.events]} for t in turns]}, indent=1))
-    cols = ["latency", "cuts", "vad_wait", "decision", "stt", "llm_first_piece", "tts_first", "player"]
+    cols = ["latency", "cuts", "vad_wait", "decision", "stt", "llm_first_piece", "tts_first", "player", "gaps"]
     for mode, rows in results.items():
         table = []
         for r in rows:
@@ -293,16 +311,18 @@ def main() -> None:
             table.append(["[bold]median[/]", f"{med['latency']:.2f}", str(sum(r["cuts"] for r in ok)),
                           *(f"{med[c]:.2f}" for c in cols[2:])])
             table.append(["worst", f"{max(r['latency'] for r in ok):.2f}", *[""] * (len(cols) - 1)])
+        base, *settings = mode.split(":")
         title = {"local": "--local", "remote": "--remote (moi serve on loopback)",
                  "silence": "--local, turns ended by 500 ms of silence (MOI_VAD_TURN_MODEL=off)",
                  "nospec": "--local, each turn started when decided (MOI_VAD_SPECULATE_MS=0)",
-                 "busy": "--local, one core kept busy by another process"}[mode]
+                 "busy": "--local, one core kept busy by another process"}[base] + "".join(f", {s}" for s in settings)
         show(f"voice to voice, {title}: end of speech → first reply sound (s)",
              ["question", "heard after", "turns", "VAD wait", "decision", "STT", "LLM → 1st", "TTS 1st",
-              "player + I/O"],
+              "player + I/O", "reply ran dry"],
              table, caption=f"target: median ≤ {TARGET_S} s · {os.cpu_count()} cores · turns: utterances moi cut from the "
              "question (1 = answered once, at its end) · decision < 0: the turn started that long before it was "
-             "decided (at the pause) · the recording's clock")
+             "decided (at the pause) · the recording's clock · reply ran dry: the time the speaker waited for a piece "
+             "inside the reply, from moi's events")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from shared.audio import SPEECH_RATE, Audio
-from shared.config import SttConfig
+from shared.config import SttConfig, model_threads
 from shared.messages import Segment, Transcription, Word
 from shared.models import ResolvedModel
 
@@ -52,7 +52,8 @@ class SpeechToText:
             compute = "float16" if self.device == "cuda" else "int8"
         self.compute_type = compute
         self.model = WhisperModel(
-            str(model.path), device=self.device, compute_type=compute, cpu_threads=cfg.cpu_threads
+            str(model.path), device=self.device, compute_type=compute,
+            cpu_threads=model_threads(cfg.cpu_threads) if self.device == "cpu" else cfg.cpu_threads,
         )
         self.multilingual = bool(self.model.model.is_multilingual)
 

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from shared.audio import REPLY_RATE, Audio
-from shared.config import TtsConfig, model_threads
+from shared.config import TtsConfig, cpu_cores
 from shared.engine import Speech, when_cancelled
 from shared.errors import ConfigError, ModelNotFound
 from shared.models import ResolvedModel
@@ -91,11 +91,12 @@ class KokoroOnnx:
         if voices is None:
             raise ModelNotFound(f"tts: {model.name} has no voices file; put voices*.npz beside the model")
         opts = ort.SessionOptions()
-        # Half the cores, as llama.cpp. Alone, a 6-word piece takes 445 ms on 2 cores (threads that
-        # sleep instead of spinning) against 696 ms on one; but inside a live turn, with another
-        # program busy on one core, two threads made first audio 2.03 s against 1.71-1.88 s on
-        # one, and idle turns were no faster (1.64 vs 1.55-1.60 s, bench/voice_to_voice.py).
-        opts.intra_op_num_threads = model_threads(cfg.threads)
+        # Every core, with threads that sleep when idle instead of spinning. A piece only runs
+        # while the LLM waits (cloud.engine.SpeechFirst), so the cores are its own: a 4-word
+        # piece took 577 ms on 2 such threads against 944 ms on one, and with another program
+        # busy on one core 896 against 931 ms (2 spinning threads: 1127 ms).
+        opts.intra_op_num_threads = cfg.threads or cpu_cores()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
         self.kokoro = Kokoro.from_session(session, str(voices))
         self.kokoro.sess = self._session = _Abortable(session, ort)  # what kokoro-onnx runs the model on

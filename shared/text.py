@@ -2,7 +2,8 @@
 
 TTS latency is paid per piece, so the first piece should be short: when the first sentence is
 long, its first clause goes out on its own, or, with no clause break in sight, its first
-``first_words`` words. No piece is much longer than ``max_chars`` where a clause break allows:
+``first_words`` words (Kokoro's time grows with the audio it makes: ~0.3 s a second of speech on
+2 cores). No piece is much longer than ``max_chars`` where a clause break allows:
 a piece's synthesis cannot be cut short, so a Stop or a barge-in waits for it (one of 190
 characters took 11 s on a busy 2-core laptop, measured live, and the person's next turn waited
 that long). Works on a finished text (:func:`split_sentences`) and on a token stream
@@ -19,6 +20,11 @@ _END = re.compile(r"""(?<=[.!?…])["')\]]*\s+""")
 _ABBREV = re.compile(r"(?:\b(?:mr|mrs|ms|dr|st|vs|etc|e\.g|i\.e|no|approx)|\b[A-Z])\.$", re.IGNORECASE)
 _CLAUSE = re.compile(r"(?<=[,;:—])\s+")
 _WORD = re.compile(r"\S+")
+# words that lean on the next one: a piece that ends on one sounds cut off
+_LEANING = frozenset(
+    "a an the to of in on at by for from with as than and or but so that which who is are was were be "
+    "my your our their his her its this these those i you we they not can will would".split()
+)
 # where a long clause may be cut for want of punctuation: before a conjunction
 _JOIN = re.compile(r"\s+(?=(?:and|but|or|so|because|while|which|although|though|whereas|until|unless)\s)")
 
@@ -41,7 +47,11 @@ def _speakable(piece: str) -> bool:
 
 
 def _first_cut(text: str, min_chars: int, first_words: int, complete: bool) -> tuple[int, int] | None:
-    """Where the first piece of ``text`` ends and the rest begins, if it should be cut early.
+    """Where the first piece of ``text`` ends and the rest begins, if it should be cut early:
+    at a clause break within ``first_words`` + 2 words, else after ``first_words`` words, moved
+    back past words that lean on the next one ("a city that" → "a city"), down to three, or
+    else on by up to two, leaving three ("I would not" → "I would not start"); with no such
+    place, not cut.
 
     ``complete``: ``text`` is all there is (else more tokens may follow).
     """
@@ -50,7 +60,7 @@ def _first_cut(text: str, min_chars: int, first_words: int, complete: bool) -> t
     sentence = text[:end] if end is not None else text
     if len(sentence.strip()) <= min_chars:
         return None
-    longest = first_words + 3 if first_words > 0 else len(sentence)
+    longest = first_words + 2 if first_words > 0 else len(sentence)
     for m in _CLAUSE.finditer(sentence):
         n = len(sentence[: m.start()].split())
         if n > longest:
@@ -59,7 +69,10 @@ def _first_cut(text: str, min_chars: int, first_words: int, complete: bool) -> t
             return m.start(), m.end()
     words = list(_WORD.finditer(sentence))
     if first_words > 0 and len(words) > first_words + 2:  # a remainder worth its own piece
-        return words[first_words - 1].end(), words[first_words].start()
+        tries = [*range(first_words, 2, -1), *range(first_words + 1, min(first_words + 2, len(words) - 3) + 1)]
+        k = next((k for k in tries if words[k - 1].group().lower() not in _LEANING), None)
+        if k is not None:
+            return words[k - 1].end(), words[k].start()
     return None
 
 

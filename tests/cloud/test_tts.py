@@ -45,7 +45,13 @@ def test_voices_by_name(tts):
 
 def test_first_piece_is_cut_after_a_few_words_without_a_clause():
     text = "Dublin is a city that is both beautiful and mysterious. Go by train."
-    assert split_sentences(text, 24, 6) == ["Dublin is a city that is", "both beautiful and mysterious.", "Go by train."]
+    # six words would end on "that is", which lean on what follows: the cut moves back before them
+    assert split_sentences(text, 24, 6) == ["Dublin is a city", "that is both beautiful and mysterious.", "Go by train."]
+    assert split_sentences("Dublin has the most beautiful and mysterious old pubs.", 24, 4) == [
+        "Dublin has the most", "beautiful and mysterious old pubs."]
+    # a clause break within first_words + 2 words is taken instead, one further is not
+    assert split_sentences("Dublin, the old city, is beautiful and mysterious.", 24, 4)[0] == "Dublin, the old city,"
+    assert split_sentences("The old city of Dublin by the sea, is a place.", 24, 4)[0] == "The old city"
     assert split_sentences(text, 24, 0)[0] == "Dublin is a city that is both beautiful and mysterious."
     assert split_sentences("Go there now, quickly. Then stop.", 24, 6) == ["Go there now, quickly.", "Then stop."]
     stream, out = SentenceStream(24, 6), []
