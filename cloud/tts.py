@@ -161,6 +161,16 @@ class KokoroTorch:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+def _from_onset(samples: np.ndarray, floor: float = 10 ** (-50 / 20), keep_s: float = 0.01) -> np.ndarray:
+    """``samples`` from 10 ms before their first sound above -50 dBFS: Kokoro starts each piece
+    with 30-50 ms of near silence (after kokoro-onnx's own trim), which the first piece would
+    make the person wait through."""
+    loud = np.flatnonzero(np.abs(samples) > floor)
+    if not len(loud):
+        return samples
+    return samples[max(0, int(loud[0]) - int(keep_s * REPLY_RATE)) :]
+
+
 class TextToSpeech:
     """Kokoro behind one interface; ``speak`` yields audio sentence by sentence."""
 
@@ -203,7 +213,7 @@ class TextToSpeech:
         samples = self.backend.synthesize(
             text, self.resolve_voice(voice or self.default_voice), speed, self.cfg.lang, cancel
         )
-        return Audio(samples, REPLY_RATE)
+        return Audio(_from_onset(samples), REPLY_RATE)
 
     def speak(
         self,

@@ -28,7 +28,10 @@ def audio_file(name: str) -> Path:
 
 
 def words(text: str) -> set[str]:
-    return {w.strip(".,!?;:'\"").lower() for w in text.split()} - {""}
+    """The words of ``text`` as said: lower case, no punctuation, small numbers spelled ("5" is "five")."""
+    from shared.text import spoken_words
+
+    return set(spoken_words(text))
 
 
 @pytest.fixture(scope="session")
