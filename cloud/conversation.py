@@ -326,8 +326,10 @@ class Conversation:
 
     @property
     def answering(self) -> bool:
-        """A decided turn is being answered, or its reply still plays."""
-        return self._reply is not None and self._reply.decided
+        """A decided turn is being answered, or its reply still plays (read once: other threads
+        ask)."""
+        r = self._reply
+        return r is not None and r.decided
 
     @property
     def speaking(self) -> bool:

@@ -19,11 +19,11 @@ from cloud.engine import LocalEngine
 from cloud.turn_end import SmartTurn
 from cloud.vad import Segmenter
 from cloud.conversation import OverMoi
-from cloud.live import CLOSE_S, LiveSession
+from cloud.live import CLOSE_S, IDLE_HOLD_S, LiveSession
 from cloud.pipeline import Pipeline
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import Dropped, ReplyPaused, ReplyStopped, ReplyWithdrawn, StateChanged, TurnStarted
+from shared.events import Dropped, ReplyAudio, ReplyPaused, ReplyStopped, ReplyWithdrawn, StateChanged, TurnStarted
 from shared.models import resolve
 from shared.text import spoken_words
 from tests.replay import check_invariants, replay
@@ -161,6 +161,47 @@ class Paced:
             i += n
             time.sleep(max(0.0, start + i / 16000 - time.monotonic()))
             yield Audio(chunk, 16000)
+
+
+class Holding(Paced):
+    """A microphone that can hold its blocks (as local.audio_io.MicSource does): what the
+    session asked of it is logged at each block, with where in the stream that block was."""
+
+    def __init__(self, audio: Audio) -> None:
+        super().__init__(audio)
+        self.hold_s, self.log = 0.0, []
+
+    def __iter__(self):
+        for n, chunk in enumerate(super().__iter__()):
+            self.log.append((n * 512 / 16000, self.hold_s))
+            yield chunk
+
+
+def test_a_microphone_is_taken_in_batches_only_while_nothing_happens(engine, vad_model, smart_turn, speech60):
+    """While nobody speaks and nothing plays, the session lets the microphone's blocks gather
+    (fewer wake-ups while listening all day); from the first word to the reply's end it takes
+    each block as it comes, and the question is answered."""
+    spoken = Audio.concat([Audio.silence(2.0), speech60.slice(0.0, 2.3), Audio.silence(30.0)])
+    mic, player = Holding(spoken), RealTimePlayer()
+    live = LiveSession(pipeline(engine, vad_model, smart_turn, "chat"), mic, player, barge_in="half").start()
+    heard = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (heard and not player.playing and not live.answering):
+            try:
+                ev = live.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(ev, ReplyAudio):
+                heard.append(ev)
+        done_at = (len(mic.log) + 1) * 512 / 16000
+        time.sleep(1.0)
+    finally:
+        live.close()
+    assert heard, "the question was not answered"
+    assert all(h == IDLE_HOLD_S for t, h in mic.log if 0.2 < t < 1.9)  # silence before the question
+    assert all(h == 0.0 for t, h in mic.log if 2.2 < t < 4.2)  # the question and the turn's end
+    assert all(h == IDLE_HOLD_S for t, h in mic.log if done_at + 0.2 < t)  # idle again after the reply
 
 
 class RealTimePlayer:
