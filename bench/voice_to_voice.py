@@ -60,7 +60,8 @@ class Turn:
 
 
 def questions(n: int) -> list[tuple[str, Audio]]:
-    """Sentences of real recordings, each cut from its first word's start to its last word's end."""
+    """Sentences of real recordings, each cut from its first word's start to its last word's end;
+    a sentence too long to ask (over 9 s) gives its clauses that end on a pause instead."""
     from faster_whisper import WhisperModel
 
     from shared.models import resolve
@@ -71,24 +72,38 @@ def questions(n: int) -> list[tuple[str, Audio]]:
         audio = decode(path)
         segments, _ = model.transcribe(audio.samples, language="en", beam_size=5, word_timestamps=True)
         words = [w for s in segments for w in s.words]
-        start = 0
         db = frames_db(audio.samples)
+        start = 0
         for i, w in enumerate(words):
             if not w.word.strip().endswith((".", "?", "!")):
                 continue
             sentence, start = words[start : i + 1], i + 1
-            a = sentence[0].start
-            # Whisper's word end can fall inside the word's last sound: the speech ends where the
-            # recording goes quiet (35 dB under the sentence's peak), before the next word starts.
-            until = words[i + 1].start if i + 1 < len(words) else audio.seconds
-            f0, f1 = int(a * 100), int(until * 100)
-            floor = db[f0:f1].max() - 35
-            quiet = next((f for f in range(int(w.end * 100), f1) if (db[f : f + 3] < floor).all()), f1)
-            b = quiet / 100
-            if 1.2 <= b - a <= 9.0:
-                text = "".join(x.word for x in sentence).strip()
-                out.append((text, audio.slice(max(0.0, a - 0.05), b)))
+            if sentence[-1].end - sentence[0].start <= 9.0:
+                parts = [sentence]
+            else:  # its clauses: cut after a comma the speaker paused on (0.35 s or more)
+                cuts = [j + 1 for j, x in enumerate(sentence[:-1])
+                        if x.word.strip().endswith(",") and sentence[j + 1].start - x.end >= 0.35]
+                parts = [sentence[a:b] for a, b in zip([0, *cuts], [*cuts, len(sentence)])]
+            for part in parts:
+                last = words.index(part[-1])
+                clip = _clip(audio, db, part, words[last + 1].start if last + 1 < len(words) else audio.seconds)
+                if clip is not None:
+                    out.append(clip)
     return out[:n]
+
+
+def _clip(audio: Audio, db: np.ndarray, words: list, until: float) -> tuple[str, Audio] | None:
+    """``words`` of ``audio`` (1.2-9 s), up to where the recording goes quiet after the last."""
+    a = words[0].start
+    # Whisper's word end can fall inside the word's last sound: the speech ends where the
+    # recording goes quiet (35 dB under the sentence's peak), before the next word starts.
+    f0, f1 = int(a * 100), int(until * 100)
+    floor = db[f0:f1].max() - 35
+    quiet = next((f for f in range(int(words[-1].end * 100), f1) if (db[f : f + 3] < floor).all()), f1)
+    b = quiet / 100
+    if not 1.2 <= b - a <= 9.0:
+        return None
+    return "".join(x.word for x in words).strip(), audio.slice(max(0.0, a - 0.05), b)
 
 
 def card() -> None:

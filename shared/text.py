@@ -48,10 +48,10 @@ def _speakable(piece: str) -> bool:
 
 def _first_cut(text: str, min_chars: int, first_words: int, complete: bool) -> tuple[int, int] | None:
     """Where the first piece of ``text`` ends and the rest begins, if it should be cut early:
-    at a clause break within ``first_words`` + 2 words, else after ``first_words`` words, moved
+    at a clause break within ``first_words`` + 1 words, else after ``first_words`` words, moved
     back past words that lean on the next one ("a city that" → "a city"), down to three, or
-    else on by up to two, leaving three ("I would not" → "I would not start"); with no such
-    place, not cut.
+    else on by up to two ("I would not" → "I would not start"); with no such place, not cut.
+    At least one word is left for the rest.
 
     ``complete``: ``text`` is all there is (else more tokens may follow).
     """
@@ -60,18 +60,28 @@ def _first_cut(text: str, min_chars: int, first_words: int, complete: bool) -> t
     sentence = text[:end] if end is not None else text
     if len(sentence.strip()) <= min_chars:
         return None
-    longest = first_words + 2 if first_words > 0 else len(sentence)
+    longest = first_words + 1 if first_words > 0 else len(sentence)
     for m in _CLAUSE.finditer(sentence):
         n = len(sentence[: m.start()].split())
         if n > longest:
             break
         if n >= 2 and (end is None or _speakable(sentence[m.end() :])):
             return m.start(), m.end()
-    words = list(_WORD.finditer(sentence))
-    if first_words > 0 and len(words) > first_words + 2:  # a remainder worth its own piece
-        tries = [*range(first_words, 2, -1), *range(first_words + 1, min(first_words + 2, len(words) - 3) + 1)]
-        k = next((k for k in tries if words[k - 1].group().lower() not in _LEANING), None)
-        if k is not None:
+    return _word_cut(list(_WORD.finditer(sentence)), first_words, complete or end is not None)
+
+
+def _word_cut(words: list[re.Match], first_words: int, complete: bool) -> tuple[int, int] | None:
+    """After ``first_words`` words, or back to three, or on by two: the first place whose last
+    word does not lean on the next. A word is whole once the next one has begun (or the text
+    is ``complete``); a place is taken once the word after it is whole too, so that a clause
+    break there has been seen: a stream is cut where the whole text would be."""
+    if first_words <= 0:
+        return None
+    whole = len(words) if complete else len(words) - 1
+    for k in (*range(first_words, 2, -1), first_words + 1, first_words + 2):
+        if k >= len(words) or k + 1 > whole:
+            return None  # wait for more words (or the sentence is too short to cut there)
+        if words[k - 1].group().lower() not in _LEANING:
             return words[k - 1].end(), words[k].start()
     return None
 

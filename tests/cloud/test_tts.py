@@ -18,8 +18,9 @@ def test_kokoro_to_whisper_round_trip(tts, stt):
 def test_speak_yields_per_sentence_first_clause_early(tts, stt):
     text = "Well, I would not start from here. The weather is lovely today. Goodbye!"
     pieces = list(tts.speak(text))
-    assert [p for p, _ in pieces] == ["Well, I would not start from here.", "The weather is lovely today.", "Goodbye!"]
-    heard = words(stt.transcribe(pieces[1][1]).text)
+    # the first piece: four words, on past the two that lean on the next ("would not start")
+    assert [p for p, _ in pieces] == ["Well, I would not start", "from here.", "The weather is lovely today.", "Goodbye!"]
+    heard = words(stt.transcribe(pieces[2][1]).text)
     assert {"weather", "lovely", "today"} <= heard
     long = "The answer that comes back, as you might expect, is rather long and winding."
     first, *_ = list(tts.speak(long))
@@ -59,6 +60,30 @@ def test_first_piece_is_cut_after_a_few_words_without_a_clause():
     for token in text.replace(" ", " |").split("|"):
         out += stream.feed(token)
     assert out + stream.flush() == split_sentences(text, 24, 6)
+
+
+def test_a_stream_is_cut_where_the_whole_text_would_be_however_its_tokens_fall():
+    """The LLM's tokens can end anywhere, mid-word too: each cut is taken only once the words it
+    rests on are whole, so the pieces are the same as those of the finished text."""
+    import random
+
+    texts = ["Dublin is a great old city, and it has pubs. Go by train.", "Well, I think, that is fine by me.",
+             "The people of the world, they're going to implement it.", "The capital of France is Paris.",
+             "Some say it's too expensive, while others argue that the tax will be passed on to other countries "
+             "and they'll have no choice but to implement some sort of new system. Fine, short one."]
+    rng = random.Random(0)
+    for text in texts:
+        for first_words in (3, 4, 6):
+            whole = split_sentences(text, 24, first_words, 80)
+            for _ in range(100):
+                cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, len(text) // 2)))
+                stream, out = SentenceStream(24, first_words, 80), []
+                for a, b in zip([0, *cuts], [*cuts, len(text)]):
+                    out += stream.feed(text[a:b])
+                assert out + stream.flush() == whole, (text, first_words, cuts)
+    # a clause break one word past first_words is taken; two words past, the word cut is
+    assert split_sentences("Dublin is a great city, and it has pubs.", 24, 4)[0] == "Dublin is a great city,"
+    assert split_sentences("Dublin is a great old city, and it has pubs.", 24, 4)[0] == "Dublin is a great"
 
 
 def test_sentence_splitting_rules():
