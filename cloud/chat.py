@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,8 @@ from shared.config import LlmConfig, model_threads
 from shared.errors import ConfigError, ContextTooLong, ModelNotFound
 from shared.messages import ChatOptions, Message
 from shared.models import ResolvedModel
+
+log = logging.getLogger(__name__)
 
 
 class ChatBackend(Protocol):
@@ -89,6 +92,9 @@ class LlamaCppChat:
         self.reuse_prefix = cfg.reuse_prefix
         self.no_repeat_ngram = cfg.no_repeat_ngram
         self._lock = threading.Lock()  # one llama context: one generation at a time
+        self._turns_waiting = 0  # stream() calls waiting for the lock: a prefill gives way
+        self._waiting_lock = threading.Lock()
+        self._prefill = _Latest()
 
     def _guard(self, messages: Sequence[Message]):  # noqa: ANN202 - a llama_cpp LogitsProcessorList or None
         earlier = [m.content for m in messages if m.role == "assistant" and m.content]
@@ -110,41 +116,127 @@ class LlamaCppChat:
 
         return LogitsProcessorList([block]) if guard else None
 
+    def prefill(self, messages: Sequence[Message]) -> None:
+        """Evaluate, in the background, the prompt the next reply will start with: ``messages``
+        and the opening of the user's next message. That turn then evaluates only its own words.
+        Without it, each time the thread drops its oldest turn (``LlmConfig.max_turns``) the next
+        prompt is new from the system prompt on: ~400 tokens, 2.4-3.6 s on one core, measured
+        live as the first token 3.6 s after the transcript. A reply waits at most for one chunk
+        of ``PREFILL_CHUNK`` tokens (~0.1 s), then the prefill stops where it is."""
+        if self.reuse_prefix:
+            self._prefill.put(list(messages), self._prefilling, "llama-prefill")
+
+    PREFILL_CHUNK = 16
+
+    def _prefilling(self, messages: list[Message]) -> None:
+        tokens = self._opening(messages)
+        with self._lock:
+            llm = self.llm
+            held = llm.input_ids[: llm.n_tokens]
+            i = next((j for j, (a, b) in enumerate(zip(held, tokens)) if a != b), min(len(held), len(tokens)))
+            llm.n_tokens = i  # eval() drops the cache past here first
+            while i < len(tokens) and not self._turns_waiting and not self._prefill.newer():
+                llm.eval(tokens[i : i + self.PREFILL_CHUNK])
+                i += self.PREFILL_CHUNK
+
+    def _opening(self, messages: list[Message]) -> list[int]:
+        """The tokens ``create_chat_completion`` will start the next prompt with: the chat template
+        on ``messages`` and a user message, up to that message's words (less two tokens, which
+        may merge differently with them)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm, mark = self.llm, "\ue000"
+        formatter = Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=llm.detokenize([llm.token_eos()]).decode("utf-8", "replace"),
+            bos_token=llm.detokenize([llm.token_bos()]).decode("utf-8", "replace"),
+        )
+        result = formatter(messages=[{"role": m.role, "content": m.content} for m in messages]
+                           + [{"role": "user", "content": mark}])
+        text = result.prompt[: result.prompt.index(mark)]
+        return llm.tokenize(text.encode("utf-8"), add_bos=not result.added_special, special=True)[:-2]
+
     def stream(
         self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None = None
     ) -> Iterator[str]:
-        with self._lock:
-            if not self.reuse_prefix:
-                # Evaluate the whole prompt: a reused prefix changes the numerics just enough
-                # to flip a greedy choice now and then.
-                self.llm.reset()
-            chunks = self.llm.create_chat_completion(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
-                max_tokens=options.max_tokens,
-                temperature=options.temperature,
-                seed=options.seed,
-                repeat_penalty=options.repeat_penalty,
-                stop=list(options.stop) or None,
-                logits_processor=self._guard(messages),
-                stream=True,
-            )
+        with self._waiting_lock:
+            self._turns_waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._waiting_lock:
+                self._turns_waiting -= 1
+        try:
+            yield from self._stream(messages, options, cancel)
+        finally:
+            self._lock.release()
+
+    def _stream(
+        self, messages: Sequence[Message], options: ChatOptions, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        if not self.reuse_prefix:
+            # Evaluate the whole prompt: a reused prefix changes the numerics just enough
+            # to flip a greedy choice now and then.
+            self.llm.reset()
+        chunks = self.llm.create_chat_completion(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            seed=options.seed,
+            repeat_penalty=options.repeat_penalty,
+            stop=list(options.stop) or None,
+            logits_processor=self._guard(messages),
+            stream=True,
+        )
+        try:
             try:
-                try:
-                    first = next(chunks)
-                except ValueError as exc:  # llama.cpp: "Requested tokens (N) exceed context window of M"
-                    if "context window" in str(exc):
-                        raise ContextTooLong(f"the conversation does not fit the model: {exc}") from None
-                    raise
-                except StopIteration:
+                first = next(chunks)
+            except ValueError as exc:  # llama.cpp: "Requested tokens (N) exceed context window of M"
+                if "context window" in str(exc):
+                    raise ContextTooLong(f"the conversation does not fit the model: {exc}") from None
+                raise
+            except StopIteration:
+                return
+            for chunk in itertools.chain([first], chunks):
+                if cancel is not None and cancel.is_set():
                     return
-                for chunk in itertools.chain([first], chunks):
-                    if cancel is not None and cancel.is_set():
-                        return
-                    piece = chunk["choices"][0]["delta"].get("content")
-                    if piece:
-                        yield piece
-            finally:
-                chunks.close()
+                piece = chunk["choices"][0]["delta"].get("content")
+                if piece:
+                    yield piece
+        finally:
+            chunks.close()
+
+
+class _Latest:
+    """One background worker that does only the latest job it was given: a job put while one
+    runs replaces any still waiting (``newer`` tells the running one)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._job: object | None = None
+        self._thread: threading.Thread | None = None
+
+    def put(self, job: object, run, name: str) -> None:  # noqa: ANN001 - run(job) -> None
+        with self._cond:
+            self._job = job
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, args=(run,), name=name, daemon=True)
+                self._thread.start()
+
+    def newer(self) -> bool:
+        return self._job is not None
+
+    def _loop(self, run) -> None:  # noqa: ANN001
+        while True:
+            with self._cond:
+                while self._job is None:
+                    self._cond.wait()
+                job, self._job = self._job, None
+            try:
+                run(job)
+            except Exception:  # noqa: BLE001 - a prefill is only a head start: the turn evaluates what is missing
+                log.debug("prefill failed", exc_info=True)
 
 
 class TransformersChat:

@@ -93,6 +93,13 @@ class LocalEngine:
 
         return _pulled(tokens, after_speech)
 
+    def prepare(self, messages: Sequence[Message]) -> None:
+        """The next turn will start with ``messages``: let the chat model evaluate them now, in
+        the background, where it can (llama.cpp)."""
+        prefill = getattr(self.runners.chat, "prefill", None)
+        if prefill is not None:
+            prefill(messages)
+
     def speak(
         self, text: str, *, voice: str | None = None, speed: float | None = None,
         cancel: threading.Event | None = None, split: bool = True,

@@ -256,6 +256,9 @@ class Pipeline:
                 self.thread.add_assistant(reply, ids[1])
         elif heard:
             self.thread.add_exchange(heard, reply, ids)
+        prepare = getattr(self.engine, "prepare", None)  # the in-process engine: a head start on the next prompt
+        if prepare is not None:
+            prepare(self.request(self.turns).messages)
 
     def has_words(self, audio: Audio) -> bool:
         """Whether Whisper finds words in ``audio`` (a barge-in's utterance)."""

@@ -4,7 +4,7 @@ import pytest
 
 from cloud.chat import RepeatGuard, TransformersChat
 from shared.config import LlmConfig
-from shared.messages import ChatOptions, Thread
+from shared.messages import ChatOptions, Message, Thread
 from shared.models import resolve
 
 SYSTEM = LlmConfig().system_prompt
@@ -173,3 +173,38 @@ def test_the_device_side_guard_bans_what_the_repeat_guard_bans():
         for generated in ([], [2], [5, 2, 3], [0, 1, 2], [4, 7, 2, 3], [2, 3, 4, 5]):
             out = processor(torch.tensor([[11, 12, *generated]]), torch.zeros(1, 16))
             assert {i for i in range(16) if out[0, i] == -float("inf")} == guard.banned(generated), (n, generated)
+
+
+def test_a_prefill_leaves_only_the_next_message_to_evaluate_even_after_the_thread_drops_a_turn(reusing):
+    """When the thread drops its oldest turn the next prompt differs from the system prompt on
+    (hundreds of tokens to evaluate before the first word). ``prefill`` evaluates that prompt in
+    the background up to the next message's words: the turn then finds all of it cached."""
+    import time
+
+    thread = Thread(SYSTEM, max_turns=2)
+    for q in ("How do I get to Dublin?", "What should I cook tonight?", "Tell me about trains."):
+        thread.add_user(q)
+        thread.add_assistant("".join(ask(reusing, thread, max_tokens=16)).strip())
+    assert [m.content for m in thread.messages() if m.role == "user"][0] == "What should I cook tonight?"
+    llm = reusing.llm
+    opening = reusing._opening(thread.messages())
+    held = list(llm.input_ids[: llm.n_tokens])
+    assert held[: len(opening)] != opening  # the cache holds the prompt before the drop
+    reusing.prefill(thread.messages())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and list(llm.input_ids[: llm.n_tokens]) != opening[: llm.n_tokens]:
+        time.sleep(0.05)
+    while time.monotonic() < deadline and llm.n_tokens < len(opening):
+        time.sleep(0.05)
+    with reusing._lock:  # the prefill has let go
+        assert list(llm.input_ids[: llm.n_tokens])[: len(opening)] == opening
+    # the next turn's prompt (the thread and its new message, as run_turn asks) starts with
+    # exactly what is cached: only its own words are left
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    messages = [*thread.messages(), Message("user", "And what about buses?")]
+    formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
+    prompt = formatter(messages=[{"role": m.role, "content": m.content} for m in messages]).prompt
+    tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    assert tokens[: len(opening)] == opening and len(tokens) - len(opening) < 16
+    assert "".join(reusing.stream(messages, ChatOptions(max_tokens=8))).strip()
