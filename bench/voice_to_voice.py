@@ -98,13 +98,20 @@ def questions(n: int) -> list[tuple[str, Audio]]:
 
 
 def _clip(audio: Audio, db: np.ndarray, words: list, until: float) -> tuple[str, Audio] | None:
-    """``words`` of ``audio`` (1.2-9 s), up to where the recording goes quiet after the last."""
+    """``words`` of ``audio`` (1.2-9 s), up to where the recording goes quiet after the last
+    (None: too short or long, or no quiet before the next word)."""
     a = words[0].start
     # Whisper's word end can fall inside the word's last sound: the speech ends where the
     # recording goes quiet (35 dB under the sentence's peak), before the next word starts.
     f0, f1 = int(a * 100), int(until * 100)
     floor = db[f0:f1].max() - 35
-    quiet = next((f for f in range(int(words[-1].end * 100), f1) if (db[f : f + 3] < floor).all()), f1)
+    span = range(int(words[-1].end * 100), f1)
+    quiet = next((f for f in span if (db[f : f + 3] < floor).all()), None)
+    if quiet is None and len(span):  # no pause: the deepest dip before the next word, if deep enough
+        dip = min(span, key=lambda f: db[f])
+        quiet = dip if db[dip] < floor + 10 else None
+    if quiet is None:  # the next word follows without a dip: not an end a person would stop at
+        return None
     b = quiet / 100
     if not 1.2 <= b - a <= 9.0:
         return None
