@@ -31,7 +31,7 @@ from shared.config import Config
 from shared.engine import VARIANTS, Clock, Engine, Stopwatch, TurnRequest
 from shared.errors import ModelNotFound, MoiError
 from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio, ReplyText, SpeechStarted, Transcript
-from shared.messages import ChatOptions, Thread
+from shared.messages import ChatOptions, Message, Thread
 from shared.models import PACK_INSTALL, resolve
 
 log = logging.getLogger("moi.pipeline")
@@ -258,7 +258,7 @@ class Pipeline:
             self.thread.add_exchange(heard, reply, ids)
         prepare = getattr(self.engine, "prepare", None)  # the in-process engine: a head start on the next prompt
         if prepare is not None:
-            prepare(self.request(self.turns).messages)
+            prepare(self._messages())  # (not request(): a subclass may hold its lock around this call)
 
     def has_words(self, audio: Audio) -> bool:
         """Whether Whisper finds words in ``audio`` (a barge-in's utterance)."""
@@ -269,7 +269,7 @@ class Pipeline:
         """Turn ``n``: the conversation so far and the reply options."""
         llm = self.cfg.llm
         return TurnRequest(
-            messages=tuple(self.thread.messages(max_chars=self._thread_budget())),
+            messages=self._messages(),
             options=ChatOptions(
                 max_tokens=llm.max_tokens, temperature=llm.temperature, seed=llm.seed,
                 repeat_penalty=llm.repeat_penalty,
@@ -279,6 +279,10 @@ class Pipeline:
             language=self.cfg.stt.language,
             turn=n,
         )
+
+    def _messages(self) -> tuple[Message, ...]:
+        """The conversation so far, as much as fits the model's context."""
+        return tuple(self.thread.messages(max_chars=self._thread_budget()))
 
     def _thread_budget(self) -> int:
         """Characters of conversation that fit the model's context with room for the reply and
