@@ -12,6 +12,7 @@ honour ``max_tokens`` and ``temperature``, and stop between tokens when ``cancel
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import queue
@@ -139,19 +140,23 @@ class LlamaCppChat:
                 llm.eval(tokens[i : i + self.PREFILL_CHUNK])
                 i += self.PREFILL_CHUNK
 
-    def _opening(self, messages: list[Message]) -> list[int]:
-        """The tokens ``create_chat_completion`` will start the next prompt with: the chat template
-        on ``messages`` and a user message, up to that message's words (less two tokens, which
-        may merge differently with them)."""
+    @functools.cached_property
+    def _formatter(self):  # noqa: ANN202 - a llama_cpp Jinja2ChatFormatter, its template compiled once
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        llm, mark = self.llm, "\ue000"
-        formatter = Jinja2ChatFormatter(
+        llm = self.llm
+        return Jinja2ChatFormatter(
             template=llm.metadata["tokenizer.chat_template"],
             eos_token=llm.detokenize([llm.token_eos()]).decode("utf-8", "replace"),
             bos_token=llm.detokenize([llm.token_bos()]).decode("utf-8", "replace"),
         )
-        result = formatter(messages=[{"role": m.role, "content": m.content} for m in messages]
+
+    def _opening(self, messages: list[Message]) -> list[int]:
+        """The tokens ``create_chat_completion`` will start the next prompt with: the chat template
+        on ``messages`` and a user message, up to that message's words (less two tokens, which
+        may merge differently with them)."""
+        llm, mark = self.llm, "\ue000"
+        result = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages]
                            + [{"role": "user", "content": mark}])
         text = result.prompt[: result.prompt.index(mark)]
         return llm.tokenize(text.encode("utf-8"), add_bos=not result.added_special, special=True)[:-2]
