@@ -50,9 +50,9 @@ __all__ = ["BARGE_IN_MODES", "LiveSession", "Worker"]
 log = logging.getLogger("moi.live")
 CLOSE_S = 1.5  # close() waits this long in all for the threads to end
 # While nobody speaks and nothing plays, a source that can (local.audio_io.MicSource.hold_s)
-# hands its blocks over this many seconds at a time: one wake-up for three VAD windows. Each
-# wake costs more than the windows (in real time 1.28 ms a block, taken three at a time
-# 0.89 ms); a person's first words are seen up to this much later, their end is not.
+# hands its blocks over this many seconds at a time: one wake-up for six VAD windows. Each
+# wake costs more than the windows (in real time 1.28 ms a block, taken three at a time 0.89,
+# six at a time 0.68); a person's first words are seen up to this much later, their end is not.
 IDLE_HOLD_S = 0.192
 
 
