@@ -32,9 +32,9 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def verdict(value: float, target: float, unit: str = "x") -> str:
+def verdict(value: float, target: float, unit: str = "x", digits: int = 2) -> str:
     """``value`` with a green tick when it meets ``target`` (lower is better), else a red cross."""
-    return f"{value:.2f}{unit} " + ("[green]✓[/]" if value <= target else "[red]✗[/]")
+    return f"{value:.{digits}f}{unit} " + ("[green]✓[/]" if value <= target else "[red]✗[/]")
 
 
 def show(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], caption: str = "") -> None:

@@ -79,7 +79,7 @@ def main() -> None:
     with console.status("listening to silence…"):
         for mode in args.modes.split(","):
             cores = listening(mode, args.seconds)
-            rows.append([f"moi --barge-in {mode}", verdict(cores, TARGET, " cores") if mode == "auto" else f"{cores:.3f} cores"])
+            rows.append([f"moi --barge-in {mode}", verdict(cores, TARGET, " cores", 3) if mode == "auto" else f"{cores:.3f} cores"])
         rows.append(["Silero VAD alone, the same stream", f"{silero_alone(args.seconds):.3f} cores"])
     show(f"Idle listening: {args.seconds:.0f} s of a silent microphone, models loaded", ["", "CPU"], rows,
          caption=f"target: ≤ {TARGET} cores in auto · {os.cpu_count()} cores · PulseAudio virtual card")

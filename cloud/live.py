@@ -246,7 +246,8 @@ class LiveSession:
         try:
             while not machine.closed:
                 try:
-                    inp = self._inbox.get(timeout=0.05)
+                    # idle, the microphone's held blocks wake the machine: no ticks in between
+                    inp = self._inbox.get(timeout=IDLE_HOLD_S if self._idle() else 0.05)
                 except queue.Empty:
                     inp = Tick(self.clock())
                 machine.step(inp)

@@ -149,7 +149,7 @@ def run_live(
     state = ViewState(width=max(20, min(100, out.width - 24)))
     errors = 0
 
-    def drain(timeout: float) -> bool:
+    def drain(timeout: float | None) -> bool:
         nonlocal errors
         try:
             ev = session.events.get(timeout=timeout)
@@ -178,7 +178,7 @@ def run_live(
                         next_draw = time.monotonic() + 1 / 15
                 live.update(render(state))
         else:
-            while drain(0.1):
+            while drain(None):  # blocks until the next event (Ctrl-C still interrupts it)
                 pass
         if player is not None:
             player.wait(timeout=60)
