@@ -49,11 +49,13 @@ from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio
 __all__ = ["BARGE_IN_MODES", "LiveSession", "Worker"]
 log = logging.getLogger("moi.live")
 CLOSE_S = 1.5  # close() waits this long in all for the threads to end
-# While nobody speaks and nothing plays, a source that can (local.audio_io.MicSource.hold_s)
-# hands its blocks over this many seconds at a time: one wake-up for six VAD windows. Each
-# wake costs more than the windows (in real time 1.28 ms a block, taken three at a time 0.89,
-# six at a time 0.68); a person's first words are seen up to this much later, their end is not.
-IDLE_HOLD_S = 0.192
+# While nobody speaks and nothing plays, and no view draws meters, a source that can
+# (local.audio_io.MicSource.hold_s) hands its blocks over this many seconds at a time: one
+# wake-up for twelve VAD windows. Each wake costs more than the windows (in real time 1.28 ms a
+# block, taken three at a time 0.89, six at a time 0.68), and the conversation thread wakes
+# with it (bench/idle.py: 0.032-0.035 cores against 0.036-0.037 at 0.192 s); a person's first
+# words are seen up to this much later, their end is not. A view's meters would move in jumps.
+IDLE_HOLD_S = 0.384
 
 
 class Worker:
@@ -225,7 +227,7 @@ class LiveSession:
 
     def _capture(self) -> None:
         error = None
-        holds = hasattr(self.source, "hold_s")
+        holds = hasattr(self.source, "hold_s") and not self.meters
         try:
             for chunk in self.source:
                 if self._closing.is_set():

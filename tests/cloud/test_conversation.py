@@ -183,7 +183,8 @@ def test_a_microphone_is_taken_in_batches_only_while_nothing_happens(engine, vad
     each block as it comes, and the question is answered."""
     spoken = Audio.concat([Audio.silence(2.0), speech60.slice(0.0, 2.3), Audio.silence(30.0)])
     mic, player = Holding(spoken), RealTimePlayer()
-    live = LiveSession(pipeline(engine, vad_model, smart_turn, "chat"), mic, player, barge_in="half").start()
+    live = LiveSession(pipeline(engine, vad_model, smart_turn, "chat"), mic, player, barge_in="half",
+                       meters=False).start()
     heard = []
     try:
         deadline = time.monotonic() + 60
@@ -202,6 +203,20 @@ def test_a_microphone_is_taken_in_batches_only_while_nothing_happens(engine, vad
     assert all(h == IDLE_HOLD_S for t, h in mic.log if 0.2 < t < 1.9)  # silence before the question
     assert all(h == 0.0 for t, h in mic.log if 2.2 < t < 4.2)  # the question and the turn's end
     assert all(h == IDLE_HOLD_S for t, h in mic.log if done_at + 0.2 < t)  # idle again after the reply
+
+
+def test_a_view_that_draws_meters_gets_each_block_as_it_comes(engine, vad_model, smart_turn):
+    """Held blocks would make the meters jump: while a view draws them, nothing is held."""
+    mic = Holding(Audio.silence(2.0))
+    live = LiveSession(pipeline(engine, vad_model, smart_turn, "chat"), mic, RealTimePlayer(), barge_in="half",
+                       meters=True).start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(mic.log) < 55:
+            time.sleep(0.05)
+    finally:
+        live.close()
+    assert len(mic.log) >= 55 and all(h == 0.0 for _, h in mic.log)
 
 
 class RealTimePlayer:
