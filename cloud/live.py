@@ -248,8 +248,8 @@ class LiveSession:
         try:
             while not machine.closed:
                 try:
-                    # idle, the microphone's held blocks wake the machine: no ticks in between
-                    inp = self._inbox.get(timeout=IDLE_HOLD_S if self._idle() else 0.05)
+                    # while the microphone holds its blocks, they wake the machine: no ticks between
+                    inp = self._inbox.get(timeout=getattr(self.source, "hold_s", 0.0) or 0.05)
                 except queue.Empty:
                     inp = Tick(self.clock())
                 machine.step(inp)
