@@ -53,7 +53,7 @@ CLOSE_S = 1.5  # close() waits this long in all for the threads to end
 # (local.audio_io.MicSource.hold_s) hands its blocks over this many seconds at a time: one
 # wake-up for twelve VAD windows. Each wake costs more than the windows (in real time 1.28 ms a
 # block, taken three at a time 0.89, six at a time 0.68), and the conversation thread wakes
-# with it (bench/idle.py: 0.032-0.035 cores against 0.036-0.037 at 0.192 s); a person's first
+# with it (paired runs: ~0.003 cores less than at 0.192 s, about their spread); a person's first
 # words are seen up to this much later, their end is not. A view's meters would move in jumps.
 IDLE_HOLD_S = 0.384
 
