@@ -50,11 +50,11 @@ __all__ = ["BARGE_IN_MODES", "LiveSession", "Worker"]
 log = logging.getLogger("moi.live")
 CLOSE_S = 1.5  # close() waits this long in all for the threads to end
 # While nobody speaks and nothing plays, and no view draws meters, a source that can
-# (local.audio_io.MicSource.hold_s) hands its blocks over this many seconds at a time: one
-# wake-up for twelve VAD windows. Each wake costs more than the windows (in real time 1.28 ms a
-# block, taken three at a time 0.89, six at a time 0.68), and the conversation thread wakes
-# with it (paired runs: ~0.003 cores less than at 0.192 s, about their spread); a person's first
-# words are seen up to this much later, their end is not. A view's meters would move in jumps.
+# (local.audio_io.MicSource.hold_s) hands over what gathered in this many seconds as one chunk:
+# one wake-up and one pass of the listening stage for twelve VAD windows (a wake costs more than
+# the windows: Silero's first window after a sleep takes ~0.9 ms against ~0.13 warm). The
+# conversation thread wakes with it; a person's first words are seen up to this much later,
+# their end is not. A view's meters would move in jumps.
 IDLE_HOLD_S = 0.384
 
 

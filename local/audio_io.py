@@ -85,6 +85,9 @@ def _open_rate(sd, device, kind: str) -> int:  # noqa: ANN001
     raise AudioError(f"{kind} device {info['name']!r} accepts none of the rates tried (16/44.1/48 kHz)")
 
 
+_EMPTY = np.zeros(0, np.float32)  # a player with nothing to play holds this
+
+
 class StreamClock:
     """The monotonic time of each block of a stream, from the times its callbacks see.
 
@@ -117,10 +120,18 @@ class StreamClock:
         if restart:
             self._recent.clear()
         self._recent.append(stamp - self.frames / self.rate)
-        self.anchor = min(self._recent) if self.late_only else float(np.median(self._recent))
+        self.anchor = min(self._recent) if self.late_only else _median(self._recent)
         t = self.anchor + self.frames / self.rate
         self.frames += frames
         return t
+
+
+def _median(xs: deque[float]) -> float:
+    # np.median costs ~10 us on 64 floats (sorting them in Python, ~1 us), twice a callback's
+    # other work while nothing plays
+    s = sorted(xs)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
 
 
 class MicSource:
@@ -139,10 +150,13 @@ class MicSource:
         self.device = _device(device, "input")
         self.rate = _open_rate(self.sd, self.device, "input")
         self.block = int(self.rate * BLOCK_S)
-        self._q: queue.Queue[tuple[float, np.ndarray]] = queue.Queue(maxsize=max(4, int(max_queue_s / BLOCK_S)))
+        # a C queue: the callback runs ~31 times a second, all day
+        self._q: queue.SimpleQueue[tuple[float, np.ndarray]] = queue.SimpleQueue()
+        self._max_blocks = max(4, int(max_queue_s / BLOCK_S))
         self.overflows = 0
         self.stall_s = stall_s
         self._stream = None
+        self._latency = 0.0  # PortAudio's input latency, fixed when the stream opens
         self._closed = threading.Event()
         self._error: str | None = None
         self.max_s = max_s  # stop after this much audio (None: until closed)
@@ -155,14 +169,13 @@ class MicSource:
     def _callback(self, indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
         if status.input_overflow:
             self.overflows += 1
-        try:
-            # the ADC time of the first frame: arrival less PortAudio's input latency (its own ADC
-            # times jump by 100+ ms on ALSA's PulseAudio plugin; callback arrival is steady)
-            latency = self._stream.latency if self._stream is not None else 0.0
-            stamp = time.monotonic() - latency - frames / self.rate
-            self._q.put_nowait((self._clock(stamp, frames, status.input_overflow), indata[:, 0].copy()))
-        except queue.Full:
+        if self._q.qsize() >= self._max_blocks:
             self.overflows += 1
+            return
+        # the ADC time of the first frame: arrival less PortAudio's input latency (its own ADC
+        # times jump by 100+ ms on ALSA's PulseAudio plugin; callback arrival is steady)
+        stamp = time.monotonic() - self._latency - frames / self.rate
+        self._q.put((self._clock(stamp, frames, status.input_overflow), indata[:, 0].copy()))
 
     def _finished(self) -> None:
         if not self._closed.is_set():
@@ -174,6 +187,7 @@ class MicSource:
                 device=self.device, channels=1, samplerate=self.rate, blocksize=self.block, dtype="float32",
                 callback=self._callback, finished_callback=self._finished,
             )
+            self._latency = self._stream.latency
             self._stream.start()
         except self.sd.PortAudioError as exc:
             raise AudioError(f"cannot open the microphone: {exc}") from exc
@@ -198,17 +212,32 @@ class MicSource:
 
             resampler = soxr.ResampleStream(self.rate, SPEECH_RATE, 1, dtype="float32")
         delivered = 0.0
+        pending = None  # a block taken while gathering that did not follow on: the next chunk's
         while not self._closed.is_set() and (self.max_s is None or delivered < self.max_s):
             # A sound server can take seconds to start a stream; after that, a gap is a stall.
             wait = self.stall_s if delivered else max(self.stall_s, START_TIMEOUT_S)
-            if self.hold_s > 0 and self._q.empty() and self._closed.wait(self.hold_s):
+            held = self.hold_s > 0
+            if pending is None and held and self._q.empty() and self._closed.wait(self.hold_s):
                 return
             try:
-                adc, block = self._q.get(timeout=wait)
+                adc, block = pending if pending is not None else self._q.get(timeout=wait)
             except queue.Empty:
                 if self._closed.is_set():
                     return
                 raise AudioError(self._error or f"the microphone delivered nothing for {wait:.0f} s (unplugged?)")
+            pending = None
+            if held:  # what gathered goes on as one chunk: one pass of every stage for all of it
+                blocks, end = [block], adc + len(block) / self.rate
+                while not self._q.empty():
+                    nxt = self._q.get_nowait()
+                    # the clock jumped (frames lost: an overflow): the echo reference is cut from a
+                    # chunk's first time, so a chunk must be one run of samples
+                    if abs(nxt[0] - end) > 0.5 / self.rate * len(nxt[1]):
+                        pending = nxt
+                        break
+                    blocks.append(nxt[1])
+                    end += len(nxt[1]) / self.rate
+                block = np.concatenate(blocks) if len(blocks) > 1 else block
             delivered += len(block) / self.rate
             if resampler is not None:
                 block = resampler.resample_chunk(block)
@@ -233,7 +262,7 @@ class Player:
         self.device = _device(device, "output")
         self.rate = _open_rate(self.sd, self.device, "output")
         self._lock = threading.Lock()
-        self._buf = np.zeros(0, np.float32)
+        self._buf = _EMPTY
         self._pos = 0
         self.played_s = 0.0
         self.stopped_at: float | None = None
@@ -247,28 +276,32 @@ class Player:
             device=self.device, channels=1, samplerate=self.rate, dtype="float32",
             blocksize=int(self.rate * 0.02), latency="low", callback=self._callback,
         )
+        self._latency = self._stream.latency  # PortAudio's, fixed when the stream opens
         self._stream.start()
 
     def _callback(self, outdata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
+        # runs every 20 ms, silence included: kept to the least work while nothing plays
+        out, n = outdata[:, 0], 0
         with self._lock:
-            chunk = self._buf[self._pos : self._pos + frames] if not self._paused else self._buf[:0]
-            self._pos += len(chunk)
-            if not self._paused and self._pos >= len(self._buf):
-                self._buf, self._pos = np.zeros(0, np.float32), 0
-                self._idle.set()
-        outdata[: len(chunk), 0] = chunk
-        outdata[len(chunk) :, 0] = 0.0
-        self.played_s += len(chunk) / self.rate
+            if not self._paused and self._pos < len(self._buf):
+                n = min(frames, len(self._buf) - self._pos)
+                out[:n] = self._buf[self._pos : self._pos + n]
+                self._pos += n
+                if self._pos >= len(self._buf):
+                    self._buf, self._pos = _EMPTY, 0
+                    self._idle.set()
+        if n < frames:
+            out[n:] = 0.0
+        self.played_s += n / self.rate
         # PortAudio's own DAC time for the block cannot be trusted: on ALSA's PulseAudio plugin
         # over a combine sink it said 1.35 s ahead for half a minute, then more than 2 s, while
         # the sound came out 0.25 s after it was written (measured). The stream's latency is
         # steady; what it leaves out, EchoPath finds from the signals.
-        ahead = self._stream.latency
         # every block goes out, silence included, so the speaker's timeline is one run of
         # samples, broken only by an underrun
         restart, self._restarted = self._restarted or status.output_underflow, False
-        dac = self._clock(time.monotonic() + ahead, frames, restart)
-        self.far.write(dac, outdata[:, 0])
+        dac = self._clock(time.monotonic() + self._latency, frames, restart)
+        self.far.write(dac, out)
 
     @property
     def playing(self) -> bool:
@@ -290,7 +323,7 @@ class Player:
     def stop(self) -> None:
         with self._lock:
             was_playing = len(self._buf) > self._pos
-            self._buf, self._pos, self._paused = np.zeros(0, np.float32), 0, False
+            self._buf, self._pos, self._paused = _EMPTY, 0, False
             self._idle.set()
         if was_playing:
             now = time.monotonic()

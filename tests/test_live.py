@@ -93,11 +93,15 @@ def test_virtual_microphone_to_transcript(engine, vad_model, question):
     assert live.source.overflows == 0
 
 
-def test_a_recording_with_pauses_comes_back_whole_ten_times_in_one_session(engine, vad_model, speech60, tmp_path):
+@pytest.mark.parametrize("meters", [True, False], ids=["view", "quiet"])
+def test_a_recording_with_pauses_comes_back_whole_ten_times_in_one_session(engine, vad_model, speech60, tmp_path,
+                                                                           meters):
     """One transcribe session with the defaults (Smart Turn, barge-in auto), the lecture's 7 s
     with its pauses ("and says, how do I get to Dublin? And the answer that comes back is, ...
     well, I wouldn't start from here, sonny.") played ten times into the virtual mic: every
-    play comes back whole, and every utterance the VAD cut is in a transcript or a drop."""
+    play comes back whole, and every utterance the VAD cut is in a transcript or a drop. With a
+    view's meters the microphone's blocks come one by one; without (quiet, JSON), the blocks
+    that gather while nobody speaks come as one chunk (MicSource.hold_s)."""
     import jiwer
 
     from cloud.turn_end import SmartTurn
@@ -109,7 +113,7 @@ def test_a_recording_with_pauses_comes_back_whole_ten_times_in_one_session(engin
     path = tmp_path / "pauses.wav"
     Audio.concat([Audio.silence(0.3), speech60.slice(0.0, 7.1), Audio.silence(0.8)]).save_wav(path)
     pipe = Pipeline(engine, Segmenter(vad_model, CFG.vad, SmartTurn(resolve("turn").path)), CFG, "transcribe")
-    live = LiveSession(pipe, MicSource().start(), None, barge_in="auto").start()
+    live = LiveSession(pipe, MicSource().start(), None, barge_in="auto", meters=meters).start()
     plays, all_events = [], []
     try:
         for _ in range(10):
@@ -137,6 +141,40 @@ def test_a_recording_with_pauses_comes_back_whole_ten_times_in_one_session(engin
     dropped = [e for e in all_events if isinstance(e, Dropped)]
     assert all(d.reason == "too short" for d in dropped), dropped
     assert live.source.overflows == 0
+
+
+def test_held_blocks_come_as_one_chunk_and_one_run_of_the_stream(speech60, tmp_path):
+    """While idle the microphone hands over what gathered in ``hold_s`` as one chunk: chunks of
+    many blocks, and speech played into it comes back whole (a block lost or put out of order between chunks would shift the rest of the clip,
+    and its correlation with the clip would fall to that of the part before)."""
+    clip = speech60.slice(0.0, 7.1)
+    path = tmp_path / "clip.wav"
+    Audio.concat([Audio.silence(0.5), clip, Audio.silence(1.0)]).save_wav(path)
+    mic = MicSource().start()
+    mic.hold_s = 0.384
+    chunks = []
+    try:
+        play, end = None, time.monotonic() + 10.0
+        for chunk in mic:
+            chunks.append((mic.captured_at, chunk))
+            if play is None:
+                play = pulse.play(path)
+            if time.monotonic() > end:
+                break
+        play.wait()
+    finally:
+        mic.close()
+    sizes = [len(c.samples) for _, c in chunks[1:]]
+    assert np.median(sizes) >= 10 * mic.block, sizes
+    heard = np.concatenate([c.samples for _, c in chunks])
+    want = clip.samples
+    size = 1 << int(np.ceil(np.log2(len(heard) + len(want))))
+    cc = np.fft.irfft(np.fft.rfft(heard, size) * np.conj(np.fft.rfft(want, size)), size)[: len(heard) - len(want)]
+    at = int(np.argmax(cc))
+    got = heard[at : at + len(want)]
+    corr = float(np.dot(got, want) / np.sqrt(np.dot(got, got) * np.dot(want, want)))
+    assert corr > 0.9, corr
+    assert mic.overflows == 0
 
 
 def test_a_device_that_wants_another_rate_is_resampled(engine, vad_model, question, monkeypatch):
