@@ -436,6 +436,7 @@ class EchoCanceller:
         from that count did the stream jump: when it underran (the speaker played silence
         meanwhile), the gap is filled with silence, and a block stamped earlier than the end of
         what is held replaces the overlap, so the reference stays what the speaker played when."""
+        parts = []  # joined once at the end: the reference is up to REACH_S long, a block 20 ms
         for dac, block in self.far.take():
             x = self._resample(block)
             if self._next_dac is None:  # the first block
@@ -445,6 +446,7 @@ class EchoCanceller:
             gap = dac - self._next_dac
             if abs(gap) > GAP_S:
                 self.gaps += 1
+                self._ref, parts = np.concatenate([self._ref, *parts]), []
                 if gap > 0:
                     self._ref = np.concatenate([self._ref, np.zeros(int(round(gap * SPEECH_RATE)), np.float32)])
                 elif (drop := int(round(-gap * SPEECH_RATE))) < len(self._ref):
@@ -453,7 +455,9 @@ class EchoCanceller:
                     self._ref, self._ref_t = np.zeros(0, np.float32), dac
                 self._next_dac = dac
             self._next_dac += len(block) / self.far.rate
-            self._ref = np.concatenate([self._ref, x])
+            parts.append(x)
+        if parts:
+            self._ref = np.concatenate([self._ref, *parts])
 
     def _new_resampler(self):  # noqa: ANN202 - a soxr.ResampleStream, or None at 16 kHz
         if self.far.rate == SPEECH_RATE:
