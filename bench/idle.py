@@ -28,14 +28,39 @@ TARGET = 0.03
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+# what each OS thread is (moi names its own: shared.engine.name_os_thread)
+THREADS = {
+    "moi-capture": "capture: the echo canceller, the VAD, Smart Turn",
+    "moi-conversatio": "the conversation state machine",
+    "moi-mic": "PortAudio's microphone callback",
+    "moi-speaker": "PortAudio's speaker callback (silence every 20 ms)",
+    "threaded-ml": "libpulse's client threads (the sound server's)",
+}
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def listening(mode: str, seconds: float) -> float:
-    """Cores ``moi`` keeps busy over ``seconds`` of silence, once it is listening."""
+def by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds so far per thread name of process ``pid`` (threads of one name summed)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def listening(mode: str, seconds: float) -> tuple[float, dict[str, float]]:
+    """Cores ``moi`` keeps busy over ``seconds`` of silence, once it is listening: in all, and
+    per thread name."""
     cmd = [str(BIN / "moi"), "--local", "--input", "mic", "--output", "speaker", "--json", "--no-meters",
            "--barge-in", mode]
     moi = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
@@ -46,9 +71,10 @@ def listening(mode: str, seconds: float) -> float:
         time.sleep(2.0)  # start-up's last work (the first windows, the stream settling) left out
         # its events are read on (a full pipe would stall it)
         threading.Thread(target=lambda: [None for _ in moi.stdout], daemon=True).start()
-        c0, t0 = cpu_s(moi.pid), time.monotonic()
+        c0, per0, t0 = cpu_s(moi.pid), by_thread(moi.pid), time.monotonic()
         time.sleep(seconds)
-        return (cpu_s(moi.pid) - c0) / (time.monotonic() - t0)
+        c1, per1, elapsed = cpu_s(moi.pid), by_thread(moi.pid), time.monotonic() - t0
+        return (c1 - c0) / elapsed, {k: (v - per0.get(k, 0.0)) / elapsed for k, v in per1.items()}
     finally:
         end(moi)
 
@@ -75,14 +101,19 @@ def main() -> None:
     ap.add_argument("--modes", default="auto,half,full")
     args = ap.parse_args()
     pulse.start()
-    rows = []
+    rows, split = [], {}
     with console.status("listening to silence…"):
         for mode in args.modes.split(","):
-            cores = listening(mode, args.seconds)
+            cores, split[mode] = listening(mode, args.seconds)
             rows.append([f"moi --barge-in {mode}", verdict(cores, TARGET, " cores", 3) if mode == "auto" else f"{cores:.3f} cores"])
         rows.append(["Silero VAD alone, the same stream", f"{silero_alone(args.seconds):.3f} cores"])
     show(f"Idle listening: {args.seconds:.0f} s of a silent microphone, models loaded", ["", "CPU"], rows,
          caption=f"target: ≤ {TARGET} cores in auto · {os.cpu_count()} cores · PulseAudio virtual card")
+    modes = list(split)
+    names = sorted({k for m in modes for k, v in split[m].items() if v > 0}, key=lambda k: -max(split[m].get(k, 0) for m in modes))
+    show("Where it goes: cores per thread", ["thread", *modes],
+         [[f"{k} · {THREADS.get(k, 'other')}", *(f"{split[m].get(k, 0.0):.4f}" for m in modes)] for k in names],
+         caption="from /proc, the same runs · unnamed threads carry the process's name (moi)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from cloud.conversation import (
 )
 from cloud.pipeline import Canceller, Listener, Pipeline
 from shared.audio import Audio
-from shared.engine import Stopwatch
+from shared.engine import Stopwatch, name_os_thread
 from shared.errors import MoiError
 from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio
 
@@ -70,6 +70,7 @@ class Worker:
         self._jobs.put(job)
 
     def _run(self) -> None:
+        name_os_thread(self.thread.name)
         while (job := self._jobs.get()) is not None:
             job()
 
@@ -226,6 +227,7 @@ class LiveSession:
         return not (self.listener.segmenter.speaking or self.machine.answering or playing)
 
     def _capture(self) -> None:
+        name_os_thread("moi-capture")
         error = None
         holds = hasattr(self.source, "hold_s") and not self.meters
         try:
@@ -244,6 +246,7 @@ class LiveSession:
             self._inbox.put(InputEnded(self.clock(), error))
 
     def _drive(self) -> None:
+        name_os_thread("moi-conversation")
         machine = self.machine
         try:
             while not machine.closed:

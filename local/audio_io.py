@@ -18,6 +18,7 @@ import numpy as np
 
 from local.echo import FarEnd
 from shared.audio import SPEECH_RATE, Audio
+from shared.engine import name_os_thread
 from shared.errors import AudioError
 
 BLOCK_S = 0.032  # one Silero window per callback at 16 kHz
@@ -157,6 +158,7 @@ class MicSource:
         self.stall_s = stall_s
         self._stream = None
         self._latency = 0.0  # PortAudio's input latency, fixed when the stream opens
+        self._named = False
         self._closed = threading.Event()
         self._error: str | None = None
         self.max_s = max_s  # stop after this much audio (None: until closed)
@@ -167,6 +169,9 @@ class MicSource:
         self.hold_s = 0.0
 
     def _callback(self, indata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
+        if not self._named:  # PortAudio's thread for this stream
+            self._named = True
+            name_os_thread("moi-mic")
         if status.input_overflow:
             self.overflows += 1
         if self._q.qsize() >= self._max_blocks:
@@ -272,6 +277,7 @@ class Player:
         self._clock = StreamClock(self.rate, late_only=False)
         self._restarted = False  # stop() restarted the stream: its timeline starts afresh
         self._paused = False  # pause(): silent, the rest kept for resume()
+        self._named = False
         self._stream = self.sd.OutputStream(
             device=self.device, channels=1, samplerate=self.rate, dtype="float32",
             blocksize=int(self.rate * 0.02), latency="low", callback=self._callback,
@@ -281,6 +287,9 @@ class Player:
 
     def _callback(self, outdata, frames, t, status) -> None:  # noqa: ANN001 - PortAudio signature
         # runs every 20 ms, silence included: kept to the least work while nothing plays
+        if not self._named:  # PortAudio's thread for this stream
+            self._named = True
+            name_os_thread("moi-speaker")
         out, n = outdata[:, 0], 0
         with self._lock:
             if not self._paused and self._pos < len(self._buf):
@@ -356,7 +365,7 @@ class Player:
         # taken for a person (TalkOver.person asks EchoPath.unexplained)
         try:
             self._stream.abort()
-            self._restarted = True
+            self._restarted, self._named = True, False  # a new run, on a new PortAudio thread
             self._stream.start()
         except self.sd.PortAudioError:  # gone: the next play() or close() says so
             pass
