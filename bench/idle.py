@@ -38,10 +38,15 @@ THREADS = {
 }
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu(stat: str) -> float:
+    """User + system CPU seconds in a /proc ``stat`` line."""
+    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid`` so far, all its threads (those ended too)."""
+    return _cpu(Path(f"/proc/{pid}/stat").read_text())
 
 
 def by_thread(pid: int) -> dict[str, float]:
@@ -53,8 +58,7 @@ def by_thread(pid: int) -> dict[str, float]:
         except FileNotFoundError:  # ended meanwhile
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+        out[name] = out.get(name, 0.0) + _cpu(stat)
     return out
 
 

@@ -70,7 +70,7 @@ class Worker:
         self._jobs.put(job)
 
     def _run(self) -> None:
-        name_os_thread(self.thread.name)
+        name_os_thread()
         while (job := self._jobs.get()) is not None:
             job()
 
@@ -227,7 +227,7 @@ class LiveSession:
         return not (self.listener.segmenter.speaking or self.machine.answering or playing)
 
     def _capture(self) -> None:
-        name_os_thread("moi-capture")
+        name_os_thread()
         error = None
         holds = hasattr(self.source, "hold_s") and not self.meters
         try:
@@ -246,7 +246,7 @@ class LiveSession:
             self._inbox.put(InputEnded(self.clock(), error))
 
     def _drive(self) -> None:
-        name_os_thread("moi-conversation")
+        name_os_thread()
         machine = self.machine
         try:
             while not machine.closed:

@@ -65,12 +65,14 @@ class Stopwatch:
         return time.monotonic() - self.start
 
 
-def name_os_thread(name: str) -> None:
-    """Give the calling thread ``name`` in the OS as well (``top -H``, ``/proc``: bench/idle.py
-    splits the CPU by it); Python 3.11 names only its own Thread objects. Linux only (a name
-    is cut to 15 bytes); elsewhere, or should it fail, nothing happens."""
+def name_os_thread(name: str | None = None) -> None:
+    """Give the calling thread ``name`` (default: its ``threading`` name) in the OS as well
+    (``top -H``, ``/proc``: bench/idle.py splits the CPU by it); Python 3.11 names only its own
+    Thread objects. Linux only (a name is cut to 15 bytes); elsewhere, or should it fail,
+    nothing happens."""
     if sys.platform != "linux":
         return
+    name = name or threading.current_thread().name
     try:
         import ctypes
 
