@@ -49,12 +49,12 @@ from shared.events import ErrorEvent, Event, MeterTick, ReplyAudio
 __all__ = ["BARGE_IN_MODES", "LiveSession", "Worker"]
 log = logging.getLogger("moi.live")
 CLOSE_S = 1.5  # close() waits this long in all for the threads to end
-# While nobody speaks and nothing plays, and no view draws meters, a source that can
-# (local.audio_io.MicSource.hold_s) hands over what gathered in this many seconds as one chunk:
-# one wake-up and one pass of the listening stage for twelve VAD windows (a wake costs more than
-# the windows: Silero's first window after a sleep takes ~0.9 ms against ~0.13 warm). The
-# conversation thread wakes with it; a person's first words are seen up to this much later,
-# their end is not. A view's meters would move in jumps.
+# While nobody speaks and nothing plays, a source that can (local.audio_io.MicSource.hold_s)
+# hands over what gathered in this many seconds as one chunk: one wake-up and one pass of the
+# listening stage for twelve VAD windows (a wake costs more than the windows: Silero's first
+# window after a sleep takes ~0.9 ms against ~0.13 warm). The conversation thread wakes with it;
+# a person's first words are seen up to this much later, their end is not. A view's meters move
+# in steps of this while nothing happens (every tick still comes), and smoothly from the first word.
 IDLE_HOLD_S = 0.384
 
 
@@ -229,7 +229,7 @@ class LiveSession:
     def _capture(self) -> None:
         name_os_thread()
         error = None
-        holds = hasattr(self.source, "hold_s") and not self.meters
+        holds = hasattr(self.source, "hold_s")
         try:
             for chunk in self.source:
                 if self._closing.is_set():

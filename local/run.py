@@ -170,13 +170,16 @@ def run_live(
 
     try:
         if mode == "view":
-            with Live(render(state), console=out, refresh_per_second=15, transient=False) as live:
-                next_draw = 0.0
-                while drain(0.05):
-                    if time.monotonic() >= next_draw:  # throttled: at most ~15 redraws a second
-                        live.update(render(state))
-                        next_draw = time.monotonic() + 1 / 15
-                live.update(render(state))
+            # drawn here, when something changed and at most 15 times a second: nothing draws
+            # while nothing happens (rich's own refresh thread would, 15 times a second)
+            with Live(render(state), console=out, auto_refresh=False, transient=False) as live:
+                drawn, next_draw = state.version, 0.0
+                while drain(None if state.version == drawn else max(0.0, next_draw - time.monotonic())):
+                    now = time.monotonic()
+                    if state.version != drawn and now >= next_draw:
+                        live.update(render(state), refresh=True)
+                        drawn, next_draw = state.version, now + 1 / 15
+                live.update(render(state), refresh=True)
         else:
             while drain(None):  # blocks until the next event (Ctrl-C still interrupts it)
                 pass

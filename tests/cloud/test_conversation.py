@@ -23,7 +23,7 @@ from cloud.live import CLOSE_S, IDLE_HOLD_S, LiveSession
 from cloud.pipeline import Pipeline
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import Dropped, ReplyAudio, ReplyPaused, ReplyStopped, ReplyWithdrawn, StateChanged, TurnStarted
+from shared.events import Dropped, MeterTick, ReplyAudio, ReplyPaused, ReplyStopped, ReplyWithdrawn, StateChanged, TurnStarted
 from shared.models import resolve
 from shared.text import spoken_words
 from tests.replay import check_invariants, replay
@@ -205,18 +205,37 @@ def test_a_microphone_is_taken_in_batches_only_while_nothing_happens(engine, vad
     assert all(h == IDLE_HOLD_S for t, h in mic.log if done_at + 0.2 < t)  # idle again after the reply
 
 
-def test_a_view_that_draws_meters_gets_each_block_as_it_comes(engine, vad_model, smart_turn):
-    """Held blocks would make the meters jump: while a view draws them, nothing is held."""
-    mic = Holding(Audio.silence(2.0))
+class Gathering(Holding):
+    """A microphone that holds its blocks as local.audio_io.MicSource does: what gathered while
+    the session asked it to hold comes as one chunk."""
+
+    def __iter__(self):
+        held = []
+        for block in super().__iter__():
+            held.append(block)
+            if len(held) * 512 / 16000 >= self.hold_s:
+                yield Audio.concat(held)
+                held = []
+
+
+def test_a_view_gets_every_meter_tick_of_a_held_microphone(engine, vad_model, smart_turn):
+    """With a view drawing meters the microphone's blocks gather too while nothing happens (the
+    meters move in steps, a few times a second); every tick of the stream still reaches the view,
+    in order."""
+    mic = Gathering(Audio.silence(2.0))
     live = LiveSession(pipeline(engine, vad_model, smart_turn, "chat"), mic, RealTimePlayer(), barge_in="half",
                        meters=True).start()
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(mic.log) < 55:
-            time.sleep(0.05)
+        time.sleep(3.0)
     finally:
         live.close()
-    assert len(mic.log) >= 55 and all(h == 0.0 for _, h in mic.log)
+    events = []
+    while (ev := live.events.get(timeout=5)) is not None:
+        events.append(ev)
+    ticks = [ev.audio_t for ev in events if isinstance(ev, MeterTick) and ev.stage == "pre"]
+    assert len(ticks) >= 40  # 2.0 s at 50 ms a tick, and more
+    assert ticks == pytest.approx([0.05 * (k + 1) for k in range(len(ticks))])
+    assert all(h == IDLE_HOLD_S for t, h in mic.log if 0.2 < t < 2.5)
 
 
 class RealTimePlayer:
