@@ -16,9 +16,9 @@ import json
 import os
 import pty
 import struct
-import termios
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path

@@ -11,7 +11,7 @@ import pytest
 
 from local.audio_io import MicSource, Player, list_devices
 from cloud.engine import LocalEngine
-from cloud.live import LiveSession
+from cloud.live import IDLE_HOLD_S, LiveSession
 from cloud.pipeline import Pipeline
 from cloud.vad import Segmenter
 from shared.audio import Audio
@@ -100,7 +100,7 @@ def test_a_recording_with_pauses_comes_back_whole_ten_times_in_one_session(engin
     with its pauses ("and says, how do I get to Dublin? And the answer that comes back is, ...
     well, I wouldn't start from here, sonny.") played ten times into the virtual mic: every
     play comes back whole, and every utterance the VAD cut is in a transcript or a drop. With a
-    view's meters the microphone's blocks come one by one; without (quiet, JSON), the blocks
+    view's meters (measured on every chunk) and without (quiet, JSON); either way the blocks
     that gather while nobody speaks come as one chunk (MicSource.hold_s)."""
     import jiwer
 
@@ -152,7 +152,7 @@ def test_held_blocks_come_as_one_chunk_and_one_run_of_the_stream(speech60, tmp_p
     path = tmp_path / "clip.wav"
     Audio.concat([Audio.silence(0.5), clip, Audio.silence(1.0)]).save_wav(path)
     mic = MicSource().start()
-    mic.hold_s = 0.384
+    mic.hold_s = IDLE_HOLD_S
     chunks = []
     try:
         play, end = None, time.monotonic() + 10.0
