@@ -78,6 +78,9 @@ def _started(mode: str) -> subprocess.Popen:
         for line in moi.stdout:  # models load first: wait for the first status (it is listening)
             if json.loads(line).get("type") == "status":
                 break
+        else:
+            end(moi)
+            raise SystemExit(f"moi --barge-in {mode} ended before it listened (exit {moi.returncode})")
         threading.Thread(target=lambda: [None for _ in moi.stdout], daemon=True).start()
         return moi
     master, slave = pty.openpty()
