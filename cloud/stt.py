@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from shared.audio import SPEECH_RATE, Audio
-from shared.config import SttConfig, cpu_cores, model_threads
+from shared.config import SttConfig, cpu_cores, model_threads, single_thread_blas
 from shared.messages import Segment, Transcription, Word
 from shared.models import ResolvedModel
 
@@ -71,6 +71,7 @@ class SpeechToText:
         if compute == "auto":
             compute = "float16" if self.device == "cuda" else "int8"
         self.compute_type = compute
+        single_thread_blas()  # its features' product would leave a spinning thread beside the encoder
         threads = model_threads(cfg.cpu_threads) if self.device == "cpu" else cfg.cpu_threads
         self.model = WhisperModel(str(model.path), device=self.device, compute_type=compute, cpu_threads=threads)
         if self.device == "cpu" and cfg.cpu_threads == 0 and cpu_cores() > threads:

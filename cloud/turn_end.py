@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.audio import SPEECH_RATE
+from shared.config import single_thread_blas
 
 WINDOW_S = 8  # the model sees exactly 8 s: older audio is dropped, shorter is padded in front
 
@@ -28,6 +29,7 @@ class SmartTurn:
         import onnxruntime as ort
         from faster_whisper.feature_extractor import FeatureExtractor
 
+        single_thread_blas()  # its features are asked for while Whisper encodes the speculated turn
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # it runs on the listening thread, beside the turn's models
         opts.inter_op_num_threads = 1

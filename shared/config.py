@@ -32,6 +32,17 @@ def model_threads(n: int) -> int:
     return n if n > 0 else max(1, cpu_cores() // 2)
 
 
+def single_thread_blas() -> None:
+    """numpy's OpenBLAS on one thread, for the whole process. Its worker thread spins ~0.1 s
+    after every product it shares (the 3 ms mel filterbank of Whisper's and Smart Turn's
+    features), and on a small CPU that spinning takes a core from the encoder that runs right
+    after: Whisper on a 3 s utterance 257-268 ms instead of 291-297 on 2 cores. Nothing in moi
+    needs a parallel BLAS. Other BLAS libraries (torch's) are left alone."""
+    from threadpoolctl import ThreadpoolController
+
+    ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+
+
 @dataclass(frozen=True)
 class VadConfig:
     threshold: float = 0.5  # speech starts when the probability reaches this

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -5,7 +9,7 @@ from cloud.stt import SpeechToText
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import SttConfig
 from shared.models import resolve
-from tests.conftest import audio_file, noise, words
+from tests.conftest import ROOT, audio_file, noise, words
 
 
 def test_gets_the_words_of_real_speech(stt, speech60):
@@ -126,3 +130,40 @@ def test_a_segment_without_words_is_no_transcript(stt, text):
     segment = SimpleNamespace(text=text, start=0.0, end=1.0, avg_logprob=-0.2, no_speech_prob=0.01, compression_ratio=1.0)
     assert stt._is_junk(segment, 2.0)
     assert not stt._is_junk(SimpleNamespace(**{**vars(segment), "text": " Hi."}), 2.0)
+
+
+_SPIN_PROBE = """
+import os, sys, time
+import numpy as np
+from shared.models import resolve
+
+def others():  # CPU seconds of every thread but this one
+    me = str(__import__("threading").get_native_id())
+    return sum(int(open(f"/proc/self/task/{t}/schedstat").read().split()[0])
+               for t in os.listdir("/proc/self/task") if t != me) / 1e9
+
+x = (0.1 * np.random.default_rng(0).standard_normal(3 * 16000)).astype(np.float32)
+if sys.argv[1] == "stt":
+    from cloud.stt import SpeechToText
+    features = SpeechToText(resolve("stt")).model.feature_extractor
+else:
+    from cloud.turn_end import SmartTurn
+    features = SmartTurn(resolve("turn").path)
+features(x)
+time.sleep(0.5)
+before = others()
+features(x)
+time.sleep(0.3)
+print(others() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads threads' CPU time from /proc")
+@pytest.mark.parametrize("model", ["stt", "turn"])
+def test_no_thread_spins_after_the_features(model):
+    """Whisper's and Smart Turn's features end in a matrix product. numpy's OpenBLAS shared it
+    with a worker thread that then spun ~0.1 s, taking a core from the encoder that runs next."""
+    out = subprocess.run([sys.executable, "-c", _SPIN_PROBE, model], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 0.02
