@@ -173,11 +173,13 @@ def card_round_trip(tmp: Path, trials: int = 5) -> list[float]:
     return out
 
 
-def session(spec: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) -> tuple[list[Turn], np.ndarray, float]:
+def session(spec: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float,
+            cpu: list | None = None) -> tuple[list[Turn], np.ndarray, float]:
     """One live moi run: each question played after the previous reply has been heard.
 
     ``spec``: a mode, then any ``:NAME=VALUE`` settings for moi's environment (a lever's on and
-    off side by side: ``local:MOI_TTS_THREADS=1``)."""
+    off side by side: ``local:MOI_TTS_THREADS=1``). ``cpu``: a list to fill with samples of
+    each of moi's threads' CPU time through the run (:func:`sample_threads`)."""
     server = None
     cmd = [str(BIN / "moi"), "--input", "mic", "--output", "speaker", "--json", "--no-meters"]
     mode, *settings = spec.split(":")
@@ -208,6 +210,8 @@ def session(spec: str, clips: list[tuple[str, Audio]], tmp: Path, gap_s: float) 
                 pass
 
     threading.Thread(target=read, daemon=True).start()
+    if cpu is not None:
+        threading.Thread(target=sample_threads, args=(moi, cpu), daemon=True).start()
     turns: list[Turn] = []
     try:
         _wait_for(lines, lambda ev: ev["type"] == "status", 120, moi)  # listening
@@ -253,6 +257,59 @@ def _wait_for(lines: queue.Queue, pred, timeout: float, proc: subprocess.Popen) 
         if pred(_next(lines, timeout, proc)[1]):
             return
     raise SystemExit("moi did not start listening")
+
+
+def sample_threads(proc: subprocess.Popen, out: list, every_s: float = 0.01) -> None:
+    """Every ``every_s`` until ``proc`` ends: (monotonic time, {"name:tid": CPU seconds}) of
+    each of its threads (``/proc/PID/task/*/schedstat``: nanoseconds on a CPU; moi names its
+    threads in the OS). Reading ~25 small files takes ~2 % of a core."""
+    names: dict[str, str] = {}
+    root = f"/proc/{proc.pid}/task"
+    while proc.poll() is None:
+        now, snap = time.monotonic(), {}
+        try:
+            tids = os.listdir(root)
+        except OSError:
+            return
+        for tid in tids:
+            try:
+                if tid not in names:
+                    names[tid] = Path(f"{root}/{tid}/comm").read_text().strip()
+                snap[f"{names[tid]}:{tid}"] = int(Path(f"{root}/{tid}/schedstat").read_text().split()[0]) / 1e9
+            except OSError:
+                pass
+        out.append((now, snap))
+        time.sleep(every_s)
+
+
+STAGES = ("STT", "LLM → 1st", "TTS 1st")
+
+
+def cpu_by_stage(turns: list[Turn], samples: list) -> dict[str, dict[str, float]]:
+    """Cores each thread name kept busy during each stage of the answered turns (the stages
+    from each ``turn_done``'s timings; the turn's start is its arrival less ``total``), pooled:
+    CPU seconds over the stage's wall seconds."""
+    times = [t for t, _ in samples]
+    busy: dict[str, dict[str, float]] = {st: {} for st in STAGES}
+    wall = dict.fromkeys(STAGES, 0.0)
+    for turn in turns:
+        done = [(t, ev) for t, ev in turn.events if ev["type"] == "turn_done" and "first_audio" in ev["timings"]]
+        if not done:
+            continue
+        t, ev = done[-1]
+        tm = ev["timings"]
+        start = t - tm["total"]
+        edges = [start, start + tm["stt"], start + tm["first_audio"] - tm["tts_first"], start + tm["first_audio"]]
+        for stage, a, b in zip(STAGES, edges, edges[1:]):
+            i, j = np.searchsorted(times, a), np.searchsorted(times, b, side="right") - 1
+            if j <= i:
+                continue
+            wall[stage] += times[j] - times[i]
+            before, after = samples[i][1], samples[j][1]
+            for key, sec in after.items():
+                name = key.rsplit(":", 1)[0]
+                busy[stage][name] = busy[stage].get(name, 0.0) + sec - before.get(key, sec)
+    return {st: {n: v / wall[st] for n, v in busy[st].items()} for st in STAGES if wall[st] > 0}
 
 
 def frames_db(pcm: np.ndarray, hop: int = SPEECH_RATE // 100) -> np.ndarray:
@@ -343,11 +400,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="run the modes this many times, interleaved; rows pooled")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds of quiet after each reply")
     ap.add_argument("--keep", type=Path, help="save each run's recording (WAV) and events here")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also sample each of moi's threads' CPU time (Linux) and show the cores each kept busy per stage")
     args = ap.parse_args()
     clips = questions(args.questions)
     console.print(f"{len(clips)} questions: " + " | ".join(t for t, _ in clips))
     card()
     results: dict[str, list[dict]] = {}
+    cpu: dict[str, list[dict[str, dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="moi-v2v-") as tmp:
         floor = card_round_trip(Path(tmp))
         floor_s = statistics.median(floor) if floor else float("nan")
@@ -355,8 +415,11 @@ def main() -> None:
                       f"({', '.join(f'{x:.3f}' for x in floor)})")
         for round_ in range(args.rounds):
             for mode in args.modes.split(","):
-                turns, pcm, started = session(mode, clips, Path(tmp), args.gap)
+                samples: list | None = [] if args.cpu else None
+                turns, pcm, started = session(mode, clips, Path(tmp), args.gap, samples)
                 rows = measure(turns, clips, pcm, started)
+                if samples:
+                    cpu.setdefault(mode, []).append(cpu_by_stage(turns, samples))
                 results.setdefault(mode, []).extend(rows)
                 if args.keep:
                     args.keep.mkdir(parents=True, exist_ok=True)
@@ -400,6 +463,25 @@ def main() -> None:
              "question (1 = answered once, at its end) · decision < 0: the turn started that long before it was "
              "decided (at the pause) · the recording's clock · reply ran dry: the time the speaker waited for a piece "
              "inside the reply, from moi's events")
+        if mode in cpu:
+            show_cpu(mode, cpu[mode])
+
+
+def show_cpu(mode: str, runs: list[dict[str, dict[str, float]]]) -> None:
+    """The cores each thread (by its OS name) kept busy during each stage, averaged over runs."""
+    names = sorted({n for run in runs for st in run.values() for n in st},
+                   key=lambda n: -sum(run.get(st, {}).get(n, 0.0) for run in runs for st in STAGES))
+    rows = []
+    for name in names:
+        cells = [statistics.mean(run.get(st, {}).get(name, 0.0) for run in runs) for st in STAGES]
+        if max(cells) >= 0.005:
+            rows.append([name, *(f"{c:.2f}" for c in cells)])
+    totals = [sum(statistics.mean(run.get(st, {}).get(n, 0.0) for run in runs) for n in names) for st in STAGES]
+    rows.append(["[bold]all of moi[/]", *(f"{c:.2f}" for c in totals)])
+    show(f"{mode}: cores each of moi's threads kept busy during the stages of a turn", ["thread", *STAGES], rows,
+         caption=f"{os.cpu_count()} cores · CPU time from /proc/PID/task/*/schedstat over each stage's wall time, all "
+         "answered turns · threads by their OS name: moi names its own (the models' pools and the main thread are "
+         "'moi')")
 
 
 if __name__ == "__main__":

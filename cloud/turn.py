@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloud.streams import close_iterator
 from shared.config import TtsConfig
-from shared.engine import Clock, Stopwatch, TurnRequest
+from shared.engine import Clock, Stopwatch, TurnRequest, name_os_thread
 from shared.events import Event, ReplyAudio, ReplyText, ReplyToken, Transcript, TurnDone
 from shared.messages import Message
 from shared.text import SentenceStream
@@ -112,6 +112,7 @@ def _chat_and_speak(
     n = req.turn
 
     def generate() -> None:
+        name_os_thread()
         splitter = SentenceStream(tts.first_clause_chars, tts.first_words, tts.max_piece_chars)
         t = clock()
         stream = None
@@ -137,6 +138,7 @@ def _chat_and_speak(
             out.put(_END)
 
     def speak() -> None:
+        name_os_thread()
         try:
             while (piece := pieces.get()) is not None:
                 if cancel.is_set():
