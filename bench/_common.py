@@ -59,6 +59,27 @@ def end(*procs: subprocess.Popen | None, timeout: float = 10) -> None:
             proc.wait()
 
 
+def thread_cpu(pid: int, names: dict[str, str] | None = None) -> dict[str, float]:
+    """CPU seconds so far of each live thread of process ``pid``, keyed ``"name:tid"`` (the
+    OS name: moi names its threads, ``shared.engine.name_os_thread``), from
+    ``/proc/PID/task/*/schedstat`` (nanoseconds, not 10 ms ticks). ``names``: tid → name, kept
+    by a caller that reads often (a name is read once per thread)."""
+    names = {} if names is None else names
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process has ended
+        return {}
+    out: dict[str, float] = {}
+    for task in tasks:
+        try:
+            if task.name not in names:
+                names[task.name] = (task / "comm").read_text().strip()
+            out[f"{names[task.name]}:{task.name}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except OSError:  # ended meanwhile
+            continue
+    return out
+
+
 def record_bus(path: Path, device: str) -> subprocess.Popen:
     """Record ``device`` (a PulseAudio source) to ``path`` as 16 kHz mono s16le, 10 ms latency."""
     return subprocess.Popen(["parec", f"--device={device}", "--rate=16000", "--channels=1", "--format=s16le",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import console, end, show, verdict  # noqa: E402
+from _common import console, end, show, thread_cpu, verdict  # noqa: E402
 from tests import pulse  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -58,13 +58,9 @@ def cpu_s(pid: int) -> float:
 def by_thread(pid: int) -> dict[str, float]:
     """CPU seconds so far per thread name of process ``pid`` (threads of one name summed)."""
     out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except FileNotFoundError:  # ended meanwhile
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        out[name] = out.get(name, 0.0) + _cpu(stat)
+    for key, seconds in thread_cpu(pid).items():
+        name = key.rsplit(":", 1)[0]
+        out[name] = out.get(name, 0.0) + seconds
     return out
 
 

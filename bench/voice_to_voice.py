@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import AUDIO_DIR, SPEECH, console, end, record_bus, show, start_server  # noqa: E402
+from _common import AUDIO_DIR, SPEECH, console, end, record_bus, show, start_server, thread_cpu  # noqa: E402
 from shared.audio import SPEECH_RATE, Audio, decode  # noqa: E402
 from shared.text import spoken_words  # noqa: E402
 from tests import pulse  # noqa: E402
@@ -260,25 +260,11 @@ def _wait_for(lines: queue.Queue, pred, timeout: float, proc: subprocess.Popen) 
 
 
 def sample_threads(proc: subprocess.Popen, out: list, every_s: float = 0.01) -> None:
-    """Every ``every_s`` until ``proc`` ends: (monotonic time, {"name:tid": CPU seconds}) of
-    each of its threads (``/proc/PID/task/*/schedstat``: nanoseconds on a CPU; moi names its
-    threads in the OS). Reading ~25 small files takes ~2 % of a core."""
+    """Every ``every_s`` until ``proc`` ends: (monotonic time, :func:`_common.thread_cpu` of
+    ``proc``). Reading ~25 small files takes ~2 % of a core."""
     names: dict[str, str] = {}
-    root = f"/proc/{proc.pid}/task"
     while proc.poll() is None:
-        now, snap = time.monotonic(), {}
-        try:
-            tids = os.listdir(root)
-        except OSError:
-            return
-        for tid in tids:
-            try:
-                if tid not in names:
-                    names[tid] = Path(f"{root}/{tid}/comm").read_text().strip()
-                snap[f"{names[tid]}:{tid}"] = int(Path(f"{root}/{tid}/schedstat").read_text().split()[0]) / 1e9
-            except OSError:
-                pass
-        out.append((now, snap))
+        out.append((time.monotonic(), thread_cpu(proc.pid, names)))
         time.sleep(every_s)
 
 
