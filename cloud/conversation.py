@@ -82,9 +82,11 @@ HOLD_S = 0.5
 # ...and nothing pauses it again for REST_S: a sound that goes on (a fan switched on) is by then
 # part of the room the canceller measures someone against (local.echo.FLOOR_S)
 REST_S = 3.0
-# A barge-in (auto) stops the reply once the person's utterance has gone on this long, or ended
-# with words in it: moi's own voice let through where the echo's path moved mid-reply made
-# utterances of 0.5-0.7 s that Whisper found no words in; a person talking over moi says a sentence.
+# A barge-in (auto) stops the reply once the person's voice goes on this long after it began
+# (a pause, which the VAD holds open for up to a second while it judges the turn's end, does not
+# count), or their utterance ended with words in it: moi's own voice let through where the echo's
+# path moved mid-reply made utterances of 0.5-0.7 s that Whisper found no words in; a person
+# talking over moi says a sentence.
 CONFIRM_S = 1.0
 # A reply stopped by a barge-in this soon after its first sound started on a pause the person
 # then talked through: it is withdrawn, and what it answered is answered again with what they
@@ -115,6 +117,7 @@ class Heard:
     speaking: bool = False  # the VAD's state after this chunk
     over_moi: OverMoi | None = None  # None: no echo canceller
     overflows: int = 0  # microphone blocks lost so far
+    voiced: bool = False  # the chunk held voice of the utterance under way (not only its pause)
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ class Conversation:
         self._utterance = "person"  # the utterance under way: person | held (moi's echo?) | muted (half-duplex)
         self._paused_at: float | None = None  # the reply was paused for someone ...
         self._barge_at: float | None = None  # ... whom the VAD heard then (a barge-in to confirm)
+        self._voiced_at = 0.0  # when the VAD last heard voice (a pause inside an utterance is not voice)
         self._rest_until = 0.0
         self._checking: Check | None = None
         self._input_ended = False
@@ -372,6 +376,8 @@ class Conversation:
         for m in h.meters:
             self.emit(m)
         self._over, self._overflows = h.over_moi, h.overflows
+        if h.voiced:
+            self._voiced_at = self.now
         for ev in h.vad:
             if isinstance(ev, SpeechStart):
                 self._speaking = True
@@ -666,7 +672,7 @@ class Conversation:
         r = self._reply
         if self._paused_at is not None and r is not None:
             if self._barge_at is not None:
-                if self._checking is None and self._speaking and self.now - self._barge_at >= CONFIRM_S:
+                if self._checking is None and self._speaking and self._voiced_at - self._barge_at >= CONFIRM_S:
                     self.stop_reply("barge-in", self._barge_at)  # they talked on: a person
             elif self.now - self._paused_at >= HOLD_S and not self._speaking:
                 self._go_on()

@@ -119,7 +119,7 @@ class Listener:
             meters += self._measure(t, "aec", self._aec, chunk.samples)
         vad = self._cleaned(self.segmenter.feed(chunk))
         meters += self._measure(t, "post", self._post, self.segmenter.gated)
-        return Heard(t, tuple(meters), vad, self.segmenter.speaking, self._over_moi(), overflows)
+        return Heard(t, tuple(meters), vad, self.segmenter.speaking, self._over_moi(), overflows, self.segmenter.voiced)
 
     def _measure(self, t: float, stage: str, meter: LevelMeter, samples: np.ndarray) -> list[MeterTick]:
         if not self.meters:

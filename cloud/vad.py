@@ -149,6 +149,7 @@ class Segmenter:
         self.turn_p: float | None = None
         self.gated = np.zeros(0, np.float32)
         self.probs: list[float] = []  # probabilities of the windows run in the last feed
+        self.voiced = False  # the last feed held a window of the utterance's voice (at or above release)
 
     @property
     def speaking(self) -> bool:
@@ -170,6 +171,7 @@ class Segmenter:
         gate = np.zeros(n_windows, dtype=bool)
         probs = np.empty(n_windows, dtype=np.float32)
         threshold, release, vad = self.threshold, self.cfg.release, self.vad
+        voiced = False
         for i in range(n_windows):
             s = self._next
             lo = s - CONTEXT - base
@@ -182,10 +184,12 @@ class Segmenter:
                     self._start = s
                     self._cut = max(0, s - self._pre, self._cut)
                     self._last_speech, self._asked = end, 0
+                    voiced = True
                     events.append(SpeechStart(s / SPEECH_RATE))
             else:
                 if p >= release:
                     self._last_speech, self._asked = end, 0
+                    voiced = True
                     if self._paused:
                         self._paused = False
                         events.append(SpeechResume(s / SPEECH_RATE))
@@ -205,7 +209,7 @@ class Segmenter:
                         events.append(SpeechStart(end / SPEECH_RATE))
             gate[i] = self._speaking
             self._next = end
-        self.probs = probs.tolist()
+        self.probs, self.voiced = probs.tolist(), voiced
         start_of_call = self._next - n_windows * WINDOW
         lo = start_of_call - base
         self.gated = (buf[lo : lo + n_windows * WINDOW].reshape(n_windows, WINDOW) * gate[:, None]).reshape(-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cloud.conversation import (
     Utterance,
@@ -18,7 +18,6 @@ from cloud.conversation import (
     Check,
     Checked,
     Conversation,
-    Heard,
     InputEnded,
     JobEnded,
     Output,
@@ -188,7 +187,7 @@ def replay(
         for inp in jobs.run_due(now[0]):
             machine.step(inp)
         if over_moi is not None:
-            h = Heard(h.t, h.meters, h.vad, h.speaking, over_moi(now[0]), h.overflows)
+            h = replace(h, over_moi=over_moi(now[0]))
         machine.step(h)
         if stop_at is not None and not stopped and now[0] >= stop_at:
             stopped = True

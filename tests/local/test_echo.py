@@ -553,6 +553,23 @@ def test_speech_whisper_finds_no_words_in_lets_the_reply_go_on(engine, vad_model
     assert [d.reason for d in r.of(Dropped)] == ["no words"]
 
 
+def test_the_pause_after_a_sound_over_moi_is_not_talking_on(engine, vad_model, speech60):
+    """A short sound over moi (0.9 s of a sentence 35 dB down: Whisper finds no words in it),
+    then silence: the VAD holds the utterance open for silence_ms before it ends it, past
+    CONFIRM_S from the barge-in. That pause is nobody talking on: the reply waits for Whisper,
+    which finds no words, and goes on."""
+    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
+    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"),
+               Audio.concat([Audio.silence(0.5), faint, Audio.silence(2.0)]), barge_in="auto",
+               over_moi=scripted(0.0), answering=SPOKEN_TO(), tail_s=2.0)
+    check_invariants(r)
+    (start,), (end,) = r.of(SpeechStarted), r.of(SpeechEnded)
+    assert end.t - start.t > CONFIRM_S, (start, end)  # the utterance outlasted CONFIRM_S, in its pause
+    assert [w for w, _ in r.player.log if w != "play"] == ["pause", "resume"], r.player.log
+    assert not r.of(ReplyStopped) and not r.transcripts()
+    assert [d.reason for d in r.of(Dropped)] == ["no words"]
+
+
 def test_a_person_who_talks_on_stops_the_reply_before_they_finish(engine, vad_model, speech60):
     """The reply pauses as the person starts, and stops CONFIRM_S later while they are still
     talking (4.5 s); what they said is the next turn."""
