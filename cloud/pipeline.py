@@ -183,6 +183,7 @@ class Pipeline:
         self.variant = variant
         self.thread = thread or Thread(cfg.llm.system_prompt, cfg.llm.max_turns)
         self.turns = 0  # turns run by ``run``
+        self.ids: tuple[str, str] = ("", "")  # the user's and the reply's item ids of the turn answered (Realtime)
         self.failures = 0  # answers that ended in an error
 
     @property
@@ -245,17 +246,17 @@ class Pipeline:
         finally:
             close_iterator(events)
 
-    def remember(self, heard: str | None, reply: str, ids: tuple[str, str] = ("", "")) -> None:
+    def remember(self, heard: str | None, reply: str) -> None:
         """The conversation learns an exchange: what was heard and what was replied (chat, both
-        said; a stopped reply's words count). ``heard`` None: the reply answers the thread's
-        waiting typed message. ``ids``: the user's and the reply's item ids (Realtime)."""
+        said; a stopped reply's words count), under ``ids``. ``heard`` None: the reply answers the
+        thread's waiting typed message."""
         if self.variant != "chat" or not reply:
             return
         if heard is None:
             if self.thread.waiting is not None:
-                self.thread.add_assistant(reply, ids[1])
+                self.thread.add_assistant(reply, self.ids[1])
         elif heard:
-            self.thread.add_exchange(heard, reply, ids)
+            self.thread.add_exchange(heard, reply, self.ids)
         prepare = getattr(self.engine, "prepare", None)  # the in-process engine: a head start on the next prompt
         if prepare is not None:
             prepare(self._messages())  # (not request(): a subclass may hold its lock around this call)

@@ -134,17 +134,16 @@ class RealtimeStages(Pipeline):
         super().__init__(engine, segmenter, cfg, "chat", Thread(cfg.llm.system_prompt, cfg.llm.max_turns))
         self.lock = threading.Lock()
         self.voice: str | None = None
-        self.max_tokens = cfg.llm.max_tokens
-        self.ids: tuple[str, str] = ("", "")  # the items of the turn being answered (machine thread)
+        self.max_tokens = cfg.llm.max_tokens  # (``ids``: set on the machine thread as each turn starts)
 
     def request(self, n: int) -> TurnRequest:
         with self.lock:
             req = super().request(n)
         return replace(req, voice=self.voice, options=replace(req.options, max_tokens=self.max_tokens))
 
-    def remember(self, heard: str | None, reply: str, ids: tuple[str, str] = ("", "")) -> None:
+    def remember(self, heard: str | None, reply: str) -> None:
         with self.lock:
-            super().remember(heard, reply, self.ids)
+            super().remember(heard, reply)
 
 
 @dataclass
