@@ -59,11 +59,17 @@ def end(*procs: subprocess.Popen | None, timeout: float = 10) -> None:
             proc.wait()
 
 
-def thread_cpu(pid: int, names: dict[str, str] | None = None) -> dict[str, float]:
+NAME_READS = 20  # a thread's name is read this many times, then kept
+
+
+def thread_cpu(pid: int, names: dict[str, list] | None = None) -> dict[str, float]:
     """CPU seconds so far of each live thread of process ``pid``, keyed ``"name:tid"`` (the
     OS name: moi names its threads, ``shared.engine.name_os_thread``), from
-    ``/proc/PID/task/*/schedstat`` (nanoseconds, not 10 ms ticks). ``names``: tid → name, kept
-    by a caller that reads often (a name is read once per thread)."""
+    ``/proc/PID/task/*/schedstat`` (nanoseconds, not 10 ms ticks). ``names``: tid → [name,
+    reads], kept by a caller that reads often: a name is read again for a thread's first
+    NAME_READS calls, since a new thread carries its creator's name until it names itself (a
+    turn's threads, started by ``moi-answer``, were counted as that thread when the name was
+    read once)."""
     names = {} if names is None else names
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
@@ -72,9 +78,10 @@ def thread_cpu(pid: int, names: dict[str, str] | None = None) -> dict[str, float
     out: dict[str, float] = {}
     for task in tasks:
         try:
-            if task.name not in names:
-                names[task.name] = (task / "comm").read_text().strip()
-            out[f"{names[task.name]}:{task.name}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
+            known = names.setdefault(task.name, ["", 0])
+            if known[1] < NAME_READS:
+                known[0], known[1] = (task / "comm").read_text().strip(), known[1] + 1
+            out[f"{known[0]}:{task.name}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
         except OSError:  # ended meanwhile
             continue
     return out

@@ -262,7 +262,7 @@ def _wait_for(lines: queue.Queue, pred, timeout: float, proc: subprocess.Popen) 
 def sample_threads(proc: subprocess.Popen, out: list, every_s: float = 0.01) -> None:
     """Every ``every_s`` until ``proc`` ends: (monotonic time, :func:`_common.thread_cpu` of
     ``proc``). Reading ~25 small files takes ~2 % of a core."""
-    names: dict[str, str] = {}
+    names: dict[str, list] = {}
     while proc.poll() is None:
         out.append((time.monotonic(), thread_cpu(proc.pid, names)))
         time.sleep(every_s)
