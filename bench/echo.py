@@ -83,6 +83,15 @@ def wer(reference: str, heard: str) -> float:
     return jiwer.wer(ref, " ".join(spoken_words(heard)) or "<nothing>") if ref else 0.0
 
 
+def without_prefix(text: str, prefix: str) -> str:
+    """``text`` less its first words when they are ``prefix`` transcribed again (WER ≤ 0.5 over
+    as many words): what a rejoined turn's transcript adds to the withdrawn one's."""
+    words, n = text.split(), len(prefix.split())
+    if n and len(words) > n and wer(prefix, " ".join(words[:n])) <= 0.5:
+        return " ".join(words[n:])
+    return text
+
+
 def offline(names: list[str]) -> list[list[object]]:
     from cloud.stt import SpeechToText
     from cloud.tts import TextToSpeech
@@ -256,8 +265,22 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
     self_cuts = sum(1 for t, ev in log if ev["type"] == "stopped" and not any(a <= t <= b for a, b in cut_in.items()))
     went_on = sum(1 for t, ev in log if ev["type"] == "paused" and not ev["paused"])  # paused for nobody
 
+    # A turn stopped as its reply began is withdrawn and answered again with what the person says
+    # next (cloud.conversation.REJOIN_S): that transcript starts with the withdrawn one's words,
+    # the question asked before the sentence, which are not the sentence's
+    withdrawn, texts = set(), {}
+    for _, ev in log:
+        if ev["type"] == "withdrawn":
+            withdrawn.add(ev["turn"])
+        elif ev["type"] == "transcript":
+            texts[ev["turn"]] = ev["text"]
+
+    def own(ev: dict) -> str:
+        before = texts.get(ev["turn"] - 1) if ev["turn"] - 1 in withdrawn else None
+        return without_prefix(ev["text"], before) if before else ev["text"]
+
     def heard(t: float, clip: Audio) -> str:  # all moi transcribed of a sentence: a pause may cut it in two turns
-        return " ".join(ev["text"] for u, ev in log if ev["type"] == "transcript" and t <= u <= heard_in[t])
+        return " ".join(own(ev) for u, ev in log if ev["type"] == "transcript" and t <= u <= heard_in[t])
 
     detected, silences, wers = 0, [], []
     interruptions = people[2::2]
