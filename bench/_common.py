@@ -62,8 +62,8 @@ def end(*procs: subprocess.Popen | None, timeout: float = 10) -> None:
 NAME_READS = 20  # a thread's name is read this many times, then kept
 
 
-def thread_cpu(pid: int, names: dict[str, list] | None = None) -> dict[str, float]:
-    """CPU seconds so far of each live thread of process ``pid``, keyed ``"name:tid"`` (the
+def thread_cpu(pid: int, names: dict[str, list] | None = None) -> dict[tuple[str, str], float]:
+    """CPU seconds so far of each live thread of process ``pid``, keyed ``(name, tid)`` (the
     OS name: moi names its threads, ``shared.engine.name_os_thread``), from
     ``/proc/PID/task/*/schedstat`` (nanoseconds, not 10 ms ticks). ``names``: tid → [name,
     reads], kept by a caller that reads often: a name is read again for a thread's first
@@ -75,13 +75,13 @@ def thread_cpu(pid: int, names: dict[str, list] | None = None) -> dict[str, floa
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:  # the process has ended
         return {}
-    out: dict[str, float] = {}
+    out: dict[tuple[str, str], float] = {}
     for task in tasks:
         try:
             known = names.setdefault(task.name, ["", 0])
             if known[1] < NAME_READS:
                 known[0], known[1] = (task / "comm").read_text().strip(), known[1] + 1
-            out[f"{known[0]}:{task.name}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
+            out[known[0], task.name] = int((task / "schedstat").read_text().split()[0]) / 1e9
         except OSError:  # ended meanwhile
             continue
     return out

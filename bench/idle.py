@@ -58,8 +58,7 @@ def cpu_s(pid: int) -> float:
 def by_thread(pid: int) -> dict[str, float]:
     """CPU seconds so far per thread name of process ``pid`` (threads of one name summed)."""
     out: dict[str, float] = {}
-    for key, seconds in thread_cpu(pid).items():
-        name = key.rsplit(":", 1)[0]
+    for (name, _), seconds in thread_cpu(pid).items():
         out[name] = out.get(name, 0.0) + seconds
     return out
 

@@ -293,7 +293,7 @@ def cpu_by_stage(turns: list[Turn], samples: list) -> dict[str, dict[str, float]
             wall[stage] += times[j] - times[i]
             before, after = samples[i][1], samples[j][1]
             for key, sec in after.items():
-                name = key.rsplit(":", 1)[0]
+                name = key[0]
                 busy[stage][name] = busy[stage].get(name, 0.0) + sec - before.get(key, sec)
     return {st: {n: v / wall[st] for n, v in busy[st].items()} for st in STAGES if wall[st] > 0}
 

@@ -183,7 +183,9 @@ class Pipeline:
         self.variant = variant
         self.thread = thread or Thread(cfg.llm.system_prompt, cfg.llm.max_turns)
         self.turns = 0  # turns run by ``run``
-        self.ids: tuple[str, str] = ("", "")  # the user's and the reply's item ids of the turn answered (Realtime)
+        # the user's and the reply's item ids of the turn answered: Realtime sets them on the machine's
+        # thread as each turn starts
+        self.ids: tuple[str, str] = ("", "")
         self.failures = 0  # answers that ended in an error
 
     @property

@@ -134,7 +134,7 @@ class RealtimeStages(Pipeline):
         super().__init__(engine, segmenter, cfg, "chat", Thread(cfg.llm.system_prompt, cfg.llm.max_turns))
         self.lock = threading.Lock()
         self.voice: str | None = None
-        self.max_tokens = cfg.llm.max_tokens  # (``ids``: set on the machine thread as each turn starts)
+        self.max_tokens = cfg.llm.max_tokens
 
     def request(self, n: int) -> TurnRequest:
         with self.lock:
