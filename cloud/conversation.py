@@ -237,7 +237,7 @@ class Jobs(Protocol):
 
 class Player(Protocol):
     """What the machine needs of a speaker. ``pausable``: ``pause`` silences it now and keeps
-    the rest for ``resume`` (else a barge-in stops it)."""
+    the rest, and what it is given meanwhile, for ``resume`` (else a barge-in stops it)."""
 
     pausable: bool
 
@@ -613,7 +613,7 @@ class Conversation:
         let CONFIRM_S or Whisper decide; otherwise stop it now."""
         r = self._reply
         assert r is not None
-        if self.barge_in != "auto" or self.player is None or not self.player.pausable or not self.player.playing:
+        if self.barge_in != "auto" or self.player is None or not self.player.pausable or not self._sounding(r):
             self.stop_reply("barge-in")
             return
         self._barge_at = self.now
@@ -627,16 +627,25 @@ class Conversation:
         self.emit(ReplyPaused(self.now, self._reply.turn, True))
         self._go("paused", "someone over moi")
 
+    def _sounding(self, r: _Reply) -> bool:
+        """The reply has sound to come: in the speaker, or still being made (the speaker may
+        have run dry between two pieces: a pause then holds the next one back)."""
+        return not r.ended or (self.player is not None and self.player.playing)
+
     def _go_on(self) -> None:
         """Nobody was there: the reply goes on where it paused, and for REST_S nothing pauses it
         again for someone the VAD has not heard."""
         if self._paused_at is None:
             return
+        self._unpause()
+        self._rest_until = self.now + REST_S
+        self._go("answering", "nobody: the reply goes on")
+
+    def _unpause(self) -> None:
         assert self.player is not None and self._reply is not None
         self.player.resume()
-        self._paused_at, self._rest_until = None, self.now + REST_S
+        self._paused_at = None
         self.emit(ReplyPaused(self.now, self._reply.turn, False))
-        self._go("answering", "nobody: the reply goes on")
 
     def _pause_for_someone(self) -> None:
         """``auto``: pause the moment the canceller is sure someone is there, which can be 0.3 s
@@ -645,7 +654,7 @@ class Conversation:
         if (self.barge_in != "auto" or over is None or not over.someone or not over.trusted or not self.hears_player
                 or r is None or not r.decided or r.stopping or r.audible_at is None or self._paused_at is not None
                 or self.now < self._rest_until or self.player is None or not self.player.pausable
-                or not self.player.playing):
+                or not self._sounding(r)):
             return
         self._pause()
 
@@ -676,7 +685,11 @@ class Conversation:
                     self.stop_reply("barge-in", self._barge_at)  # they talked on: a person
             elif self.now - self._paused_at >= HOLD_S and not self._speaking:
                 self._go_on()
-        if r is not None and r.decided and r.ended and not (self.player is not None and self.player.playing):
+        if r is not None and r.decided and not self._sounding(r):
+            if self._paused_at is not None:  # paused as it ran dry, and nothing more came: the
+                self._unpause()              # speaker plays the next reply; what the person
+                if self._checking is None:   # says now is theirs (a check under way still decides)
+                    self._barge_at = None
             self._reply = None  # answered, and its reply has played out
             self._go("speaking" if self._speaking else "listening", "reply over")
         if self._reply is None and self.pending and self._checking is None and (self.auto_answer or self._asked) and (

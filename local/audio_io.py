@@ -339,11 +339,14 @@ class Player:
         PortAudio's latency back, what the sound server held unheard (it holds more on some
         sinks: that much is lost). The stream restarts, as on ``stop``: on ALSA's PulseAudio
         plugin a restarted stream starts deep (the virtual card's null sink: 1.7 s, draining in
-        real time), so a resume soon after is heard that much later."""
+        real time), so a resume soon after is heard that much later. With nothing left to play
+        (the reply's next piece is still being made) it holds back what comes until ``resume``."""
         with self._lock:
-            if self._paused or len(self._buf) <= self._pos:
+            if self._paused:
                 return
             self._paused = True
+            if len(self._buf) <= self._pos:
+                return
             self._pos = max(0, self._pos - int(self._latency * self.rate))
         self._silence_now()
 

@@ -93,11 +93,15 @@ class Replay:
 
 class ReplayJobs:
     """The machine's workers on the fake clock: a job's results come ``latency`` s after it
-    was started (answers one after another, as the live worker runs them)."""
+    was started (answers one after another, as the live worker runs them). ``piece_gap_s``:
+    each piece of a reply after the first, and the answer's end, come that much after the one
+    before (a synthesis slower than the speaker, which then runs dry); else all at once."""
 
-    def __init__(self, pipeline: Pipeline, clock, latency: float, check_latency: float) -> None:
+    def __init__(self, pipeline: Pipeline, clock, latency: float, check_latency: float,
+                 piece_gap_s: float | None = None) -> None:
         self.pipeline, self.clock, self.latency, self.check_latency = pipeline, clock, latency, check_latency
-        self.due: list[tuple[float, int, object]] = []
+        self.piece_gap_s = piece_gap_s
+        self.due: list[tuple[float, int, object]] = []  # jobs, and an answer's results to deliver
         self._seq = itertools.count()
         self._free_at = float("-inf")  # answers run one at a time
 
@@ -116,13 +120,27 @@ class ReplayJobs:
             at, _, job = heapq.heappop(self.due)
             if isinstance(job, Check):
                 out.append(Checked(at, job.id, self.pipeline.has_words(job.utterance.audio)))
-                continue
-            assert isinstance(job, Answer)
-            if not job.cancel.is_set():
-                for ev in self.pipeline.answer(job.utterance.audio, job.request, job.cancel, lambda: at):
-                    out.append(Output(at, job.id, ev))
-            out.append(JobEnded(at, job.id))
+            elif isinstance(job, Answer):
+                self._run(job, at)
+            else:  # a result: an answer cancelled meanwhile says nothing more, and ends
+                answer, inp = job
+                if isinstance(inp, JobEnded) or not answer.cancel.is_set():
+                    out.append(inp)
         return out
+
+    def _run(self, job: Answer, at: float) -> None:
+        t, pieces = at, 0
+        if not job.cancel.is_set():
+            for ev in self.pipeline.answer(job.utterance.audio, job.request, job.cancel, lambda: at):
+                if isinstance(ev, ReplyAudio):
+                    if pieces and self.piece_gap_s is not None:
+                        t += self.piece_gap_s
+                    pieces += 1
+                heapq.heappush(self.due, (t, next(self._seq), (job, Output(t, job.id, ev))))
+        if pieces and self.piece_gap_s is not None:
+            t += self.piece_gap_s
+        heapq.heappush(self.due, (t, next(self._seq), (job, JobEnded(t, job.id))))
+        self._free_at = max(self._free_at, t)
 
 
 def replay(
@@ -140,23 +158,27 @@ def replay(
     answering: Audio | None = None,
     answering_s: float = 60.0,
     pausable: bool = True,
+    piece_gap_s: float | None = None,
 ) -> Replay:
     """``audio`` through ``pipeline``'s listening stage and a :class:`Conversation`, then
     ``tail_s`` of fake time (silence) for the last answers to play out. ``over_moi(t)``: the
     echo canceller's verdict at fake time ``t`` (None: no canceller). ``stop_at``: Stop is
     pressed then. ``echo``: a canceller for the listening stage. ``answering``: a question moi
-    is answering as the recording starts (said before it), its reply playing for ``answering_s``."""
+    is answering as the recording starts (said before it), its reply playing for ``answering_s``
+    more than it takes. ``piece_gap_s``: see :class:`ReplayJobs`."""
     now = [0.0]
     clock = lambda: now[0]  # noqa: E731
     events: list[Event] = []
     first_sound: dict[int, float] = {}  # turn -> when its first piece went to the player
+    began_before: set[int] = set()  # the reply playing as the recording starts
     player = FakePlayer(pausable)
-    jobs = ReplayJobs(pipeline, clock, latency, check_latency)
+    jobs = ReplayJobs(pipeline, clock, latency, check_latency, piece_gap_s)
     def emit(ev: Event | None) -> None:
         if ev is None:
             return
         if isinstance(ev, ReplyAudio):
-            first_sound.setdefault(ev.turn, machine.now)
+            if ev.turn not in began_before:
+                first_sound.setdefault(ev.turn, machine.now)
         events.append(ev)
 
     machine = Conversation(pipeline, jobs, emit, player, barge_in=barge_in, hears_player=hears_player)
@@ -169,9 +191,15 @@ def replay(
             machine.step(inp)
         assert machine.answering and player.playing, "moi did not answer the question it starts with"
         player.left += answering_s
+        while jobs.due and jobs.due[0][0] <= 0.0:  # the rest of it (piece_gap_s), on time
+            now[0] = jobs.due[0][0]
+            player.advance(now[0])
+            for inp in jobs.run_due(now[0]):
+                machine.step(inp)
         now[0] = 0.0
         player.advance(0.0)
         events.clear()  # what the recording brings starts here
+        began_before.update(first_sound)
         first_sound.clear()
     silence = Audio.silence(CHUNK / SPEECH_RATE)
     chunks = (Audio(audio.samples[i : i + CHUNK], SPEECH_RATE) for i in range(0, len(audio), CHUNK))

@@ -231,6 +231,25 @@ def test_a_paused_reply_goes_on_where_it_paused(tmp_path):
     assert 1.95 <= loud.sum() / 100 <= 2.3, loud.sum()  # all of it, and at most what was held again
 
 
+def test_a_player_paused_while_it_waits_for_the_next_piece_holds_it_back():
+    """The reply's speaker ran dry between two pieces and was paused then: the next piece,
+    given while it is paused, waits for resume, and then plays whole."""
+    player = Player()
+    try:
+        player.play(Audio.silence(0.2))
+        assert player.wait(timeout=10)  # ran dry
+        player.pause()
+        played = player.played_s
+        player.play(Audio(np.full(8_000, 0.1, np.float32), 16_000))  # 0.5 s
+        time.sleep(0.6)
+        assert player.paused and player.playing and player.played_s == played
+        player.resume()
+        assert player.wait(timeout=5)
+        assert player.played_s - played == pytest.approx(0.5, abs=0.005)
+    finally:
+        player.close()
+
+
 def test_reply_reaches_the_virtual_speaker(engine, vad_model, question, stt, tmp_path):
     raw = tmp_path / "speaker.raw"
     rec = pulse.record(raw)

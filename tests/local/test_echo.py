@@ -28,6 +28,7 @@ from shared.events import (
     ReplyAudio,
     ReplyPaused,
     ReplyStopped,
+    ReplyWithdrawn,
     SpeechEnded,
     SpeechStarted,
     Transcript,
@@ -568,6 +569,38 @@ def test_the_pause_after_a_sound_over_moi_is_not_talking_on(engine, vad_model, s
     assert [w for w, _ in r.player.log if w != "play"] == ["pause", "resume"], r.player.log
     assert not r.of(ReplyStopped) and not r.transcripts()
     assert [d.reason for d in r.of(Dropped)] == ["no words"]
+
+
+@pytest.mark.parametrize("gap_s", [5.4, 11.0, 30.0], ids=["it-ends", "the-piece-comes", "it-comes-later"])
+def test_a_sound_while_the_speaker_waits_for_the_next_piece_pauses_the_reply(engine, vad_model, speech60, gap_s):
+    """The reply is under way, but its speaker has run dry: the next piece is still being made.
+    Its two pieces (0.8 and 1.5 s) and its end come ``gap_s`` apart, from -9.6 s: its end comes
+    during the sound below (5.4), its second piece does (11), or only after it (30). The same
+    short sound over moi as above pauses the reply as it would mid-piece, and does not stop it:
+    the next piece waits in the paused speaker, Whisper finds no words, and the reply goes on.
+    When the reply ends meanwhile, the speaker is no longer held for the next reply, and the
+    sound, still under way, is the person's: a turn of its own, with no words in it."""
+    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
+    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"),
+               Audio.concat([Audio.silence(0.5), faint, Audio.silence(2.0)]), barge_in="auto",
+               over_moi=scripted(0.0), answering=SPOKEN_TO(), answering_s=0.0, piece_gap_s=gap_s, tail_s=25.0)
+    check_invariants(r)
+    (start,) = r.of(SpeechStarted)
+    log = [x for x in r.player.log if x[0] != "play"]
+    assert [w for w, _ in log] == ["pause", "resume"], r.player.log
+    (_, paused), (_, resumed) = log
+    assert start.t <= paused < start.t + 0.1, (start, paused)
+    assert not r.of(ReplyStopped) and not r.of(ReplyWithdrawn)
+    assert [e.paused for e in r.of(ReplyPaused)] == [True, False]
+    assert not r.player.paused and not r.player.playing
+    played = [t for w, t in r.player.log if w == "play" and t >= 0]
+    if gap_s == 5.4:
+        (end,) = r.of(SpeechEnded)
+        assert resumed < end.t and not played, r.player.log  # it ended: nothing more to play
+        assert r.transcripts() == [""] and not r.of(Dropped)
+    else:
+        assert played, f"the second piece was not played: {r.player.log}"
+        assert not r.transcripts() and [d.reason for d in r.of(Dropped)] == ["no words"]
 
 
 def test_a_person_who_talks_on_stops_the_reply_before_they_finish(engine, vad_model, speech60):
