@@ -17,7 +17,8 @@ sample → the speaker silent" is read from the recording: the sentence is found
 subtracted, and what is left is moi; the first sample is the first sound of their speech
 (``speech_onset``), not the room noise the clip starts with. A warm-up turn first lets the
 canceller converge, as the first reply of a session does. Reported per canceller: self-interruptions (a turn or a cut
-that no person caused; target 0), interruptions detected (target ≥ 9 of 10), median time to
+that no person caused; target 0), interruptions detected (the reply stopped, or it was paused for
+them and then had nothing more to say; target ≥ 9 of 10), median time to
 silence (target ≤ 0.3 s), replies paused for a sound that proved to be nobody (they go on),
 and the WER of the interrupting sentences as moi heard them over its
 voice (every transcript of the sentence: a pause in it may end a turn) against the same
@@ -287,9 +288,20 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
     # the same sentences asked while moi was silent, through the same live pipeline
     said_over = {text for _, text, _ in interruptions}
     alone = [wer(text, heard(t, clip)) for t, text, clip in [people[0], *people[1::2]] if text in said_over]
+    def over_while_paused(a: float, b: float) -> bool:  # paused for them, and nothing more came: over, not stopped
+        paused = None
+        for u, ev in log:
+            if ev["type"] == "paused":
+                paused = u if ev["paused"] else None
+            elif ev["type"] == "stopped":
+                paused = None
+            elif ev["type"] == "state" and ev["why"] == "reply over" and paused is not None and a <= paused <= b:
+                return True
+        return False
+
     for t, text, clip in interruptions:
         stops = [u for u, ev in log if ev["type"] == "stopped" and t <= u <= t + clip.seconds + 1.2]
-        if not stops:
+        if not stops and not over_while_paused(t, t + clip.seconds + 1.2):
             continue
         detected += 1
         wers.append(wer(text, heard(t, clip)))

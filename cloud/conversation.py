@@ -316,7 +316,7 @@ class Conversation:
         self._over: OverMoi | None = None
         self._utterance = "person"  # the utterance under way: person | held (moi's echo?) | muted (half-duplex)
         self._paused_at: float | None = None  # the reply was paused for someone ...
-        self._barge_at: float | None = None  # ... whom the VAD heard then (a barge-in to confirm)
+        self._barge_at: float | None = None  # ... whom the VAD heard then, still talking (a barge-in to confirm)
         self._voiced_at = 0.0  # when the VAD last heard voice (a pause inside an utterance is not voice)
         self._rest_until = 0.0
         self._checking: Check | None = None
@@ -452,9 +452,10 @@ class Conversation:
         kind, self._utterance = self._utterance, "person"
         if ev.audio is None:
             self.emit(Dropped(self.now, ev.start, ev.at, "too short"))
-            if self._barge_at is not None and self._checking is None:  # a blip over moi: nobody
+            if self._barge_at is not None:  # a blip over moi: nobody
                 self._barge_at = None
-                self._go_on()
+                if self._checking is None:
+                    self._go_on()
             self._after_speech()
             return
         said = Utterance(ev.audio, ((ev.start, ev.at),))
@@ -465,7 +466,10 @@ class Conversation:
         if ev.forced:  # max_utterance_s: the person talks on; one turn with what follows
             self.pending.append(said)
             return
-        if self._barge_at is not None and self._checking is None:  # ended before CONFIRM_S: words in it?
+        if self._barge_at is not None:  # ended before CONFIRM_S: words in it? (with what is being checked)
+            self._barge_at = None
+            if self._checking is not None:
+                said = Utterance.join([self._checking.utterance, said])
             self._checking = Check(next(self._ids), said)
             self.jobs.check(self._checking)
             return
@@ -510,7 +514,7 @@ class Conversation:
         thread's waiting typed message is, now."""
         r = self._reply
         if r is not None and r.decided:
-            if not r.ended:
+            if not r.ended or self._paused_at is not None:  # paused: someone may be talking over it
                 self.emit(ErrorEvent(self.now, "a response is in progress: cancel it first"))
                 return
             self._reply = None  # it only plays out: the next reply plays after it
@@ -637,15 +641,11 @@ class Conversation:
         again for someone the VAD has not heard."""
         if self._paused_at is None:
             return
-        self._unpause()
-        self._rest_until = self.now + REST_S
-        self._go("answering", "nobody: the reply goes on")
-
-    def _unpause(self) -> None:
         assert self.player is not None and self._reply is not None
         self.player.resume()
-        self._paused_at = None
+        self._paused_at, self._rest_until = None, self.now + REST_S
         self.emit(ReplyPaused(self.now, self._reply.turn, False))
+        self._go("answering", "nobody: the reply goes on")
 
     def _pause_for_someone(self) -> None:
         """``auto``: pause the moment the canceller is sure someone is there, which can be 0.3 s
@@ -662,15 +662,16 @@ class Conversation:
         job = self._checking
         if job is None or c.job != job.id:
             return
-        self._checking, self._barge_at = None, None
+        self._checking = None
         if c.words:  # a person: the reply stops, and what they said is theirs to be answered
             self.stop_reply("barge-in")
             self.pending.append(job.utterance)
             self.pending.sort(key=lambda u: u.spans[0][0])
         else:
-            start, end = job.utterance.spans[0]
-            self.emit(Dropped(self.now, start, end, "no words"))
-            self._go_on()
+            for start, end in job.utterance.spans:
+                self.emit(Dropped(self.now, start, end, "no words"))
+            if self._barge_at is None:  # else they talk again: that utterance decides
+                self._go_on()
 
     def _trusted(self) -> bool:
         return self._over is not None and self._over.trusted
@@ -681,15 +682,14 @@ class Conversation:
         r = self._reply
         if self._paused_at is not None and r is not None:
             if self._barge_at is not None:
-                if self._checking is None and self._speaking and self._voiced_at - self._barge_at >= CONFIRM_S:
+                if self._speaking and self._voiced_at - self._barge_at >= CONFIRM_S:
                     self.stop_reply("barge-in", self._barge_at)  # they talked on: a person
-            elif self.now - self._paused_at >= HOLD_S and not self._speaking:
+            elif self._checking is None and self.now - self._paused_at >= HOLD_S and not self._speaking:
                 self._go_on()
         if r is not None and r.decided and not self._sounding(r):
             if self._paused_at is not None:  # paused as it ran dry, and nothing more came: the
-                self._unpause()              # speaker plays the next reply; what the person
-                if self._checking is None:   # says now is theirs (a check under way still decides)
-                    self._barge_at = None
+                self.player.resume()         # speaker is free for the next reply; what the person
+                self._paused_at = self._barge_at = None  # says now is theirs (a check under way still decides)
             self._reply = None  # answered, and its reply has played out
             self._go("speaking" if self._speaking else "listening", "reply over")
         if self._reply is None and self.pending and self._checking is None and (self.auto_answer or self._asked) and (

@@ -591,16 +591,53 @@ def test_a_sound_while_the_speaker_waits_for_the_next_piece_pauses_the_reply(eng
     (_, paused), (_, resumed) = log
     assert start.t <= paused < start.t + 0.1, (start, paused)
     assert not r.of(ReplyStopped) and not r.of(ReplyWithdrawn)
-    assert [e.paused for e in r.of(ReplyPaused)] == [True, False]
     assert not r.player.paused and not r.player.playing
     played = [t for w, t in r.player.log if w == "play" and t >= 0]
     if gap_s == 5.4:
         (end,) = r.of(SpeechEnded)
         assert resumed < end.t and not played, r.player.log  # it ended: nothing more to play
+        assert [e.paused for e in r.of(ReplyPaused)] == [True]  # over, not "went on"
         assert r.transcripts() == [""] and not r.of(Dropped)
     else:
+        assert [e.paused for e in r.of(ReplyPaused)] == [True, False]
         assert played, f"the second piece was not played: {r.player.log}"
         assert not r.transcripts() and [d.reason for d in r.of(Dropped)] == ["no words"]
+
+
+def test_a_person_who_talks_while_a_sound_over_moi_is_checked_is_still_heard(engine, vad_model, speech60):
+    """A short sound over moi pauses the reply, and Whisper is slow to say it held no words
+    (2 s); meanwhile the person starts a sentence. The reply stays paused for them, and stops
+    once they have talked on for CONFIRM_S, without waiting for the check: it does not go on
+    over them when the check finds no words in the sound."""
+    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
+    spoken = Audio.concat([Audio.silence(0.5), faint, Audio.silence(0.8), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
+    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"), spoken, barge_in="auto",
+               over_moi=scripted(0.0), answering=SPOKEN_TO(), check_latency=2.0, tail_s=3.0)
+    check_invariants(r)
+    first, second = r.of(SpeechStarted)
+    log = [x for x in r.player.log if x[0] != "play"]
+    assert [w for w, _ in log] == ["pause", "stop"], log
+    (_, paused), (_, stopped) = log
+    assert first.t <= paused < first.t + 0.1 and second.t + CONFIRM_S <= stopped < second.t + CONFIRM_S + 0.2, log
+    assert [d.reason for d in r.of(Dropped)] == ["no words"] and [e.reason for e in r.of(ReplyStopped)] == ["barge-in"]
+    assert {"answer", "sonny"} <= words(" ".join(r.transcripts()))
+
+
+def test_two_short_utterances_over_moi_are_checked_together(engine, vad_model, speech60):
+    """A short sound over moi, then, while Whisper is still checking it, a few words (under
+    CONFIRM_S): the second is checked with the first, its words stop the reply, and both are
+    the person's next turn (before, it waited for the reply to play out, which went on)."""
+    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
+    spoken = Audio.concat([Audio.silence(0.5), faint, Audio.silence(0.8), speech60.slice(1.2, 2.3), Audio.silence(1.0)])
+    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"), spoken, barge_in="auto",
+               over_moi=scripted(0.0), answering=SPOKEN_TO(), check_latency=3.0, tail_s=3.0)
+    check_invariants(r)
+    _, second = r.of(SpeechEnded)
+    log = [x for x in r.player.log if x[0] != "play"]
+    assert [w for w, _ in log] == ["pause", "stop"], r.player.log
+    assert log[1][1] >= second.t + 3.0, (log, second)  # by the check of both, not by voice
+    assert not r.of(Dropped) and [e.reason for e in r.of(ReplyStopped)] == ["barge-in"]
+    assert "dublin" in words(" ".join(r.transcripts())), r.transcripts()
 
 
 def test_a_person_who_talks_on_stops_the_reply_before_they_finish(engine, vad_model, speech60):
