@@ -106,6 +106,7 @@ class ReplayJobs:
         self._free_at = float("-inf")  # answers run one at a time
 
     def answer(self, job: Answer) -> None:
+        self._end_cancelled(self.clock())
         at = max(self.clock(), self._free_at) + self.latency
         self._free_at = at
         heapq.heappush(self.due, (at, next(self._seq), job))
@@ -115,6 +116,7 @@ class ReplayJobs:
 
     def run_due(self, now: float) -> list:
         """The inputs of every job due by ``now``, in order."""
+        self._end_cancelled(now)
         out: list = []
         while self.due and self.due[0][0] <= now:
             at, _, job = heapq.heappop(self.due)
@@ -127,6 +129,21 @@ class ReplayJobs:
                 if isinstance(inp, JobEnded) or not answer.cancel.is_set():
                     out.append(inp)
         return out
+
+    def _end_cancelled(self, now: float) -> None:
+        """An answer cancelled while its pieces were still to come ends now, as the live worker's
+        does at its next step: what it had left is dropped, and the next answer need not wait."""
+        cut = {id(item[0]) for at, _, item in self.due if isinstance(item, tuple) and item[0].cancel.is_set()
+               and (at > now or not isinstance(item[1], JobEnded))}
+        if not cut:
+            return
+        kept = [d for d in self.due if not (isinstance(d[2], tuple) and id(d[2][0]) in cut)]
+        ended = {id(d[2][0]): d[2][0] for d in self.due if isinstance(d[2], tuple) and id(d[2][0]) in cut}
+        kept += [(now, next(self._seq), (job, JobEnded(now, job.id))) for job in ended.values()]
+        heapq.heapify(kept)
+        self.due = kept
+        self._free_at = max((at for at, _, item in kept if isinstance(item, Answer)
+                             or isinstance(item, tuple) and isinstance(item[1], JobEnded)), default=float("-inf"))
 
     def _run(self, job: Answer, at: float) -> None:
         t, pieces = at, 0

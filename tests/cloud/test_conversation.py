@@ -23,7 +23,8 @@ from cloud.live import CLOSE_S, IDLE_HOLD_S, LiveSession
 from cloud.pipeline import Pipeline
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import Dropped, MeterTick, ReplyAudio, ReplyPaused, ReplyStopped, ReplyWithdrawn, StateChanged, TurnStarted
+from shared.events import (Dropped, MeterTick, ReplyAudio, ReplyPaused, ReplyStopped, ReplyWithdrawn, SpeechEnded,
+                           StateChanged, TurnStarted)
 from shared.models import resolve
 from shared.text import spoken_words
 from tests.replay import check_invariants, replay
@@ -126,16 +127,23 @@ def test_a_barge_in_with_a_pause_in_it_is_one_turn(engine, vad_model, smart_turn
     assert wer(r.transcripts()[-1:]) <= 0.1, r.transcripts()
 
 
-def test_stop_cuts_the_reply_and_the_next_turn_is_answered(engine, vad_model, smart_turn, speech60):
+@pytest.mark.parametrize("piece_gap_s, stop_at", [(None, 4.0), (6.0, 5.5)])
+def test_stop_cuts_the_reply_and_the_next_turn_is_answered(engine, vad_model, smart_turn, speech60, piece_gap_s, stop_at):
     """Stop while moi answers: the speaker goes quiet then, and what the person says next is
-    answered as before."""
+    answered as before; also when Stop comes while the speaker waits for the next piece (6 s
+    apart): the answer ends there, and the next turn does not wait for the pieces it dropped."""
     q = speech60.slice(0.0, 2.3)
     spoken = Audio.concat([Audio.silence(0.3), q, Audio.silence(4.0), speech60.slice(2.5, 7.0), Audio.silence(0.5)])
-    r = replay(pipeline(engine, vad_model, smart_turn, "echo"), spoken, stop_at=4.0, tail_s=8.0)
+    r = replay(pipeline(engine, vad_model, smart_turn, "echo"), spoken, stop_at=stop_at, tail_s=8.0,
+               piece_gap_s=piece_gap_s)
     check_invariants(r)
-    assert [e.reason for e in r.of(ReplyStopped)] == ["stop"]
-    assert ("stop", pytest.approx(4.0, abs=0.04)) in [(w, t) for w, t in r.player.log if w == "stop"]
+    (stop,) = r.of(ReplyStopped)
+    assert stop.reason == "stop" and stop.t == pytest.approx(stop_at, abs=0.04)
+    stops = [t for w, t in r.player.log if w == "stop"]
+    assert stops == ([pytest.approx(stop_at, abs=0.04)] if piece_gap_s is None else []), r.player.log  # else dry
     assert len(r.first_sound) == 2 and len(r.transcripts()) == 2
+    last = r.of(SpeechEnded)[-1]
+    assert r.first_sound[2] - last.t <= 0.5, (r.first_sound, last)  # the answer's latency, no more
 
 
 # --- shutdown on real threads ------------------------------------------------------------------
