@@ -17,8 +17,8 @@ sample → the speaker silent" is read from the recording: the sentence is found
 subtracted, and what is left is moi; the first sample is the first sound of their speech
 (``speech_onset``), not the room noise the clip starts with. A warm-up turn first lets the
 canceller converge, as the first reply of a session does. Reported per canceller: self-interruptions (a turn or a cut
-that no person caused; target 0), interruptions detected (the reply stopped, or it was paused for
-them and then had nothing more to say; target ≥ 9 of 10), median time to
+that no person caused; target 0), interruptions detected (the reply stopped, or paused and then
+stopped or had nothing more to say, within 1.2 s of the sentence's end; target ≥ 9 of 10), median time to
 silence (target ≤ 0.3 s), replies paused for a sound that proved to be nobody (they go on),
 and the WER of the interrupting sentences as moi heard them over its
 voice (every transcript of the sentence: a pause in it may end a turn) against the same
@@ -261,9 +261,23 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
     def spans(after: float) -> dict[float, float]:  # each sentence played: until ``after`` s past its end, or the next
         return {u: min(u + clip.seconds + after, starts[starts.index(u) + 1]) for u, _, clip in people}
 
+    # moi's reactions, each at what caused it: a stop, or a reply that ran out while paused, at the
+    # pause it followed (a barge-in pauses at once; a short sentence is confirmed by Whisper only
+    # after it ends, up to a second of turn-taking wait later), else where it happened
+    reactions, paused = [], None
+    for u, ev in log:
+        if ev["type"] == "paused":
+            paused = u if ev["paused"] else None
+        elif ev["type"] == "stopped":
+            reactions.append(paused if paused is not None else u)
+            paused = None
+        elif ev["type"] == "state" and ev["why"] == "reply over" and paused is not None:
+            reactions.append(paused)  # paused for them, and nothing more came: over, not stopped
+            paused = None
+
     heard_in, cut_in = spans(HEARD_S), spans(1.2)
     self_turns = sum(1 for t, ev in log if ev["type"] == "transcript" and not any(a <= t <= b for a, b in heard_in.items()))
-    self_cuts = sum(1 for t, ev in log if ev["type"] == "stopped" and not any(a <= t <= b for a, b in cut_in.items()))
+    self_cuts = sum(1 for t in reactions if not any(a <= t <= b for a, b in cut_in.items()))
     went_on = sum(1 for t, ev in log if ev["type"] == "paused" and not ev["paused"])  # paused for nobody
 
     # A turn stopped as its reply began is withdrawn and answered again with what the person says
@@ -288,20 +302,8 @@ def measure(name: str, log, people, pcm: np.ndarray, rec_started: float) -> dict
     # the same sentences asked while moi was silent, through the same live pipeline
     said_over = {text for _, text, _ in interruptions}
     alone = [wer(text, heard(t, clip)) for t, text, clip in [people[0], *people[1::2]] if text in said_over]
-    def over_while_paused(a: float, b: float) -> bool:  # paused for them, and nothing more came: over, not stopped
-        paused = None
-        for u, ev in log:
-            if ev["type"] == "paused":
-                paused = u if ev["paused"] else None
-            elif ev["type"] == "stopped":
-                paused = None
-            elif ev["type"] == "state" and ev["why"] == "reply over" and paused is not None and a <= paused <= b:
-                return True
-        return False
-
     for t, text, clip in interruptions:
-        stops = [u for u, ev in log if ev["type"] == "stopped" and t <= u <= t + clip.seconds + 1.2]
-        if not stops and not over_while_paused(t, t + clip.seconds + 1.2):
+        if not any(t <= u <= t + clip.seconds + 1.2 for u in reactions):
             continue
         detected += 1
         wers.append(wer(text, heard(t, clip)))
