@@ -133,13 +133,12 @@ class ReplayJobs:
     def _end_cancelled(self, now: float) -> None:
         """An answer cancelled while its pieces were still to come ends now, as the live worker's
         does at its next step: what it had left is dropped, and the next answer need not wait."""
-        cut = {id(item[0]) for at, _, item in self.due if isinstance(item, tuple) and item[0].cancel.is_set()
+        cut = {item[0].id: item[0] for at, _, item in self.due if isinstance(item, tuple) and item[0].cancel.is_set()
                and (at > now or not isinstance(item[1], JobEnded))}
         if not cut:
             return
-        kept = [d for d in self.due if not (isinstance(d[2], tuple) and id(d[2][0]) in cut)]
-        ended = {id(d[2][0]): d[2][0] for d in self.due if isinstance(d[2], tuple) and id(d[2][0]) in cut}
-        kept += [(now, next(self._seq), (job, JobEnded(now, job.id))) for job in ended.values()]
+        kept = [d for d in self.due if not (isinstance(d[2], tuple) and d[2][0].id in cut)]
+        kept += [(now, next(self._seq), (job, JobEnded(now, job.id))) for job in cut.values()]
         heapq.heapify(kept)
         self.due = kept
         self._free_at = max((at for at, _, item in kept if isinstance(item, Answer)

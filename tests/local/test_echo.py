@@ -543,10 +543,8 @@ def test_speech_whisper_finds_no_words_in_lets_the_reply_go_on(engine, vad_model
     from cloud import conversation
 
     monkeypatch.setattr(conversation, "CONFIRM_S", 60.0)  # Whisper decides (its pause counts as talking on)
-    faint = Audio(speech60.slice(48.6, 50.2).samples * 10 ** (-35 / 20), R)
-    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"),
-               Audio.concat([Audio.silence(0.5), faint, Audio.silence(1.0)]), barge_in="auto",
-               over_moi=scripted(0.0), answering=SPOKEN_TO(), tail_s=2.0)
+    spoken = Audio.concat([Audio.silence(0.5), faint(speech60, 50.2), Audio.silence(1.0)])
+    r = over_moi_s_reply(engine, vad_model, spoken, tail_s=2.0)
     check_invariants(r)
     assert any(isinstance(e, SpeechEnded) and e.seconds > 0.5 for e in r.events)  # an utterance, not a blip
     assert [w for w, _ in r.player.log if w != "play"] == ["pause", "resume"], r.player.log
@@ -559,10 +557,8 @@ def test_the_pause_after_a_sound_over_moi_is_not_talking_on(engine, vad_model, s
     then silence: the VAD holds the utterance open for silence_ms before it ends it, past
     CONFIRM_S from the barge-in. That pause is nobody talking on: the reply waits for Whisper,
     which finds no words, and goes on."""
-    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
-    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"),
-               Audio.concat([Audio.silence(0.5), faint, Audio.silence(2.0)]), barge_in="auto",
-               over_moi=scripted(0.0), answering=SPOKEN_TO(), tail_s=2.0)
+    spoken = Audio.concat([Audio.silence(0.5), faint(speech60, 49.5), Audio.silence(2.0)])
+    r = over_moi_s_reply(engine, vad_model, spoken, tail_s=2.0)
     check_invariants(r)
     (start,), (end,) = r.of(SpeechStarted), r.of(SpeechEnded)
     assert end.t - start.t > CONFIRM_S, (start, end)  # the utterance outlasted CONFIRM_S, in its pause
@@ -580,10 +576,8 @@ def test_a_sound_while_the_speaker_waits_for_the_next_piece_pauses_the_reply(eng
     the next piece waits in the paused speaker, Whisper finds no words, and the reply goes on.
     When the reply ends meanwhile, the speaker is no longer held for the next reply, and the
     sound, still under way, is the person's: a turn of its own, with no words in it."""
-    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
-    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"),
-               Audio.concat([Audio.silence(0.5), faint, Audio.silence(2.0)]), barge_in="auto",
-               over_moi=scripted(0.0), answering=SPOKEN_TO(), answering_s=0.0, piece_gap_s=gap_s, tail_s=25.0)
+    spoken = Audio.concat([Audio.silence(0.5), faint(speech60, 49.5), Audio.silence(2.0)])
+    r = over_moi_s_reply(engine, vad_model, spoken, answering_s=0.0, piece_gap_s=gap_s, tail_s=25.0)
     check_invariants(r)
     (start,) = r.of(SpeechStarted)
     log = [x for x in r.player.log if x[0] != "play"]
@@ -609,10 +603,9 @@ def test_a_person_who_talks_while_a_sound_over_moi_is_checked_is_still_heard(eng
     (2 s); meanwhile the person starts a sentence. The reply stays paused for them, and stops
     once they have talked on for CONFIRM_S, without waiting for the check: it does not go on
     over them when the check finds no words in the sound."""
-    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
-    spoken = Audio.concat([Audio.silence(0.5), faint, Audio.silence(0.8), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
-    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"), spoken, barge_in="auto",
-               over_moi=scripted(0.0), answering=SPOKEN_TO(), check_latency=2.0, tail_s=3.0)
+    spoken = Audio.concat([Audio.silence(0.5), faint(speech60, 49.5), Audio.silence(0.8), speech60.slice(2.5, 7.0),
+                           Audio.silence(1.0)])
+    r = over_moi_s_reply(engine, vad_model, spoken, check_latency=2.0, tail_s=3.0)
     check_invariants(r)
     first, second = r.of(SpeechStarted)
     log = [x for x in r.player.log if x[0] != "play"]
@@ -627,10 +620,9 @@ def test_two_short_utterances_over_moi_are_checked_together(engine, vad_model, s
     """A short sound over moi, then, while Whisper is still checking it, a few words (under
     CONFIRM_S): the second is checked with the first, its words stop the reply, and both are
     the person's next turn (before, it waited for the reply to play out, which went on)."""
-    faint = Audio(speech60.slice(48.6, 49.5).samples * 10 ** (-35 / 20), R)
-    spoken = Audio.concat([Audio.silence(0.5), faint, Audio.silence(0.8), speech60.slice(1.2, 2.3), Audio.silence(1.0)])
-    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"), spoken, barge_in="auto",
-               over_moi=scripted(0.0), answering=SPOKEN_TO(), check_latency=3.0, tail_s=3.0)
+    spoken = Audio.concat([Audio.silence(0.5), faint(speech60, 49.5), Audio.silence(0.8), speech60.slice(1.2, 2.3),
+                           Audio.silence(1.0)])
+    r = over_moi_s_reply(engine, vad_model, spoken, check_latency=3.0, tail_s=3.0)
     check_invariants(r)
     _, second = r.of(SpeechEnded)
     log = [x for x in r.player.log if x[0] != "play"]
@@ -644,8 +636,7 @@ def test_a_person_who_talks_on_stops_the_reply_before_they_finish(engine, vad_mo
     """The reply pauses as the person starts, and stops CONFIRM_S later while they are still
     talking (4.5 s); what they said is the next turn."""
     spoken = Audio.concat([Audio.silence(0.5), speech60.slice(2.5, 7.0), Audio.silence(1.0)])
-    r = replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"), spoken, barge_in="auto",
-               over_moi=scripted(0.0), answering=SPOKEN_TO(), tail_s=3.0)
+    r = over_moi_s_reply(engine, vad_model, spoken, tail_s=3.0)
     check_invariants(r)
     log = [x for x in r.player.log if x[0] != "play"]
     assert [w for w, _ in log] == ["pause", "stop"], log
@@ -676,6 +667,19 @@ def test_over_moi_speech_starts_at_the_lower_threshold(vad_model, speech60):
         pipe = Pipeline(None, Segmenter(vad_model, vad), replace(CFG, vad=vad), "transcribe")
         starts = [e for e in pipe.listen(Mic(heard), echo=LinearHeard(playing=playing)) if isinstance(e, SpeechStarted)]
         assert bool(starts) == playing, (playing, peak)
+
+
+def faint(speech60: Audio, end: float) -> Audio:
+    """The lecture from 48.6 s to ``end``, 35 dB down (-59 dBFS): Silero still hears speech in
+    it, Whisper finds no words."""
+    return Audio(speech60.slice(48.6, end).samples * 10 ** (-35 / 20), R)
+
+
+def over_moi_s_reply(engine, vad_model, spoken: Audio, **kw):  # noqa: ANN001, ANN201
+    """``spoken`` replayed over moi's reply to SPOKEN_TO, in ``auto``, with a canceller that
+    lets a person through from the start."""
+    return replay(Pipeline(engine, Segmenter(vad_model, CFG.vad), CFG, "echo"), spoken, barge_in="auto",
+                  over_moi=scripted(0.0), answering=SPOKEN_TO(), **kw)
 
 
 def SPOKEN_TO() -> Audio:  # noqa: N802 - a constant that needs the recording
