@@ -332,7 +332,8 @@ def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, 
         near = int((turn.played_at - rec_started) * SPEECH_RATE)
         onset = find(clip, pcm, near, SPEECH_RATE)  # where the question starts in the recording
         end = onset + len(clip)  # the end of its last word
-        after = np.nonzero(db[end // hop :] > AUDIBLE_DB)[0]
+        first = -(-end // hop)  # the first frame wholly after the question: not its own last samples
+        after = np.nonzero(db[first:] > AUDIBLE_DB)[0]
         stopped = {ev["turn"] for _, ev in turn.events if ev["type"] == "stopped"}
         done = next((ev for _, ev in turn.events if ev["type"] == "turn_done" and ev["turn"] not in stopped), None)
         start_ev = next((ev for _, ev in turn.events if ev["type"] == "speech_start"), None)
@@ -348,7 +349,7 @@ def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, 
         if done is None or not len(after):
             rows.append({"question": turn.question, "error": "no reply heard", "wer": wer})
             continue
-        heard = (end // hop + int(after[0])) * hop
+        heard = (first + int(after[0])) * hop
         cuts = sum(ev["type"] == "speech_end" for _, ev in turn.events)
         latency = (heard - end) / SPEECH_RATE
         tm = done["timings"]

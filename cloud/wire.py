@@ -44,8 +44,10 @@ def pick_voice(requested: str, installed: list[str]) -> str | None:
     name, kind = twin
     if name in installed:
         return name
-    # Kokoro names its voices <language><f|m>_<name>: jf_alpha is a female voice, jm_kumo a male one.
-    return next((v for v in installed if len(v) > 2 and v[1] == kind), installed[0] if installed else None)
+    # Kokoro names its voices <language><f|m>_<name>: jf_alpha is a female voice, jm_kumo a male
+    # one. Other voices (Piper's "joe", "amy") say nothing of their kind: the first answers.
+    kin = (v for v in installed if len(v) > 3 and v[2] == "_" and v[1] == kind)
+    return next(kin, installed[0] if installed else None)
 PCM_TYPES = frozenset({"audio/l16", "audio/pcm"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

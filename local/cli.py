@@ -89,7 +89,10 @@ def main(
     save_reply: Optional[Path] = typer.Option(None, "--save-reply", help="Write the spoken reply to this WAV."),
     as_json: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     meters: bool = typer.Option(True, "--meters/--no-meters", help="Include meter ticks in --json output."),
-    voice: Optional[str] = typer.Option(None, "--voice", help="Kokoro voice: `moi models` lists the installed ones."),
+    voice: Optional[str] = typer.Option(None, "--voice", help="Voice by name: `moi models` lists the installed ones."),
+    tts: Optional[str] = typer.Option(
+        None, "--tts", help="Voice model: kokoro-int8 (default offline), piper-joe (~9x faster on a CPU), a path or hub id."
+    ),
     language: Optional[str] = typer.Option(None, "--language", help="Spoken language (Whisper code)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest reply in tokens."),
     llm_backend: Optional[str] = typer.Option(None, "--llm-backend", help="llama_cpp | transformers | auto"),
@@ -101,7 +104,8 @@ def main(
 
     try:
         cfg = Config.load(
-            stt__language=language, tts__voice=voice, llm__max_tokens=max_tokens, llm__backend=llm_backend
+            stt__language=language, tts__voice=voice, tts__model=tts, llm__max_tokens=max_tokens,
+            llm__backend=llm_backend,
         )
         _check_echo(cfg)
         if output not in (None, "speaker") and not output.lower().endswith(".wav"):

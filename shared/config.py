@@ -120,8 +120,8 @@ class LlmConfig:
 @dataclass(frozen=True)
 class TtsConfig:
     model: str = "auto"
-    backend: str = "auto"  # onnx | torch | auto (onnx unless a torch Kokoro is resolved)
-    voice: str = "auto"  # af_heart from the hub; jf_alpha from the offline pack
+    backend: str = "auto"  # onnx | torch | piper | auto (the one the resolved model's format needs)
+    voice: str = "auto"  # af_heart from the hub; jf_alpha from the offline Kokoro pack, joe from Piper's
     speed: float = 1.0
     lang: str = "en-us"
     first_clause_chars: int = 24  # speak the first clause early when a sentence is longer
@@ -129,7 +129,7 @@ class TtsConfig:
     # a longer sentence is cut at its clause breaks (0: never): a Stop or a barge-in waits for
     # the piece being synthesized, and with it the person's next turn
     max_piece_chars: int = 80
-    threads: int = 0  # onnxruntime threads for Kokoro ONNX; 0: every core (they sleep when idle)
+    threads: int = 0  # onnxruntime threads for Kokoro ONNX or Piper; 0: every core (they sleep when idle)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,14 @@ def tts(runners):
 
 
 @pytest.fixture(scope="session")
+def piper():
+    """Piper's en_US joe (``--tts piper-joe``): the fast offline voice; ``tts`` is the default's, Kokoro."""
+    from cloud.tts import TextToSpeech
+
+    return TextToSpeech(resolve("tts", "piper-joe"))
+
+
+@pytest.fixture(scope="session")
 def chat(runners):
     return runners.chat
 

@@ -294,6 +294,8 @@ def test_pick_voice_prefers_the_twin_then_the_same_kind():
     pack = ["jf_alpha", "jf_gongitsune", "jm_kumo"]
     assert pick_voice("nova", pack) == "jf_alpha" and pick_voice("ONYX", pack) == "jm_kumo"
     assert pick_voice("jm_kumo", pack) == "jm_kumo" and pick_voice("af_nope", pack) is None
+    # Piper's voices say nothing of their kind ("amy" is not a male Kokoro voice): the first answers
+    assert pick_voice("alloy", ["joe"]) == "joe" and pick_voice("onyx", ["joe", "amy"]) == "joe"
 
 
 SPOKEN = "Set a timer for five minutes, please."

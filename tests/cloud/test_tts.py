@@ -8,11 +8,27 @@ from shared.text import SentenceStream, split_sentences
 from tests.conftest import words
 
 
-def test_kokoro_to_whisper_round_trip(tts, stt):
+@pytest.fixture(params=["piper", "kokoro"])
+def voice(request):
+    """Each TTS model moi ships: Kokoro (the offline default) and Piper's joe."""
+    return request.getfixturevalue("piper" if request.param == "piper" else "tts")
+
+
+def test_tts_to_whisper_round_trip(voice, stt):
     sentence = "Set a timer for five minutes, please."
-    audio = tts.synthesize(sentence)
+    audio = voice.synthesize(sentence)
     assert audio.sample_rate == 24_000 and 1.0 < audio.seconds < 5.0
     assert words(stt.transcribe(audio).text) >= {"set", "timer", "five", "minutes"}
+
+
+def test_piper_speaks_as_joe_and_speed_is_its_pace(piper, stt):
+    assert piper.backend.name == "piper" and piper.voices == ("joe",) and piper.default_voice == "joe"
+    text = "The weather is lovely today, so we should go for a walk."
+    normal, fast = piper.synthesize(text), piper.synthesize(text, speed=1.5)
+    assert 0.55 < fast.seconds / normal.seconds < 0.8  # Piper's length scale, 1/speed
+    assert {"weather", "lovely", "walk"} <= words(stt.transcribe(fast).text)
+    with pytest.raises(ConfigError, match="unknown voice 'jf_alpha'; this model has: joe"):
+        piper.synthesize("Hello.", voice="jf_alpha")
 
 
 def test_speak_yields_per_sentence_first_clause_early(tts, stt):
@@ -119,21 +135,22 @@ def test_a_long_sentence_is_cut_where_it_breaks_so_a_stop_need_not_wait_for_it()
     assert split_sentences("A" * 100 + " end.", 24, 0, 80) == ["A" * 100 + " end."]  # no break: whole
 
 
-def test_a_stop_ends_the_piece_being_synthesized(tts):
-    """``cancel`` set while a piece is synthesized ends it there (a piece took up to 6 s on a
-    busy laptop, and a barge-in waited for it): nothing of it comes out, and the next piece
-    synthesizes as ever."""
-    text = "The people of your world have found a new way to make their greatest dreams come true at last."
+def test_a_stop_ends_the_piece_being_synthesized(voice):
+    """``cancel`` set while a piece is synthesized ends it there (a Kokoro piece took up to 6 s
+    on a busy laptop, and a barge-in waited for it): nothing of it comes out, and the next piece
+    synthesizes as ever. Four sentences as one piece: ~20 s of speech, longer than 0.1 s to
+    make even for Piper."""
+    text = " ".join(["The people of your world have found a new way to make their greatest dreams come true."] * 4)
     cancel = threading.Event()
     threading.Timer(0.1, cancel.set).start()
-    assert list(tts.speak(text, split=False, cancel=cancel)) == []
-    assert tts.synthesize("Hello there.").seconds > 0.5
-    assert [s.text for s in tts.speak("Hello there.", cancel=threading.Event())] == ["Hello there."]
+    assert list(voice.speak(text, split=False, cancel=cancel)) == []
+    assert voice.synthesize("Hello there.").seconds > 0.5
+    assert [s.text for s in voice.speak("Hello there.", cancel=threading.Event())] == ["Hello there."]
 
 
-def test_a_piece_starts_at_its_first_sound(tts):
+def test_a_piece_starts_at_its_first_sound(voice):
     """Kokoro leads each piece with 30-50 ms of near silence: the first piece would make the
     person wait through it, so a piece starts 10 ms before its first sound."""
-    samples = tts.synthesize("Dublin is a city.").samples
+    samples = voice.synthesize("Dublin is a city.").samples
     onset = np.flatnonzero(np.abs(samples) > 10 ** (-50 / 20))[0] / 24_000
     assert 0.005 <= onset <= 0.011

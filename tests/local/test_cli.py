@@ -44,6 +44,18 @@ def test_chat_on_the_sample_prints_you_and_moi_and_saves_the_reply(tmp_path):
         assert w.getframerate() == 24_000 and w.getnchannels() == 1 and w.getnframes() > 24_000
 
 
+def test_the_echo_pipeline_speaks_with_piper_when_asked(tmp_path, stt):
+    """``--tts piper-joe``: the same pipeline, Piper's voice; what it says back is what Whisper heard."""
+    out = tmp_path / "echo.wav"
+    r = moi("--local", "--input", "sample", "--pipeline", "echo", "--tts", "piper-joe", "--save-reply", str(out))
+    assert r.returncode == 0, r.stderr
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 24_000
+    assert {"dublin"} <= words(stt.transcribe(decode(out)).text)
+    bad = moi("--local", "--input", "sample", "--tts", "piper-nope")
+    assert bad.returncode != 0 and "unknown model 'piper-nope'" in bad.stderr
+
+
 def test_no_speech_is_said_and_is_not_a_failure(tmp_path):
     path = tmp_path / "hum.wav"
     t = np.arange(3 * SPEECH_RATE) / SPEECH_RATE

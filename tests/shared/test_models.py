@@ -11,6 +11,9 @@ def test_auto_finds_the_shipped_packs():
     assert (found["stt"].path / "model.bin").exists() and found["stt"].format == "ctranslate2"
     assert found["llm"].path.suffix == ".gguf" and found["llm"].format == "gguf"
     assert found["tts"].format == "onnx" and found["tts"].extras["voices"].suffix == ".npz"
+    piper = resolve("tts", "piper-joe")
+    assert piper.format == "piper" and piper.extras["config"].name == piper.path.name + ".json"
+    assert describe(piper)["voices"] == ["joe"] and "jm_kumo" in describe(found["tts"])["voices"]
     for model in found.values():
         assert model.source.startswith("pack:")
         assert describe(model)["size_mb"] > 1
@@ -21,6 +24,10 @@ def test_a_local_path_is_taken_as_is(tmp_path):
     assert model.source == "path" and model.format == "gguf"
     whisper = resolve("stt", str(resolve("stt").path))
     assert whisper.source == "path" and whisper.format == "ctranslate2"
+    # a Piper voice is its .onnx with the .onnx.json beside it, as file or as folder
+    for given in (resolve("tts", "piper-joe").path, resolve("tts", "piper-joe").path.parent):
+        piper = resolve("tts", str(given))
+        assert piper.source == "path" and piper.format == "piper" and piper.extras["config"].exists()
 
 
 def test_missing_things_name_the_fix(tmp_path):
@@ -38,7 +45,7 @@ def test_missing_things_name_the_fix(tmp_path):
         resolve("llm", str(bogus))
     onnx = tmp_path / "kokoro.onnx"
     onnx.write_bytes(b"x")
-    with pytest.raises(ModelNotFound, match="voices"):
+    with pytest.raises(ModelNotFound, match=r"voices\*\.npz .* kokoro\.onnx\.json"):
         resolve("tts", str(onnx))
 
 
