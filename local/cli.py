@@ -25,7 +25,7 @@ from shared.errors import MoiError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=False,
-    help="moi: a voice assistant of four small open models (Silero VAD, Whisper, SmolLM2, Kokoro).",
+    help="moi: a voice assistant of four small open models (Silero VAD, Whisper, SmolLM2, Piper or Kokoro).",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False)

@@ -61,10 +61,10 @@ PIPELINES = {
         UiPipeline("meters", "+ meters", "transcribe", ("pre",), ("input", "meter", "Whisper", "text")),
         UiPipeline("vad", "+ VAD", "transcribe", ("pre", "post"),
                    ("input", "meter", "Silero VAD", "meter", "Whisper", "text")),
-        UiPipeline("echo", "echo through Kokoro", "echo", ("pre", "post", "reply"),
-                   ("input", "meter", "Silero VAD", "meter", "Whisper", "Kokoro", "browser")),
+        UiPipeline("echo", "echo through the voice", "echo", ("pre", "post", "reply"),
+                   ("input", "meter", "Silero VAD", "meter", "Whisper", "TTS", "browser")),
         UiPipeline("chat", "full chat", "chat", ("pre", "post", "reply"),
-                   ("input", "meter", "Silero VAD", "meter", "Whisper", "SmolLM2", "Kokoro", "browser")),
+                   ("input", "meter", "Silero VAD", "meter", "Whisper", "SmolLM2", "TTS", "browser")),
     )
 }
 INPUTS = {"mic": "microphone", "sample": "bundled sample", "upload": "uploaded file"}
