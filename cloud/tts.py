@@ -83,6 +83,17 @@ class _Abortable:
             raise Interrupted
 
 
+def _cpu_session(ort, model: ResolvedModel, cfg: TtsConfig):  # noqa: ANN001, ANN202 - the module, an InferenceSession
+    """A TTS model's onnxruntime session on every core, with threads that sleep when idle instead
+    of spinning. A piece only runs while the LLM waits (cloud.engine.SpeechFirst), so the cores
+    are its own: a 4-word Kokoro piece took 577 ms on 2 such threads against 944 ms on one, and
+    with another program busy on one core 896 against 931 ms (2 spinning threads: 1127 ms)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cfg.threads or cpu_cores()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 class KokoroOnnx:
     name = "onnx"
     device = "cpu"  # CPUExecutionProvider
@@ -96,14 +107,7 @@ class KokoroOnnx:
         voices = model.extras.get("voices")
         if voices is None:
             raise ModelNotFound(f"tts: {model.name} has no voices file; put voices*.npz beside the model")
-        opts = ort.SessionOptions()
-        # Every core, with threads that sleep when idle instead of spinning. A piece only runs
-        # while the LLM waits (cloud.engine.SpeechFirst), so the cores are its own: a 4-word
-        # piece took 577 ms on 2 such threads against 944 ms on one, and with another program
-        # busy on one core 896 against 931 ms (2 spinning threads: 1127 ms).
-        opts.intra_op_num_threads = cfg.threads or cpu_cores()
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = _cpu_session(ort, model, cfg)
         self.kokoro = Kokoro.from_session(session, str(voices))
         self.kokoro.sess = self._session = _Abortable(session, ort)  # what kokoro-onnx runs the model on
         self.voices = tuple(sorted(self.kokoro.get_voices()))
@@ -181,11 +185,7 @@ class PiperOnnx:
         import json
 
         config = PiperConfig.from_dict(json.loads(model.extras["config"].read_text(encoding="utf-8")))
-        opts = ort.SessionOptions()  # as Kokoro's: every core, threads that sleep when idle
-        opts.intra_op_num_threads = cfg.threads or cpu_cores()
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(model.path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self._session = _Abortable(session, ort)
+        self._session = _Abortable(_cpu_session(ort, model, cfg), ort)
         self.voice = PiperVoice(config=config, session=self._session)  # piper runs self.session.run
         self._Synthesis = SynthesisConfig
         self.voices = tuple(voice_names(model))
