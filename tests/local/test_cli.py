@@ -51,7 +51,11 @@ def test_the_echo_pipeline_speaks_with_piper_when_asked(tmp_path, stt):
     assert r.returncode == 0, r.stderr
     with wave.open(str(out)) as w:
         assert w.getframerate() == 24_000
-    assert {"dublin"} <= words(stt.transcribe(decode(out)).text)
+    # Whole words, not one name: tiny.en hears Piper's "Dublin" as "double in" in most draws
+    # (Piper draws its timing at random), while 85-95 % of the words come back in every draw.
+    heard = words(" ".join(l[5:] for l in r.stdout.splitlines() if l.startswith("you: ")))
+    echoed = words(stt.transcribe(decode(out)).text)
+    assert len(heard) > 10 and len(heard & echoed) >= 0.7 * len(heard), (heard, echoed)
     bad = moi("--local", "--input", "sample", "--tts", "piper-nope")
     assert bad.returncode != 0 and "unknown model 'piper-nope'" in bad.stderr
 
