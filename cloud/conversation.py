@@ -74,6 +74,7 @@ from shared.events import (
     Transcript,
     TurnStarted,
 )
+from shared.messages import Message
 
 BARGE_IN_MODES = ("auto", "half", "full")
 # A reply paused for someone the VAD has not heard goes on after this. Once moi is silent AEC3
@@ -250,7 +251,7 @@ class Player(Protocol):
 
     def resume(self) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> float: ...  # silence it; returns the seconds of what it was given nobody heard
 
 
 class Stages(Protocol):  # what the machine needs of cloud.pipeline.Pipeline
@@ -259,7 +260,7 @@ class Stages(Protocol):  # what the machine needs of cloud.pipeline.Pipeline
 
     def request(self, turn: int) -> TurnRequest: ...
 
-    def remember(self, heard: str | None, reply: str) -> None: ...
+    def remember(self, heard: str | None, reply: str, revising: Message | None = None) -> Message | None: ...
 
     def has_words(self, audio: Audio) -> bool: ...
 
@@ -273,10 +274,11 @@ class _Reply:
     spec_start: float | None = None  # the speculated utterance's start in the stream
     held: list[Event] = field(default_factory=list)  # a speculation's events, until decided
     audible_at: float | None = None  # when its first piece went to the player
-    withdrawn: bool = False  # stopped so soon that what it answered is answered again
     ended: bool = False  # its job ended
     stopping: bool = False
     heard: str | None = ""  # None: a typed message's turn
+    played: list[tuple[str, float]] = field(default_factory=list)  # (text, seconds) of each piece given to the player
+    remembered: Message | None = None  # the reply as the thread holds it
 
 
 class Conversation:
@@ -579,13 +581,14 @@ class Conversation:
     def _deliver(self, r: _Reply, ev: Event) -> None:
         if isinstance(ev, Transcript):
             r.heard = ev.text
-        elif isinstance(ev, ReplyText) and not r.withdrawn:
-            self.pipeline.remember(r.heard, ev.text)
+        elif isinstance(ev, ReplyText) and not r.stopping:  # a stopped reply was remembered as heard
+            r.remembered = self.pipeline.remember(r.heard, ev.text)
         elif isinstance(ev, ReplyAudio):
             if r.stopping:
                 return
             if self.player is not None:
                 self.player.play(ev.audio)
+            r.played.append((ev.text, ev.audio.seconds))
             if r.audible_at is None:
                 r.audible_at = self.now
         self.emit(ev)
@@ -597,13 +600,16 @@ class Conversation:
             return
         r.stopping = True
         r.job.cancel.set()
-        if self.player is not None:
-            self.player.stop()
+        unheard = self.player.stop() if self.player is not None else 0.0
         self._paused_at = self._barge_at = None
         trigger = self.now if trigger is None else trigger
         self.emit(ReplyStopped(self.now, r.turn, reason, max(0.0, self.now - trigger)))
-        if reason == "barge-in" and (r.audible_at is None or self.now - r.audible_at <= REJOIN_S):
-            r.withdrawn = True  # see REJOIN_S
+        withdrawn = reason == "barge-in" and (r.audible_at is None or self.now - r.audible_at <= REJOIN_S)
+        # the thread keeps what the person heard of the reply, not what was made of it (a fast
+        # voice can have made all of it before the Stop); a withdrawn one, nothing
+        said = "" if withdrawn else heard_part(r.played, unheard)
+        r.remembered = self.pipeline.remember(r.heard, said, revising=r.remembered)
+        if withdrawn:  # see REJOIN_S
             self.pending[:0] = r.parts
             for span in (s for p in r.parts for s in p.spans):
                 self.answered_spans.remove(span)
@@ -716,6 +722,22 @@ class Conversation:
         self._go("closed", why)
         self.closed = True
         self.emit(None)
+
+
+def heard_part(pieces: Sequence[tuple[str, float]], unheard_s: float) -> str:
+    """What a person heard of a reply's ``pieces`` (text, seconds, in the order played) when its
+    last ``unheard_s`` never played: the pieces that played whole, then the share of the next
+    one's words that its played share of time holds (rounded down: a word cut off is not said)."""
+    left, heard = sum(s for _, s in pieces) - unheard_s, []
+    for text, seconds in pieces:
+        if left >= seconds - 1e-3:
+            heard.append(text)
+            left -= seconds
+            continue
+        words = text.split()
+        heard += words[: int(len(words) * max(0.0, left) / seconds)] if seconds > 0 else []
+        break
+    return " ".join(" ".join(heard).split())
 
 
 def speech_ended(ev: SpeechEnd, t: float) -> SpeechEnded:

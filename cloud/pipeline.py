@@ -248,20 +248,28 @@ class Pipeline:
         finally:
             close_iterator(events)
 
-    def remember(self, heard: str | None, reply: str) -> None:
+    def remember(self, heard: str | None, reply: str, revising: Message | None = None) -> Message | None:
         """The conversation learns an exchange: what was heard and what was replied (chat, both
         said; a stopped reply's words count), under ``ids``. ``heard`` None: the reply answers the
-        thread's waiting typed message."""
-        if self.variant != "chat" or not reply:
-            return
-        if heard is None:
-            if self.thread.waiting is not None:
-                self.thread.add_assistant(reply, self.ids[1])
+        thread's waiting typed message. ``revising``: the reply this call returned before, cut
+        short: only ``reply`` of it was heard ("" forgets the exchange). Returns the reply's
+        message, for a later revision."""
+        if self.variant != "chat":
+            return None
+        if revising is not None:
+            said = self.thread.revise(revising, reply, with_user=heard is not None)
+        elif not reply:
+            return None
+        elif heard is None:
+            said = self.thread.add_assistant(reply, self.ids[1]) if self.thread.waiting is not None else None
         elif heard:
-            self.thread.add_exchange(heard, reply, self.ids)
+            said = self.thread.add_exchange(heard, reply, self.ids)
+        else:
+            return None
         prepare = getattr(self.engine, "prepare", None)  # the in-process engine: a head start on the next prompt
         if prepare is not None:
             prepare(self._messages())  # (not request(): a subclass may hold its lock around this call)
+        return said
 
     def has_words(self, audio: Audio) -> bool:
         """Whether Whisper finds words in ``audio`` (a barge-in's utterance)."""

@@ -68,7 +68,7 @@ from shared.events import (
     TurnDone,
     TurnStarted,
 )
-from shared.messages import Thread
+from shared.messages import Message, Thread
 
 log = logging.getLogger("moi.realtime")
 RATE = REPLY_RATE  # the Realtime API's audio/pcm: PCM16 mono 24 kHz, both ways
@@ -97,8 +97,9 @@ class Playhead:
     def resume(self) -> None:
         pass
 
-    def stop(self) -> None:
-        self._until = 0.0
+    def stop(self) -> float:
+        left, self._until = max(0.0, self._until - time.monotonic()), 0.0
+        return left
 
 
 class SocketSource:
@@ -141,9 +142,9 @@ class RealtimeStages(Pipeline):
             req = super().request(n)
         return replace(req, voice=self.voice, options=replace(req.options, max_tokens=self.max_tokens))
 
-    def remember(self, heard: str | None, reply: str) -> None:
+    def remember(self, heard: str | None, reply: str, revising: Message | None = None) -> Message | None:
         with self.lock:
-            super().remember(heard, reply)
+            return super().remember(heard, reply, revising)
 
 
 @dataclass

@@ -324,15 +324,20 @@ class Player:
             if len(self._buf):
                 self._idle.clear()
 
-    def stop(self) -> None:
+    def stop(self) -> float:
+        """Silence it now; returns the seconds of what it was given that nobody heard: what it
+        still held, and PortAudio's latency of what it had handed on (which the restart drops;
+        a paused speaker's rest already holds that)."""
         with self._lock:
-            was_playing = len(self._buf) > self._pos
+            left, paused = len(self._buf) - self._pos, self._paused
             self._buf, self._pos, self._paused = _EMPTY, 0, False
             self._idle.set()
-        if was_playing:
-            now = time.monotonic()
-            self._silence_now()
-            self.stopped_at = now
+        if left <= 0:
+            return 0.0
+        now = time.monotonic()
+        self._silence_now()
+        self.stopped_at = now
+        return left / self.rate + (0.0 if paused else self._latency)
 
     def pause(self) -> None:
         """Silence the speaker now, keeping the rest of what it was given for ``resume``: from

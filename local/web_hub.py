@@ -94,11 +94,13 @@ class BrowserPlayback:
     def playing(self) -> bool:
         return time.monotonic() < self._until
 
-    def stop(self) -> None:
+    def stop(self) -> float:
         with self._lock:
-            if self.playing:
-                self.stopped_at = time.monotonic()
-            self._until = 0.0
+            now = time.monotonic()
+            left, self._until = max(0.0, self._until - now), 0.0
+            if left:
+                self.stopped_at = now
+            return left
 
     def pause(self) -> None:
         raise NotImplementedError("the page's playback cannot pause (pausable is False)")

@@ -47,15 +47,34 @@ class Thread:
         if len(starts) > self.max_turns:
             del self._messages[: starts[-self.max_turns]]
 
-    def add_assistant(self, text: str, id: str = "") -> None:
+    def add_assistant(self, text: str, id: str = "") -> Message:
         if not self._messages or self._messages[-1].role != "user":
             raise ValueError("an assistant reply needs a user message before it")
         self._messages.append(Message("assistant", text, id))
+        return self._messages[-1]
 
-    def add_exchange(self, user: str, assistant: str, ids: tuple[str, str] = ("", "")) -> None:
-        """One whole turn: what was heard and what was answered (even if cut short)."""
+    def add_exchange(self, user: str, assistant: str, ids: tuple[str, str] = ("", "")) -> Message:
+        """One whole turn: what was heard and what was answered (even if cut short); returns the
+        answer's message (for :meth:`revise`)."""
         self.add_user(user, ids[0])
-        self.add_assistant(assistant, ids[1])
+        return self.add_assistant(assistant, ids[1])
+
+    def revise(self, reply: Message, text: str, with_user: bool) -> Message | None:
+        """A reply cut short after it was added: only ``text`` of it was heard. It keeps its place
+        and id; "" forgets it, and, ``with_user``, the user message it answered too (a spoken
+        turn: the exchange is forgotten as if never made). Returns the message now in its place."""
+        for i in range(len(self._messages) - 1, -1, -1):
+            if self._messages[i] is reply:
+                break
+        else:
+            return None  # it fell off the front, or a Realtime client deleted it
+        if text:
+            self._messages[i] = Message("assistant", text, reply.id)
+            return self._messages[i]
+        del self._messages[i]
+        if with_user and i > 0 and self._messages[i - 1].role == "user":
+            del self._messages[i - 1]
+        return None
 
     def drop_last_user(self) -> None:
         """Forget an unanswered user message (its turn failed or was cancelled early)."""

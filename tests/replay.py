@@ -69,10 +69,11 @@ class FakePlayer:
         self.log.append(("resume", self.now))
         self.paused = False
 
-    def stop(self) -> None:
+    def stop(self) -> float:
         if self.playing:
             self.log.append(("stop", self.now))
-        self.left, self.paused = 0.0, False
+        left, self.left, self.paused = self.left, 0.0, False
+        return left
 
 
 @dataclass

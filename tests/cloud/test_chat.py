@@ -82,6 +82,25 @@ def test_thread_items_keep_their_ids_and_can_be_deleted():
     assert [m.content for m in thread.messages(max_chars=len("sys") + len("third"))] == ["sys", "third"]
 
 
+def test_a_reply_cut_short_is_revised_in_its_place():
+    """A stopped reply keeps only what was heard of it, in its place and under its id; nothing
+    heard forgets a spoken exchange whole, and only the reply to a typed message (still waiting)."""
+    thread = Thread("sys")
+    cut = thread.add_exchange("first", "one two three", ("u1", "a1"))
+    thread.add_user("typed", "u2")  # a Realtime client's item, after it
+    assert thread.revise(cut, "one", with_user=True).id == "a1"
+    assert [(m.content, m.id) for m in thread.messages()][1:] == [("first", "u1"), ("one", "a1"), ("typed", "u2")]
+    reply = thread.add_assistant("sure thing", "a2")
+    assert thread.revise(reply, "", with_user=False) is None
+    assert thread.waiting is not None and thread.waiting.content == "typed"
+    thread.add_exchange("again", "yes")
+    said = thread.add_exchange("last", "no")
+    assert thread.revise(said, "", with_user=True) is None
+    assert [m.content for m in thread.messages()][-2:] == ["again", "yes"]
+    assert thread.revise(said, "gone", with_user=True) is None  # not there any more: nothing changes
+    assert [m.content for m in thread.messages()][-2:] == ["again", "yes"]
+
+
 @pytest.mark.slow
 def test_transformers_backend_on_the_same_weights():
     """The GPU path's code on the shipped GGUF (dequantized, CPU): streams, stops, cancels."""

@@ -18,13 +18,14 @@ import pytest
 from cloud.engine import LocalEngine
 from cloud.turn_end import SmartTurn
 from cloud.vad import Segmenter
-from cloud.conversation import OverMoi
+from cloud.conversation import OverMoi, heard_part
 from cloud.live import CLOSE_S, IDLE_HOLD_S, LiveSession
 from cloud.pipeline import Pipeline
 from shared.audio import Audio
 from shared.config import Config
-from shared.events import (Dropped, MeterTick, ReplyAudio, ReplyPaused, ReplyStopped, ReplyWithdrawn, SpeechEnded,
-                           StateChanged, TurnStarted)
+from shared.events import (Dropped, MeterTick, ReplyAudio, ReplyPaused, ReplyStopped, ReplyText, ReplyWithdrawn,
+                           SpeechEnded, StateChanged, TurnStarted)
+from shared.messages import Thread
 from shared.models import resolve
 from shared.text import spoken_words
 from tests.replay import check_invariants, replay
@@ -144,6 +145,42 @@ def test_stop_cuts_the_reply_and_the_next_turn_is_answered(engine, vad_model, sm
     assert len(r.first_sound) == 2 and len(r.transcripts()) == 2
     last = r.of(SpeechEnded)[-1]
     assert r.first_sound[2] - last.t <= 0.5, (r.first_sound, last)  # the answer's latency, no more
+
+
+def test_heard_part_is_the_pieces_played_then_the_words_of_the_share_played():
+    pieces = [("Sure, here is one.", 1.0), ("A cat sat on the mat.", 2.0)]
+    assert heard_part(pieces, 0.0) == "Sure, here is one. A cat sat on the mat."
+    assert heard_part(pieces, 1.0) == "Sure, here is one. A cat sat"  # half of six words
+    assert heard_part(pieces, 2.0) == "Sure, here is one."
+    assert heard_part(pieces, 2.5) == "Sure, here"
+    assert heard_part(pieces, 3.2) == heard_part([], 0.0) == ""
+
+
+@pytest.mark.parametrize("piece_gap_s", [None, 2.0])
+def test_a_stopped_reply_is_remembered_as_far_as_it_was_heard(engine, vad_model, smart_turn, speech60, piece_gap_s):
+    """Stop halfway through the reply's first piece: the thread keeps the question and the words
+    of the reply that played, not what the models had made of it (all of it, made before the
+    Stop; or, its pieces 2 s apart, the words written by then), so the next turn is asked on
+    what the person heard."""
+    chat = Pipeline(engine, Segmenter(vad_model, CFG.vad, smart_turn), Config.load(env={}, llm__max_tokens=40), "chat")
+    spoken = Audio.concat([Audio.silence(0.3), speech60.slice(0.0, 2.3), Audio.silence(1.0)])
+    whole = replay(chat, spoken, tail_s=20.0, piece_gap_s=piece_gap_s)
+    made = " ".join(e.text for e in whole.of(ReplyAudio))
+    first = whole.of(ReplyAudio)[0]
+    assert len(whole.of(ReplyAudio)) >= 2 and len(first.text.split()) >= 3, made
+    assert [m.content for m in chat.thread.messages()][-1] == whole.of(ReplyText)[-1].text  # played out: all of it
+
+    chat.thread = Thread(CFG.llm.system_prompt, CFG.llm.max_turns)
+    stop_at = whole.first_sound[1] + first.audio.seconds / 2
+    r = replay(chat, spoken, tail_s=20.0, piece_gap_s=piece_gap_s, stop_at=stop_at)
+    check_invariants(r)
+    assert [e.reason for e in r.of(ReplyStopped)] == ["stop"]
+    user, said = [m.content for m in chat.thread.messages()][-2:]
+    assert user == r.transcripts()[0]
+    words, n = said.split(), len(first.text.split())
+    assert " ".join(first.text.split()).startswith(said) and n / 2 - 1 <= len(words) < n, (said, first.text)
+    if piece_gap_s is None:
+        assert r.of(ReplyText)[0].text == whole.of(ReplyText)[0].text  # all of it made before the Stop
 
 
 # --- shutdown on real threads ------------------------------------------------------------------
@@ -282,9 +319,11 @@ class RealTimePlayer:
             self._advance()
             self.paused = False
 
-    def stop(self) -> None:
+    def stop(self) -> float:
         with self.lock:
-            self.left, self.paused = 0.0, False
+            self._advance()
+            left, self.left, self.paused = self.left, 0.0, False
+            return left
 
 
 class Someone:
