@@ -83,11 +83,15 @@ GUARDED_SHARE = 0.45
 # chunks, replayed). At SURE_SHARE two chunks in a row, SURE_DB over the microphone's quietest
 # of the last FLOOR_S (a muted speaker leaves only the room, all of it unexplained), someone is
 # there; no VAD has asked whether it is speech, so cloud.live pauses the reply, not stops it.
-# Only once moi's voice has played without a break of BREAK_S for NEAR_S and the echo's longest
-# delay (REACH): as it starts, the room's noise before it is most of what the microphone heard,
-# and none of that is moi's (in a room at -50 dBFS, 77-89 % unexplained as moi's first word came
-# in); Kokoro's gaps between words, 30-60 ms, leave the echo most of it.
-SURE_SHARE, SURE_DB, FLOOR_S, BREAK_S = 0.6, 10.0, 3.0, 0.1
+# Only once moi's voice has played for NEAR_S and the echo's longest delay (REACH) since it
+# began after a pause of PAUSE_S: as it starts, the room's noise before it is most of what the
+# microphone heard, and none of that is moi's (in a room at -50 dBFS, 77-89 % unexplained as
+# moi's first word came in). Its shorter pauses do not start that wait again: Piper pauses
+# 0.16-0.29 s at commas (Kokoro 30-60 ms between words), and a wait after each (it was, after
+# any break of 0.1 s) heard a person talking over Piper 0.25-1.4 s late in 13 of 18 simulated
+# rooms, now in a median of 0.18 s, as over Kokoro (0.17), with no false alarm over either voice
+# (the slowest, 0.3-0.66 s, where the person spoke up as the reply's last words ended).
+SURE_SHARE, SURE_DB, FLOOR_S = 0.6, 10.0, 3.0
 # The speaker silent this long, and its reference silent in the chunk: the canceller is not run
 # (AEC3's filter spans well under a second of echo), the microphone goes through as it is.
 IDLE_S = 2.0
@@ -573,7 +577,6 @@ class TalkOver:
         self._far_since = -1e9  # ... and since when it has played without a pause
         self._share: tuple[float, float] | None = None  # (seconds, unexplained over NEAR_S) at the last chunk asked
         self._sure = 0  # chunks in a row in which someone() held
-        self._far_run = 0.0  # seconds the speaker has played without a break of BREAK_S
         self._levels: deque[float] = deque(maxlen=int(FLOOR_S * SPEECH_RATE / 512))  # the microphone's chunk powers
         # where each chunk in which it played ended (s), as far back as LinearEcho keeps (chunks
         # of 512 samples and more, so half that size bounds how many)
@@ -585,8 +588,6 @@ class TalkOver:
         self.seconds = seconds
         self._recent.append((n, mic_e, out_e))
         self._recent_n += n
-        broke = not active and seconds - self._far_last > BREAK_S  # seconds: this chunk counted
-        self._far_run = 0.0 if broke else self._far_run + n / SPEECH_RATE
         if active:
             if seconds - self._far_last > PAUSE_S:
                 self._far_since = seconds
@@ -597,7 +598,9 @@ class TalkOver:
         power = mic_e / max(n, 1)
         self._levels.append(power)
         loud = power >= min(self._levels) * 10 ** (SURE_DB / 10) and power > QUIET
-        settled = self._far_run >= NEAR_S + REACH[1]
+        # moi's voice has played for NEAR_S and REACH since it began after a pause of PAUSE_S,
+        # and it is not in such a pause now (its pauses at commas, up to 0.3 s, do not count)
+        settled = seconds - self._far_since >= NEAR_S + REACH[1] and seconds - self._far_last < PAUSE_S
         self._sure = self._sure + 1 if settled and loud and self._unexplained() >= SURE_SHARE else 0
 
     def _unexplained(self) -> float:
