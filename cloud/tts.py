@@ -5,7 +5,7 @@
 - ``torch``: Kokoro-82M through the hexgrad ``kokoro`` package (misaki G2P) on the hub
   weights: the GPU path.
 - ``piper``: a Piper (VITS) voice through piper-tts, which bundles its own espeak-ng: ~9x
-  faster than Kokoro on a CPU (``--tts piper-joe``), resampled to 24 kHz with soxr.
+  faster than Kokoro on a CPU, the offline default (``piper-joe``), resampled to 24 kHz with soxr.
 
 ``speak`` splits the text into sentences (the first clause early) and yields one
 :class:`Audio` per piece, so playback can start before the whole reply is synthesized. Its

@@ -91,7 +91,7 @@ def main(
     meters: bool = typer.Option(True, "--meters/--no-meters", help="Include meter ticks in --json output."),
     voice: Optional[str] = typer.Option(None, "--voice", help="Voice by name: `moi models` lists the installed ones."),
     tts: Optional[str] = typer.Option(
-        None, "--tts", help="Voice model: kokoro-int8 (default offline), piper-joe (~9x faster on a CPU), a path or hub id."
+        None, "--tts", help="Voice model: piper-joe (default offline), kokoro-int8 (~9x slower on a CPU), a path or hub id."
     ),
     language: Optional[str] = typer.Option(None, "--language", help="Spoken language (Whisper code)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest reply in tokens."),

@@ -121,7 +121,7 @@ class LlmConfig:
 class TtsConfig:
     model: str = "auto"
     backend: str = "auto"  # onnx | torch | piper | auto (the one the resolved model's format needs)
-    voice: str = "auto"  # af_heart from the hub; jf_alpha from the offline Kokoro pack, joe from Piper's
+    voice: str = "auto"  # af_heart from the hub; joe from Piper's offline pack, jf_alpha from Kokoro's
     speed: float = 1.0
     lang: str = "en-us"
     first_clause_chars: int = 24  # speak the first clause early when a sentence is longer

@@ -175,9 +175,9 @@ PACKS: dict[str, dict[str, Callable[[], ResolvedModel | None]]] = {
     "vad": {"silero": _pack_silero},
     "stt": {"tiny.en": _pack_whisper_tiny_en, "base": _pack_whisper_base},
     "llm": {"smollm2-135m-q4": _pack_smollm2},
-    # Piper's joe: a native English voice (the offline Kokoro pack has only Japanese voices)
-    # that speaks a 4-word piece in ~60 ms on 2 cores against Kokoro's ~570 ms
-    "tts": {"kokoro-int8": _pack_kokoro, "piper-joe": _pack_piper_joe},
+    # the offline default, Piper's joe: a native English voice (the offline Kokoro pack has only
+    # Japanese voices) that speaks a 4-word piece in ~60 ms on 2 cores against Kokoro's ~570 ms
+    "tts": {"piper-joe": _pack_piper_joe, "kokoro-int8": _pack_kokoro},
     "turn": {"smart-turn-v3.2": _pack_smart_turn},
 }
 

@@ -70,11 +70,11 @@ def tts(runners):
 
 
 @pytest.fixture(scope="session")
-def piper():
-    """Piper's en_US joe (``--tts piper-joe``): the fast offline voice; ``tts`` is the default's, Kokoro."""
+def kokoro():
+    """Kokoro's offline pack (``--tts kokoro-int8``): the second voice; ``tts`` is the default's, Piper."""
     from cloud.tts import TextToSpeech
 
-    return TextToSpeech(resolve("tts", "piper-joe"))
+    return TextToSpeech(resolve("tts", "kokoro-int8"))
 
 
 @pytest.fixture(scope="session")

@@ -248,10 +248,12 @@ def test_speech_wav_transcribes_back(client, stt):
 
 
 def test_speech_pcm_streams_sentence_by_sentence(client, stt):
-    text = "The weather is lovely today. We should go for a walk in the park. See you at noon."
+    # six sentences: Piper makes each in 20-60 ms, and three came in 0.16 s
+    text = ("The weather is lovely today. We should go for a walk in the park. See you at noon. "
+            "Bring a coat, it may rain later. The river is high this week. Then we can have lunch.")
     arrivals, data = [], b""
     with client.audio.speech.with_streaming_response.create(
-        model="tts-1", voice="jf_alpha", input=text, response_format="pcm", speed=1.0
+        model="tts-1", voice="auto", input=text, response_format="pcm", speed=1.0
     ) as response:
         for chunk in response.iter_bytes():
             arrivals.append(time.monotonic())
@@ -262,11 +264,11 @@ def test_speech_pcm_streams_sentence_by_sentence(client, stt):
     assert {"weather", "lovely", "walk", "park", "noon"} <= words(stt.transcribe(audio).text)
 
 
-def test_unknown_voice_format_and_wordless_input_are_400(client):
+def test_unknown_voice_format_and_wordless_input_are_400(client, tts):
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.speech.create(model="tts-1", voice="af_nope", input="Hello.", response_format="wav")
     err = error_of(info.value)
-    assert err["param"] == "voice" and "jf_alpha" in err["message"] and err["type"] == "invalid_request_error"
+    assert err["param"] == "voice" and tts.voices[0] in err["message"] and err["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError) as info:
         client.audio.speech.create(model="tts-1", voice="auto", input="Hello.", response_format="ogg")
     assert error_of(info.value)["param"] == "response_format"
@@ -510,17 +512,19 @@ def test_turn_round_trip(url, clip, stt):
     assert "".join(e.text + " " for e in audio).split() == events[-2].text.split()  # cut once, all spoken
 
 
-def test_turn_echo_from_raw_pcm(url, clip, stt):
+def test_turn_echo_from_raw_pcm(url, clip, stt, tts):
     pcm = clip.slice(0, 4).to_pcm16()  # 16 kHz s16le mono
     events = turn(
-        url, ("utterance.pcm", pcm, "audio/L16;rate=16000"), {"variant": "echo", "voice": "jf_alpha"}
+        url, ("utterance.pcm", pcm, "audio/L16;rate=16000"), {"variant": "echo", "voice": tts.voices[0]}
     )
     kinds = [type(e) for e in events]
     assert kinds[0] is Transcript and kinds[-1] is TurnDone and ReplyToken not in kinds
     transcript, reply = events[0].text, events[-2].text
     assert reply == transcript and "dublin" in words(transcript)
     spoken = Audio.concat([e.audio for e in events if isinstance(e, ReplyAudio)])
-    assert "dublin" in words(stt.transcribe(spoken).text)
+    # its words, not one name: tiny.en hears Piper's "Dublin" as "double in" in most draws
+    said, heard = words(transcript), words(stt.transcribe(spoken).text)
+    assert len(said & heard) >= 0.7 * len(said), (said, heard)
 
 
 def test_turn_rejects_bad_requests(url, clip):

@@ -10,8 +10,8 @@ from tests.conftest import words
 
 @pytest.fixture(params=["piper", "kokoro"])
 def voice(request):
-    """Each TTS model moi ships: Kokoro (the offline default) and Piper's joe."""
-    return request.getfixturevalue("piper" if request.param == "piper" else "tts")
+    """Each TTS model moi ships: Piper's joe (the offline default) and Kokoro."""
+    return request.getfixturevalue("tts" if request.param == "piper" else "kokoro")
 
 
 def test_tts_to_whisper_round_trip(voice, stt):
@@ -24,7 +24,8 @@ def test_tts_to_whisper_round_trip(voice, stt):
     assert heard >= {"timer", "five", "minutes"} and ("set" in heard or voice.backend.name == "piper"), heard
 
 
-def test_piper_speaks_as_joe_and_speed_is_its_pace(piper, tts, stt):
+def test_piper_speaks_as_joe_and_speed_is_its_pace(tts, kokoro, stt):
+    piper = tts  # the default
     assert piper.backend.name == "piper" and piper.voices == ("joe",) and piper.default_voice == "joe"
     text = "The weather is lovely today, so we should go for a walk."
     normal, fast = piper.synthesize(text), piper.synthesize(text, speed=1.5)
@@ -33,7 +34,7 @@ def test_piper_speaks_as_joe_and_speed_is_its_pace(piper, tts, stt):
     with pytest.raises(ConfigError, match="unknown voice 'jf_alpha'; this model has: joe"):
         piper.synthesize("Hello.", voice="jf_alpha")
     # as loud as Kokoro (within 3 dB), under full scale: moi sounds the same whichever voice it has
-    level = [10 * np.log10(np.mean(v.synthesize(text).samples ** 2)) for v in (piper, tts)]
+    level = [10 * np.log10(np.mean(v.synthesize(text).samples ** 2)) for v in (piper, kokoro)]
     assert abs(level[0] - level[1]) < 3 and np.abs(normal.samples).max() < 1.0, level
 
 
@@ -58,13 +59,13 @@ def test_cancel_stops_speaking(tts):
     assert out == ["One two three."]
 
 
-def test_voices_by_name(tts):
-    assert "jf_alpha" in tts.voices and "jm_kumo" in tts.voices
-    a = tts.synthesize("Hello there.", voice="jm_kumo")
-    b = tts.synthesize("Hello there.", voice="jf_alpha")
+def test_voices_by_name(kokoro):
+    assert "jf_alpha" in kokoro.voices and "jm_kumo" in kokoro.voices
+    a = kokoro.synthesize("Hello there.", voice="jm_kumo")
+    b = kokoro.synthesize("Hello there.", voice="jf_alpha")
     assert a.samples.shape != b.samples.shape or abs(a.samples - b.samples).max() > 0.01
     with pytest.raises(ConfigError, match="unknown voice 'af_nope'"):
-        tts.synthesize("Hello.", voice="af_nope")
+        kokoro.synthesize("Hello.", voice="af_nope")
 
 
 def test_first_piece_is_cut_after_a_few_words_without_a_clause():

