@@ -77,12 +77,15 @@ MIN_COMMIT_S = 0.1  # OpenAI refuses to commit less than 100 ms of audio
 
 class Playhead:
     """The :class:`~cloud.conversation.Player` of a socket: the client plays what was sent; a
-    reply plays for as long as its audio lasts from when it went out."""
+    reply plays for as long as its audio lasts from when it went out. ``audible()``: whether the
+    client gets the audio at all (a text session reads every piece as it comes: nothing of it
+    is unheard when it stops)."""
 
     pausable = False
 
-    def __init__(self) -> None:
+    def __init__(self, audible: Callable[[], bool] = lambda: True) -> None:
         self._until = 0.0
+        self._audible = audible
 
     @property
     def playing(self) -> bool:
@@ -99,7 +102,7 @@ class Playhead:
 
     def stop(self) -> float:
         left, self._until = max(0.0, self._until - time.monotonic()), 0.0
-        return left
+        return left if self._audible() else 0.0
 
 
 class SocketSource:
@@ -179,8 +182,8 @@ class Realtime:
             "max_output_tokens": cfg.llm.max_tokens, "tools": [], "tool_choice": "auto",
         }
         self.source = SocketSource()
-        self.live = LiveSession(self.stages, self.source, Playhead(), barge_in="full", hears_player=False,
-                                meters=False, on_event=self._event)
+        self.live = LiveSession(self.stages, self.source, Playhead(lambda: self._audio_out), barge_in="full",
+                                hears_player=False, meters=False, on_event=self._event)
         self._resample = soxr.ResampleStream(RATE, SPEECH_RATE, 1, dtype="float32")
         self._buffer: list[Audio] = []  # turn detection off: appended, not committed yet
         self._stream_s = 0.0  # input received so far (s at 16 kHz): where a commit lies

@@ -308,3 +308,16 @@ def test_a_client_that_goes_away_stops_the_work(base):
     while any(t.is_alive() for t in mine) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [t.name for t in mine if t.is_alive()]
+
+
+def test_the_playhead_says_what_a_stop_left_unheard():
+    """A cancel mid-reply: the thread keeps what the client heard (cloud.conversation); an audio
+    session has not heard what was still to play, a text session has read every piece."""
+    from cloud.realtime import Playhead
+
+    audio, text = Playhead(), Playhead(lambda: False)
+    for head in (audio, text):
+        head.play(Audio.silence(2.0))
+        assert head.playing
+    assert 1.5 < audio.stop() <= 2.0 and not audio.playing
+    assert text.stop() == 0.0 and not text.playing and audio.stop() == 0.0
