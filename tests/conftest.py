@@ -34,6 +34,14 @@ def words(text: str) -> set[str]:
     return set(spoken_words(text))
 
 
+def said_back(text: str, heard: str, share: float = 0.7) -> bool:
+    """Whether ``heard`` (Whisper on moi's voice) holds ``share`` of ``text``'s words. Piper, the
+    offline voice, draws its timing at random, and tiny.en then mishears a word now and then
+    ("Below there", "double in" for Dublin), never most of them."""
+    said = words(text)
+    return len(said & words(heard)) >= share * len(said)
+
+
 @pytest.fixture(scope="session")
 def speech60() -> Audio:
     return decode(audio_file("speech_60s_16k.wav"))
