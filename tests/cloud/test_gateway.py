@@ -319,13 +319,13 @@ def test_every_openai_speech_format_decodes_back_to_the_words(client, stt, fmt):
     assert codec.startswith(fmt), codec  # FFmpeg decodes mp3 as "mp3float"
     audio = decode(data, name=f"speech.{fmt}", sample_rate=24_000)
     assert 1.0 < audio.seconds < 6.0
-    # The encoding is under test, not Whisper tiny's ear for a Japanese voice reading English
-    # (on some CPUs it hears "Set a" as "Is there a" even in the WAV): the content words must be
-    # there, and the words must be those of the same speech as a lossless WAV but for one slip
-    # ("set" → "is there": two edits).
+    # The encoding is under test, not Whisper tiny's ear for the voice (on some CPUs it heard
+    # Kokoro's "Set a" as "Is there a" even in the WAV; Piper's draws lose a word now and then):
+    # most words must be there, and they must be those of the same speech as a lossless WAV but
+    # for one slip ("set" → "is there": two edits).
     lossless = " ".join(spoken_words(stt.transcribe(decode(_speech(client, "wav")[1], sample_rate=24_000)).text))
     heard = spoken_words(stt.transcribe(audio).text)
-    assert {"timer", "five", "minutes"} <= set(heard), heard
+    assert said_back("Set a timer for five minutes, please.", " ".join(heard)), heard
     diff = jiwer.process_words(lossless, " ".join(heard))
     assert diff.substitutions + diff.insertions + diff.deletions <= 2, (heard, lossless)
 
