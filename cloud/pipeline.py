@@ -250,7 +250,7 @@ class Pipeline:
 
     def remember(self, heard: str | None, reply: str, revising: Message | None = None) -> Message | None:
         """The conversation learns an exchange: what was heard and what was replied (chat, both
-        said; a stopped reply's words count), under ``ids``. ``heard`` None: the reply answers the
+        said; of a stopped reply, the words that were heard), under ``ids``. ``heard`` None: the reply answers the
         thread's waiting typed message. ``revising``: the reply this call returned before, cut
         short: only ``reply`` of it was heard ("" forgets the exchange). Returns the reply's
         message, for a later revision."""
