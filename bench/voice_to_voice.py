@@ -2,10 +2,9 @@
 the reply, with moi running live (`moi --input mic --output speaker`, defaults) on the
 PulseAudio virtual sound card, for --local and for --remote against `moi serve` on loopback.
 
-One clock for both ends: a null sink `moi_rec` is recorded for the whole run, and two combine
-sinks feed it: `moi_in` (what we play: the virtual microphone + moi_rec) and `moi_out` (the
-default sink moi plays to: the virtual speaker + moi_rec). So the question and the reply land
-in one recording. Each question is a sentence of a real recording (tests/data), cut at the end
+One clock for both ends: a null sink `moi_rec` is recorded for the whole run, fed by a combine
+sink `moi_in` (what we play: the virtual microphone + moi_rec) and a loopback from the monitor
+of the virtual speaker moi plays to. So the question and the reply land in one recording. Each question is a sentence of a real recording (tests/data), cut at the end
 of its last word by word timestamps measured once (Whisper base, word alignment); its end in
 the recording is where the question was found (cross-correlation) plus the clip's length.
 
@@ -17,13 +16,16 @@ question start); the turn decision from the cut to the turn's start (moi's clock
 
 The card itself is measured first (``card_round_trip``): a beep into the microphone and a
 program with moi's stream settings that answers the first loud block with a tone, no model in
-between. That round trip (~0.25 s on PulseAudio's null sinks, against tens of ms on a laptop's
-own card) is inside every heard figure; each mode's median is also given less it.
+between. That round trip (~0.1 s on PulseAudio's null sinks: the microphone's 32 ms blocks,
+PortAudio's 40 ms output buffer, the loopback's few ms) is inside every heard figure; each mode's median is also given less it.
 
 A question counts as answered only when its reply was handed to the speaker after its last
 word (else it is "talked over", whatever the latency would have read) and a turn not stopped
-answered it; each mode also reports the words lost: the WER of the last transcript of each
-question against the question's own words. Runs outside CI (it takes a few minutes); nothing else should run meanwhile.
+answered it; each mode also reports what Whisper made of each question: the words misheard
+(the WER of the last transcript against the question's own words) and the words lost (those
+the live transcript drops beyond what the same model drops of the whole clip in process, with
+the silence the VAD's pre- and post-roll put around it: a word the live path cut off or never
+passed on). Runs outside CI (it takes a few minutes); nothing else should run meanwhile.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from shared.text import spoken_words  # noqa: E402
 from tests import pulse  # noqa: E402
 
 BIN = Path(sys.executable).parent
-REC, IN, OUT = "moi_rec", "moi_in", "moi_out"
+REC, IN, OUT = "moi_rec", "moi_in", "moi_out"  # OUT: the combine sink older runs played to
+# a new loopback carries ~1 s more for its first seconds, then its few ms
+LOOPBACK_SETTLE_S = 10.0
 TARGET_S = 1.0  # on the way to 0.8
 AUDIBLE_DB = -45.0  # a 10 ms frame louder than this is sound (the null sinks are digital silence)
 
@@ -119,16 +123,30 @@ def _clip(audio: Audio, db: np.ndarray, words: list, until: float) -> tuple[str,
 
 
 def card() -> None:
-    """The virtual card of tests/pulse.py plus the recording bus and the two combine sinks."""
+    """The virtual card of tests/pulse.py plus the recording bus: the combine sink `moi_in` for
+    what we play, and a loopback from the virtual speaker's monitor for what moi plays.
+
+    moi plays to the virtual speaker itself, as to a laptop's card: through a combine sink, ALSA's
+    PulseAudio plugin kept 240 ms queued in front of it (a null sink: 40 ms, PortAudio's own
+    buffer), a delay of this bench's, not of moi or a laptop. The loopback adds its few ms to
+    every reply, which counts against moi."""
     pulse.start()
     sinks = subprocess.run(["pactl", "list", "short", "sinks"], capture_output=True, text=True).stdout
     if REC not in sinks:
         subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={REC}"], check=True, capture_output=True)
-    for name, other in ((IN, pulse.MIC), (OUT, pulse.SPEAKER)):
-        if name not in sinks:
-            subprocess.run(["pactl", "load-module", "module-combine-sink", f"sink_name={name}",
-                            f"slaves={other},{REC}", "adjust_time=0"], check=True, capture_output=True)
-    subprocess.run(["pactl", "set-default-sink", OUT], check=True)
+    if IN not in sinks:
+        subprocess.run(["pactl", "load-module", "module-combine-sink", f"sink_name={IN}",
+                        f"slaves={pulse.MIC},{REC}", "adjust_time=0"], check=True, capture_output=True)
+    modules = subprocess.run(["pactl", "list", "short", "modules"], capture_output=True, text=True).stdout
+    if f"sink_name={OUT}" in modules:  # the combine sink of an older run of this bench
+        for line in modules.splitlines():
+            if f"sink_name={OUT}" in line:
+                subprocess.run(["pactl", "unload-module", line.split()[0]], check=True)
+    if f"source={pulse.SPEAKER}.monitor sink={REC}" not in modules:
+        subprocess.run(["pactl", "load-module", "module-loopback", f"source={pulse.SPEAKER}.monitor", f"sink={REC}",
+                        "latency_msec=1", "source_dont_move=true", "sink_dont_move=true"], check=True, capture_output=True)
+        time.sleep(LOOPBACK_SETTLE_S)
+    subprocess.run(["pactl", "set-default-sink", pulse.SPEAKER], check=True)
 
 
 def card_round_trip(tmp: Path, trials: int = 5) -> list[float]:
@@ -324,11 +342,34 @@ def dry_time(pieces: list[tuple[float, float]]) -> float:
     return dry
 
 
-def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, rec_started: float) -> list[dict]:
+def in_process(clips: list[tuple[str, Audio]]) -> list[list[str]]:
+    """What moi's default speech-to-text makes of each whole clip in process, with the silence a
+    live utterance has around it (the VAD's pre-roll: 0-0.3 s before, 0-0.2 s after): Whisper
+    drops words of its own there (tiny.en: "And this spills over…" with 0.3 s before it comes back
+    "This spills over…"), which the live path did not lose."""
+    from cloud.runners import Runners
+    from shared.config import Config
+
+    stt = Runners(Config.load()).stt
+    out = []
+    for _, clip in clips:
+        padded = [Audio.concat([Audio.silence(before), clip, Audio.silence(after)])
+                  for before in (0.0, 0.1, 0.2, 0.3) for after in (0.0, 0.2)]
+        out.append([stt.transcribe(a).text for a in padded])
+    return out
+
+
+def dropped(question: str, heard: str) -> int:
+    """Words of ``question`` that ``heard`` has no word for (deletions when the two are aligned)."""
+    return jiwer.process_words(" ".join(spoken_words(question)), " ".join(spoken_words(heard)) or "-").deletions
+
+
+def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, rec_started: float,
+            alone: list[list[str]]) -> list[dict]:
     db = frames_db(pcm)
     hop = SPEECH_RATE // 100
     rows = []
-    for turn, (_, clip) in zip(turns, clips):
+    for turn, (_, clip), whole in zip(turns, clips, alone):
         near = int((turn.played_at - rec_started) * SPEECH_RATE)
         onset = find(clip, pcm, near, SPEECH_RATE)  # where the question starts in the recording
         end = onset + len(clip)  # the end of its last word
@@ -337,24 +378,26 @@ def measure(turns: list[Turn], clips: list[tuple[str, Audio]], pcm: np.ndarray, 
         stopped = {ev["turn"] for _, ev in turn.events if ev["type"] == "stopped"}
         done = next((ev for _, ev in turn.events if ev["type"] == "turn_done" and ev["turn"] not in stopped), None)
         start_ev = next((ev for _, ev in turn.events if ev["type"] == "speech_start"), None)
-        said = [ev["text"] for _, ev in turn.events if ev["type"] == "transcript"]
-        # words lost: the last transcript (a reply withdrawn as the person went on is answered
-        # again with all of it) against the question's words
-        wer = jiwer.wer(" ".join(spoken_words(turn.question)), " ".join(spoken_words(said[-1] if said else "")) or "-")
+        # the last transcript (a reply withdrawn as the person went on is answered again with all
+        # of it) against the question's words, and against the whole clip's in process
+        said = ([""] + [ev["text"] for _, ev in turn.events if ev["type"] == "transcript"])[-1]
+        wer = jiwer.wer(" ".join(spoken_words(turn.question)), " ".join(spoken_words(said)) or "-")
+        words = {"question": turn.question, "said": said, "wer": wer,
+                 "lost": max(0, dropped(turn.question, said) - max(dropped(turn.question, w) for w in whole))}
         first_reply = next((t for t, ev in turn.events if ev["type"] == "reply_audio"), None)
         if first_reply is not None and first_reply < rec_started + end / SPEECH_RATE:
             # a reply handed to the speaker before the question's last word: talked over, not fast
-            rows.append({"question": turn.question, "error": "talked over", "wer": wer, "talked_over": 1})
+            rows.append({**words, "error": "talked over", "talked_over": 1})
             continue
         if done is None or not len(after):
-            rows.append({"question": turn.question, "error": "no reply heard", "wer": wer})
+            rows.append({**words, "error": "no reply heard"})
             continue
         heard = (first + int(after[0])) * hop
         cuts = sum(ev["type"] == "speech_end" for _, ev in turn.events)
         latency = (heard - end) / SPEECH_RATE
         tm = done["timings"]
         # moi's clock ↔ the recording: at speech_start, moi's VAD had the first speech window.
-        row = {"question": turn.question, "onset": onset / SPEECH_RATE, "end": end / SPEECH_RATE, "wer": wer,
+        row = {**words, "onset": onset / SPEECH_RATE, "end": end / SPEECH_RATE,
                "heard": heard / SPEECH_RATE, "latency": latency, "cuts": cuts, "stt": tm.get("stt", 0.0),
                "llm_first_piece": tm.get("first_audio", 0.0) - tm.get("stt", 0.0) - tm.get("tts_first", 0.0),
                "tts_first": tm.get("tts_first", 0.0), "first_audio": tm.get("first_audio", 0.0),
@@ -392,6 +435,7 @@ def main() -> None:
     args = ap.parse_args()
     clips = questions(args.questions)
     console.print(f"{len(clips)} questions: " + " | ".join(t for t, _ in clips))
+    alone = in_process(clips)
     card()
     results: dict[str, list[dict]] = {}
     cpu: dict[str, list[dict[str, dict[str, float]]]] = {}
@@ -404,7 +448,7 @@ def main() -> None:
             for mode in args.modes.split(","):
                 samples: list | None = [] if args.cpu else None
                 turns, pcm, started = session(mode, clips, Path(tmp), args.gap, samples)
-                rows = measure(turns, clips, pcm, started)
+                rows = measure(turns, clips, pcm, started, alone)
                 if samples:
                     cpu.setdefault(mode, []).append(cpu_by_stage(turns, samples))
                 results.setdefault(mode, []).extend(rows)
@@ -426,9 +470,14 @@ def main() -> None:
                                                      for c in cols)])
         ok = [r for r in rows if "error" not in r]
         over = sum(r.get("talked_over", 0) for r in rows)
-        words_lost = statistics.mean(r["wer"] for r in rows) if rows else float("nan")
+        misheard = statistics.mean(r["wer"] for r in rows) if rows else float("nan")
+        words = sum(len(spoken_words(r["question"])) for r in rows)
         console.print(f"{mode}: answered after the question ended {len(ok)}/{len(rows)} · talked over {over} · "
-                      f"words lost (WER of the transcripts against the questions) {words_lost:.3f}")
+                      f"words lost {sum(r['lost'] for r in rows)} of {words} (dropped beyond what Whisper drops of "
+                      f"the whole clip in process) · misheard (WER against the questions) {misheard:.3f}")
+        for r in rows:
+            if r["lost"]:
+                console.print(f"  lost {r['lost']}: {r['question']!r} heard as {r['said']!r}")
         if ok:
             heard = statistics.median(r["latency"] for r in ok)
             console.print(f"{mode}: median heard after {heard:.2f} s {'✓' if heard <= TARGET_S else '✗'} (target ≤ "
