@@ -1,7 +1,7 @@
 """Chat on SmolLM2-Instruct, token by token, with two backends behind one interface.
 
-- ``llama_cpp``: llama.cpp on a GGUF file (the shipped Q4_1 offline; Metal on a Mac). The fast
-  local path: the seed talk's own note was "try llama_cpp".
+- ``llama_cpp``: llama.cpp on a GGUF file (offline the shipped Q4_1, requantized to Q8_0 by the
+  registry; Metal on a Mac). The fast local path: the seed talk's own note was "try llama_cpp".
 - ``transformers``: Hugging Face transformers on a hub checkout (the GPU path on Modal) or on
   the same GGUF (dequantized to fp32, slow on CPU but the same weights).
 

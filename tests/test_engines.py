@@ -133,7 +133,7 @@ def test_every_engine_answers_the_same_turns_the_same_way(kind, request, utteran
         spoken = " ".join(e.text for e in events if isinstance(e, ReplyAudio))
         assert spoken.split() == reply.text.split()  # every word spoken, none twice
         assert done.engine == {"local": "local", "http": "remote", "fallback": "remote → local",
-                               "modal": "modal · SmolLM2-135M-Instruct Q4_1"}[kind]
+                               "modal": "modal · SmolLM2-135M-Instruct Q8_0"}[kind]
         assert 0 <= done.timings["first_audio"] <= done.timings["total"]
 
 

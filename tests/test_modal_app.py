@@ -86,7 +86,7 @@ def test_voice_runs_a_whole_turn_in_one_call(voice, speech60, stt):
     request = TurnRequest((Message("system", "Be brief."),), ChatOptions(max_tokens=16), turn=3)
     events = list(voice.turn.local(speech60.slice(0.0, 2.3).to_pcm16(), 16_000, request))
     assert isinstance(events[0], Transcript) and "dublin" in words(events[0].text)
-    assert isinstance(events[-1], TurnDone) and events[-1].engine == "modal · SmolLM2-135M-Instruct Q4_1"
+    assert isinstance(events[-1], TurnDone) and events[-1].engine == "modal · SmolLM2-135M-Instruct Q8_0"
     reply = next(e for e in events if isinstance(e, ReplyText)).text
     audio = Audio.concat([e.audio for e in events if isinstance(e, ReplyAudio)])
     assert reply and all(e.turn == 3 for e in events)
