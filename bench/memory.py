@@ -39,9 +39,9 @@ def child(audio: Path, turns: int) -> None:
     vad = SileroVad(resolve("vad", cfg.vad.model).path)
     report("+ VAD (Silero)")
     engine = LocalEngine(cfg)
-    for role, name in (("stt", "STT (Whisper)"), ("llm", "LLM (SmolLM2)"), ("tts", "TTS (Kokoro)")):
+    for role in ("stt", "llm", "tts"):
         engine.warm((role,))
-        report(f"+ {name}")
+        report(f"+ {role.upper()} ({engine.runners.model(role).name})")
     pipeline = Pipeline(engine, Segmenter(vad, cfg.vad), cfg, "chat")
     events = [ev for chunk in file_source(audio) for ev in pipeline.segmenter.feed(chunk)]
     clips = [ev.audio for ev in events + pipeline.segmenter.flush() if isinstance(ev, SpeechEnd) and ev.audio]
