@@ -42,6 +42,7 @@ from tests.test_live import collect, has, long_line, question  # noqa: F401 - fi
 
 CFG = Config.load(env={}, llm__max_tokens=40)
 R = SPEECH_RATE
+WINDOW_S = 512 / R  # a microphone's chunk: someone() is asked once a chunk
 
 
 def _installed(name: str) -> bool:
@@ -256,41 +257,57 @@ def test_echo_the_canceller_lets_through_is_not_a_person(reply, speech60, person
         assert any(n for t, n in near if 5.0 <= t < 7.0), "the person talking over moi was not heard"
 
 
-@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
-@pytest.mark.parametrize("voice", ["kokoro", "piper"])
-@pytest.mark.parametrize("room", ["person", "moi alone", "speaker muted"])
-def test_someone_is_there_before_the_canceller_lets_them_through(request, voice, speech60, room, monkeypatch):
-    """While both talk AEC3's suppressor can hold a person down for 0.3 s (measured live), and
-    near_end, which needs the canceller to let them through, hears nobody. Here it lets nothing
-    through at all: a person talking over moi is still ``someone`` within 0.25 s; moi's voice
-    alone never is, nor the room's own noise where the speaker plays but is muted (none of moi's
-    voice in the microphone: all of it unexplained). In both voices: Piper's pauses at commas
-    (0.16-0.29 s) must not make moi wait to be sure again."""
-    reply = request.getfixturevalue("reply" if voice == "kokoro" else "piper_reply")
+def _someone(reply: Audio, person: np.ndarray | None, muted: bool = False) -> tuple[list[float], bool]:
+    """``reply`` played into a laptop's echo (none where the speaker is ``muted``), ``person``
+    talking over it from 5 s, through a canceller that lets nothing through: when
+    ``TalkOver.someone`` said someone is there, and whether ``person()`` ever heard anyone."""
     far_end = FarEnd(R)
     aec = EchoCanceller(far_end, WEBRTC[0])
     aec._cancel = FrameCanceller(lambda near, far: np.zeros_like(near))
-    monkeypatch.setattr(echo, "IDLE_S", float("inf"))  # nothing through, even before moi's first word
     far = np.concatenate([np.zeros(R // 2, np.float32), reply.samples])
-    mic = laptop_echo(far) if room != "speaker muted" else np.zeros(len(far), np.float32)
+    mic = np.zeros(len(far), np.float32) if muted else laptop_echo(far)
     mic += np.random.default_rng(1).standard_normal(len(mic)).astype(np.float32) * 10 ** (-50 / 20)  # the room
     at = 5 * R  # the person talks from 5 s to 7 s, as loud as moi's echo
-    if room == "person":
-        person = speech60.slice(20.0, 22.0).samples
+    if person is not None:
         mic[at : at + 2 * R] += person * np.sqrt(np.mean(mic[at : at + 2 * R] ** 2) / np.mean(person**2))
     t0, heard = 100.0, []
     far_end.write(t0, far)
     for i in range(0, len(mic) - 511, 512):
         aec(Audio(mic[i : i + 512], R), t0 + i / R)
         heard.append((i / R, aec.talk.someone(), aec.playing and aec.talk.person()))  # asked as the listener asks it
-    assert not any(near for _, _, near in heard)  # the canceller let nobody through
-    someone = [t for t, sure, _ in heard if sure]
+    return [t for t, sure, _ in heard if sure], any(near for _, _, near in heard)
+
+
+@pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
+@pytest.mark.parametrize("voice", ["kokoro", "piper"])
+@pytest.mark.parametrize("room", ["person", "moi alone", "speaker muted"])
+def test_someone_is_there_before_the_canceller_lets_them_through(request, voice, speech60, room, monkeypatch, tts):
+    """While both talk AEC3's suppressor can hold a person down for 0.3 s (measured live), and
+    near_end, which needs the canceller to let them through, hears nobody. Here it lets nothing
+    through at all: a person talking over moi is still ``someone`` within 0.25 s; moi's voice
+    alone never is, nor the room's own noise where the speaker plays but is muted (none of moi's
+    voice in the microphone: all of it unexplained). In both voices: Piper's pauses at commas
+    (0.16-0.29 s) must not make moi wait to be sure again. Piper draws its timing at random, and
+    where the person starts just as moi's voice comes back from a pause of PAUSE_S or more,
+    ``someone`` waits for it to settle (NEAR_S + REACH): 3 of 20 draws took 0.26-0.39 s (the
+    median 0.195). So in Piper's voice, eight draws: at least half within 0.25 s, none past the
+    settling wait."""
+    monkeypatch.setattr(echo, "IDLE_S", float("inf"))  # nothing through, even before moi's first word
+    reply = request.getfixturevalue("reply" if voice == "kokoro" else "piper_reply")
+    person = speech60.slice(20.0, 22.0).samples
     if room != "person":
-        assert someone == [], f"{room}: someone at {someone[:3]}"
+        someone, near = _someone(reply, None, muted=room == "speaker muted")
+        assert not near and someone == [], f"{room}: someone at {someone[:3]}"
         return
-    onset = 5.0 + float(np.argmax(np.abs(speech60.slice(20.0, 22.0).samples) > 0.02)) / R
-    assert someone and onset <= someone[0] < onset + 0.25, (onset, someone[:3])
-    assert all(5.0 <= t < 7.3 for t in someone), someone
+    onset = 5.0 + float(np.argmax(np.abs(person) > 0.02)) / R
+    draws = [reply] if voice == "kokoro" else [reply, *(tts.synthesize(REPLY).resample(R) for _ in range(7))]
+    late = []
+    for one in draws:
+        someone, near = _someone(one, person)
+        assert not near  # the canceller let nobody through
+        assert someone and onset <= someone[0] and all(5.0 <= t < 7.3 for t in someone), (onset, someone[:3])
+        late.append(someone[0] - onset)
+    assert sum(x < 0.25 for x in late) >= len(late) / 2 and max(late) <= echo.NEAR_S + echo.REACH[1] + WINDOW_S, late
 
 
 @pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
