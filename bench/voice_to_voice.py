@@ -4,8 +4,8 @@ PulseAudio virtual sound card, for --local and for --remote against `moi serve` 
 
 One clock for both ends: a null sink `moi_rec` is recorded for the whole run, fed by a combine
 sink `moi_in` (what we play: the virtual microphone + moi_rec) and a loopback from the monitor
-of the virtual speaker moi plays to. So the question and the reply land in one recording. Each question is a sentence of a real recording (tests/data), cut at the end
-of its last word by word timestamps measured once (Whisper base, word alignment); its end in
+of the virtual speaker moi plays to. So the question and the reply land in one recording.
+Each question is a sentence of a real recording (tests/data), cut at the end of its last word by word timestamps measured once (Whisper base, word alignment); its end in
 the recording is where the question was found (cross-correlation) plus the clip's length.
 
 The per-stage split comes from moi's own `--json` events: speech-to-text, LLM to the first
@@ -17,7 +17,8 @@ question start); the turn decision from the cut to the turn's start (moi's clock
 The card itself is measured first (``card_round_trip``): a beep into the microphone and a
 program with moi's stream settings that answers the first loud block with a tone, no model in
 between. That round trip (~0.1 s on PulseAudio's null sinks: the microphone's 32 ms blocks,
-PortAudio's 40 ms output buffer, the loopback's few ms) is inside every heard figure; each mode's median is also given less it.
+PortAudio's 40 ms output buffer, the loopback's few ms) is inside every heard figure; each
+mode's median is also given less it.
 
 A question counts as answered only when its reply was handed to the speaker after its last
 word (else it is "talked over", whatever the latency would have read) and a turn not stopped
@@ -138,10 +139,9 @@ def card() -> None:
         subprocess.run(["pactl", "load-module", "module-combine-sink", f"sink_name={IN}",
                         f"slaves={pulse.MIC},{REC}", "adjust_time=0"], check=True, capture_output=True)
     modules = subprocess.run(["pactl", "list", "short", "modules"], capture_output=True, text=True).stdout
-    if f"sink_name={OUT}" in modules:  # the combine sink of an older run of this bench
-        for line in modules.splitlines():
-            if f"sink_name={OUT}" in line:
-                subprocess.run(["pactl", "unload-module", line.split()[0]], check=True)
+    for line in modules.splitlines():  # the combine sink of an older run of this bench
+        if f"sink_name={OUT}" in line:
+            subprocess.run(["pactl", "unload-module", line.split()[0]], check=True)
     if f"source={pulse.SPEAKER}.monitor sink={REC}" not in modules:
         subprocess.run(["pactl", "load-module", "module-loopback", f"source={pulse.SPEAKER}.monitor", f"sink={REC}",
                         "latency_msec=1", "source_dont_move=true", "sink_dont_move=true"], check=True, capture_output=True)

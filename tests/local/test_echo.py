@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cloud.engine import LocalEngine
-from cloud.vad import Segmenter, SpeechStart
+from cloud.vad import WINDOW, Segmenter, SpeechStart
 from local import echo
 from local.audio_io import MicSource, Player, StreamClock
 from local.echo import FRAME, EchoCanceller, FarEnd, FrameCanceller, canceller
@@ -42,7 +42,6 @@ from tests.test_live import collect, has, long_line, question  # noqa: F401 - fi
 
 CFG = Config.load(env={}, llm__max_tokens=40)
 R = SPEECH_RATE
-WINDOW_S = 512 / R  # a microphone's chunk: someone() is asked once a chunk
 
 
 def _installed(name: str) -> bool:
@@ -307,7 +306,7 @@ def test_someone_is_there_before_the_canceller_lets_them_through(request, voice,
         assert not near  # the canceller let nobody through
         assert someone and onset <= someone[0] and all(5.0 <= t < 7.3 for t in someone), (onset, someone[:3])
         late.append(someone[0] - onset)
-    assert sum(x < 0.25 for x in late) >= len(late) / 2 and max(late) <= echo.NEAR_S + echo.REACH[1] + WINDOW_S, late
+    assert sum(x < 0.25 for x in late) >= len(late) / 2 and max(late) <= echo.NEAR_S + echo.REACH[1] + WINDOW / R, late
 
 
 @pytest.mark.skipif(not WEBRTC, reason="no WebRTC canceller installed")
