@@ -5,8 +5,9 @@ PulseAudio virtual sound card, for --local and for --remote against `moi serve` 
 One clock for both ends: a null sink `moi_rec` is recorded for the whole run, fed by a combine
 sink `moi_in` (what we play: the virtual microphone + moi_rec) and a loopback from the monitor
 of the virtual speaker moi plays to. So the question and the reply land in one recording.
-Each question is a sentence of a real recording (tests/data), cut at the end of its last word by word timestamps measured once (Whisper base, word alignment); its end in
-the recording is where the question was found (cross-correlation) plus the clip's length.
+Each question is a sentence of a real recording (tests/data), cut at the end of its last word
+by word timestamps measured once (Whisper base, word alignment); its end in the recording is
+where the question was found (cross-correlation) plus the clip's length.
 
 The per-stage split comes from moi's own `--json` events: speech-to-text, LLM to the first
 piece and TTS of the first piece from `turn_done`; the VAD's wait from the end of the last word
