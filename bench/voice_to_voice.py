@@ -343,19 +343,20 @@ def dry_time(pieces: list[tuple[float, float]]) -> float:
     return dry
 
 
-def in_process(clips: list[tuple[str, Audio]]) -> list[list[str]]:
-    """What moi's default speech-to-text makes of each whole clip in process, with the silence a
-    live utterance has around it (the VAD's pre-roll: 0-0.3 s before, 0-0.2 s after): Whisper
-    drops words of its own there (tiny.en: "And this spills over…" with 0.3 s before it comes back
-    "This spills over…"), which the live path did not lose."""
+def in_process(clips: list[tuple[str, Audio]], settings: dict[str, str] | None = None) -> list[list[str]]:
+    """What moi's speech-to-text (defaults, or a mode's ``settings``) makes of each whole clip in
+    process, with the silence a live utterance has around it (the VAD's pre-roll: 0-0.3 s
+    before, 0-0.2 s after): Whisper drops words of its own there (tiny.en: "And this spills
+    over…" with 0.3 s before it comes back "This spills over…"), which the live path did not
+    lose."""
     from cloud.runners import Runners
     from shared.config import Config
 
-    stt = Runners(Config.load()).stt
+    stt = Runners(Config.load(env={**os.environ, **(settings or {})})).stt
     out = []
     for _, clip in clips:
-        padded = [Audio.concat([Audio.silence(before), clip, Audio.silence(after)])
-                  for before in (0.0, 0.1, 0.2, 0.3) for after in (0.0, 0.2)]
+        padded = [Audio.concat([Audio.silence(before / 100), clip, Audio.silence(after / 100)])
+                  for before in range(0, 31, 5) for after in (0, 10, 20)]
         out.append([stt.transcribe(a).text for a in padded])
     return out
 
@@ -436,7 +437,7 @@ def main() -> None:
     args = ap.parse_args()
     clips = questions(args.questions)
     console.print(f"{len(clips)} questions: " + " | ".join(t for t, _ in clips))
-    alone = in_process(clips)
+    alone: dict[str, list[list[str]]] = {}  # by the mode's speech-to-text settings
     card()
     results: dict[str, list[dict]] = {}
     cpu: dict[str, list[dict[str, dict[str, float]]]] = {}
@@ -449,7 +450,11 @@ def main() -> None:
             for mode in args.modes.split(","):
                 samples: list | None = [] if args.cpu else None
                 turns, pcm, started = session(mode, clips, Path(tmp), args.gap, samples)
-                rows = measure(turns, clips, pcm, started, alone)
+                stt = dict(kv.split("=", 1) for kv in mode.split(":")[1:] if kv.startswith("MOI_STT_"))
+                key = ",".join(f"{k}={v}" for k, v in sorted(stt.items()))
+                if key not in alone:
+                    alone[key] = in_process(clips, stt)
+                rows = measure(turns, clips, pcm, started, alone[key])
                 if samples:
                     cpu.setdefault(mode, []).append(cpu_by_stage(turns, samples))
                 results.setdefault(mode, []).extend(rows)

@@ -4,12 +4,21 @@ Whisper invents text for silence and noise ("Thank you.", loops). This runner re
 nothing rather than junk: audio below an RMS floor never reaches the model, and segments
 are dropped on Whisper's own signals (no-speech probability with low log-probability,
 very low log-probability, high compression ratio = repetition).
+
+Whisper pads every utterance to a 30 s window, and its encoder's cost follows the window. A live
+utterance is encoded on a window of its length plus a margin (SttConfig.window_s); the decoder,
+trained on 30 s windows, now and then loops or hears nothing on a short one, and such a result
+is redone on the full window. A file's batches (``transcribe_windows``) keep 30 s.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+import math
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -39,23 +48,59 @@ def rms_db(samples: np.ndarray) -> float:
 
 
 class _Encoder:
-    """Whisper's encoder on its own CTranslate2 instance with every core, for faster-whisper's
-    ``WhisperModel.encode`` (the decoder keeps half). On 2 cores the encoder of a 30 s window
-    takes 204 ms on two threads against 335 ms on one (with another program busy on one core
-    362 against 358), while the beam search's small steps are slower on two (237 against 81 ms
-    for a 3 s utterance): a short utterance is transcribed in ~0.3 s instead of ~0.43."""
+    """faster-whisper's ``WhisperModel.encode``, changed in two ways.
 
-    def __init__(self, path: object, compute_type: str, threads: int) -> None:
-        import ctranslate2
+    - The features are cut to the window the calling thread asked for (:meth:`window`): the
+      encoder's cost follows its input, and Whisper pads every utterance to 30 s. faster-whisper
+      runs the encoder in the thread that reads its segments, so a thread-local is the request.
+    - With ``threads``, the encoder runs on a CTranslate2 instance of its own with that many
+      threads, for the decoder keeps half the cores: on 2 cores the encoder of a 30 s window
+      takes 204 ms on two threads against 335 ms on one (with another program busy on one core
+      362 against 358), while the beam search's small steps are slower on two (237 against 81
+      ms for a 3 s utterance).
+    """
 
-        self.model = ctranslate2.models.Whisper(str(path), device="cpu", compute_type=compute_type, intra_threads=threads)
+    def __init__(self, encode: Callable, path: object, compute_type: str, threads: int) -> None:
+        self.encode = encode  # faster-whisper's own
+        self.model = None
+        if threads:
+            import ctranslate2
+
+            self.model = ctranslate2.models.Whisper(str(path), device="cpu", compute_type=compute_type, intra_threads=threads)
+        self._local = threading.local()
+
+    @contextmanager
+    def window(self, frames: int | None) -> Iterator[None]:
+        """This thread's encoder calls read at most ``frames`` feature frames (None: all 3000)."""
+        self._local.frames = frames
+        try:
+            yield
+        finally:
+            self._local.frames = None
 
     def __call__(self, features: np.ndarray):  # noqa: ANN204 - a ctranslate2.StorageView
         from faster_whisper.transcribe import get_ctranslate2_storage
 
+        frames = getattr(self._local, "frames", None)
+        if frames is not None and frames < features.shape[-1]:
+            features = np.ascontiguousarray(features[..., :frames])
+        if self.model is None:
+            return self.encode(features)
         if features.ndim == 2:
             features = np.expand_dims(features, 0)
         return self.model.encode(get_ctranslate2_storage(features))
+
+
+def repeats(text: str) -> bool:
+    """Whisper looping: a word or phrase said three times in a row, or a phrase of four words or
+    more twice ("who's going to implement it? Who's going to implement it?")."""
+    words = re.findall(r"[\w']+", text.lower())
+    for n in range(1, len(words) // 2 + 1):
+        times = 2 if n >= 4 else 3
+        for i in range(len(words) - times * n + 1):
+            if all(words[i + k * n : i + (k + 1) * n] == words[i : i + n] for k in range(1, times)):
+                return True
+    return False
 
 
 class SpeechToText:
@@ -74,9 +119,11 @@ class SpeechToText:
         single_thread_blas()  # its features' product would leave a spinning thread beside the encoder
         threads = model_threads(cfg.cpu_threads) if self.device == "cpu" else cfg.cpu_threads
         self.model = WhisperModel(str(model.path), device=self.device, compute_type=compute, cpu_threads=threads)
-        if self.device == "cpu" and cfg.cpu_threads == 0 and cpu_cores() > threads:
-            self.model.encode = _Encoder(model.path, compute, cpu_cores())
+        own = self.device == "cpu" and cfg.cpu_threads == 0 and cpu_cores() > threads
+        self._encoder = _Encoder(self.model.encode, model.path, compute, cpu_cores() if own else 0)
+        self.model.encode = self._encoder
         self.multilingual = bool(self.model.model.is_multilingual)
+        self.full_window_retries = 0  # windowed results redone on 30 s (looping, or no words)
 
     def transcribe(
         self,
@@ -92,19 +139,40 @@ class SpeechToText:
         if len(audio) < SPEECH_RATE // 10 or rms_db(audio.samples) < cfg.min_rms_db:
             return Transcription.empty(audio.seconds, language)
         words = cfg.word_timestamps if word_timestamps is None else word_timestamps
-        segments, info = self.model.transcribe(
-            audio.samples,
-            language=language if self.multilingual else None,
-            beam_size=cfg.beam_size,
-            initial_prompt=prompt or cfg.initial_prompt,
-            word_timestamps=words,
-            condition_on_previous_text=False,
-            no_speech_threshold=cfg.no_speech_threshold,
-            log_prob_threshold=cfg.logprob_threshold,
-            compression_ratio_threshold=cfg.compression_ratio_threshold,
-            vad_filter=False,  # our own Silero segmenter runs before this
-        )
-        kept, dropped = self._keep(segments, [(0.0, audio.seconds)])
+        frames = self.window_frames(audio.seconds)
+        result = self._transcribe(audio, language, prompt, words, frames)
+        if frames is not None and (not result.text or repeats(result.text)):
+            self.full_window_retries += 1
+            result = self._transcribe(audio, language, prompt, words, None)
+        return result
+
+    def window_frames(self, seconds: float) -> int | None:
+        """The encoder's window for an utterance of ``seconds`` in feature frames (10 ms),
+        even for the encoder's stride of 2; None: Whisper's full 30 s."""
+        cfg = self.cfg
+        if not cfg.window_s:
+            return None
+        frames = math.ceil(max(cfg.window_s, seconds + cfg.window_margin_s) * 100 / 2) * 2
+        return frames if frames < 3000 else None
+
+    def _transcribe(
+        self, audio: Audio, language: str | None, prompt: str | None, words: bool, frames: int | None
+    ) -> Transcription:
+        cfg = self.cfg
+        with self._encoder.window(frames):
+            segments, info = self.model.transcribe(
+                audio.samples,
+                language=language if self.multilingual else None,
+                beam_size=cfg.beam_size,
+                initial_prompt=prompt or cfg.initial_prompt,
+                word_timestamps=words,
+                condition_on_previous_text=False,
+                no_speech_threshold=cfg.no_speech_threshold,
+                log_prob_threshold=cfg.logprob_threshold,
+                compression_ratio_threshold=cfg.compression_ratio_threshold,
+                vad_filter=False,  # our own Silero segmenter runs before this
+            )
+            kept, dropped = self._keep(segments, [(0.0, audio.seconds)])
         text = " ".join(seg.text for seg in kept if seg.text).strip()
         return Transcription(text, tuple(kept), info.language, audio.seconds, dropped)
 

@@ -88,6 +88,12 @@ class SttConfig:
     # transcribes a 3 s utterance in 431 ms against 489 ms on two and 492 ms on CTranslate2's
     # default (4), and a 9 s one in 422 against 453 and 456 ms.
     cpu_threads: int = 0
+    # Whisper's encoder reads a 30 s window however short the utterance. Here it is given the
+    # utterance plus window_margin_s, at least window_s (0: always 30 s, Whisper's own); the
+    # encoder's time falls with the window (bench/stt.py). A window that short makes Whisper
+    # loop or hear nothing now and then, so such a result is redone on the full 30 s window.
+    window_s: float = 10.0
+    window_margin_s: float = 5.0
 
 
 @dataclass(frozen=True)

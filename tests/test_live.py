@@ -269,7 +269,9 @@ def test_reply_reaches_the_virtual_speaker(engine, vad_model, question, stt, tmp
     heard = Audio.from_pcm16(raw.read_bytes()[: len(raw.read_bytes()) // 2 * 2], 16_000)
     assert heard.seconds > 1.0 and np.abs(heard.samples).max() > 0.05
     text = stt.transcribe(heard).text
-    assert {"dublin", "get"} <= words(text), text  # moi's voice, through the speaker
+    # moi's voice, through the speaker: its words ("Dublin" in Piper's voice is heard now and
+    # then as "double in", whatever Whisper's window)
+    assert len(words(text) & {"how", "do", "i", "get", "to", "dublin"}) >= 5, text
 
 
 def test_barge_in_stops_playback_within_200ms_and_the_talk_goes_on(engine, vad_model, long_line, question):

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from cloud.stt import SpeechToText
+from cloud.stt import SpeechToText, repeats
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import SttConfig
 from shared.models import resolve
@@ -167,3 +167,80 @@ def test_no_thread_spins_after_the_features(model):
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split()[-1]) < 0.02
+
+
+def test_the_encoder_reads_the_utterance_plus_a_margin_not_30_s(stt):
+    assert stt.cfg.window_s == 10.0 and stt.cfg.window_margin_s == 5.0
+    assert stt.window_frames(0.4) == stt.window_frames(3.0) == 1000
+    assert stt.window_frames(7.23) == 1224  # 12.23 s, rounded up to the encoder's stride of 2
+    assert stt.window_frames(25.0) is None  # past 30 s: Whisper's own window
+    assert SpeechToText(stt.model_info, SttConfig(window_s=0)).window_frames(3.0) is None
+
+
+def test_a_short_utterance_reaches_the_encoder_cut_to_its_window(stt, speech60, monkeypatch):
+    encoder = stt.model.encode
+    lengths = []
+
+    def spy(features):
+        out = encoder(features)
+        lengths.append((features.shape[-1], out.shape[1]))  # frames in, encoder positions out
+        return out
+
+    monkeypatch.setattr(stt.model, "encode", spy)
+    assert "dublin" in words(stt.transcribe(speech60.slice(0, 3)).text)
+    # faster-whisper pads each pass (one per seek) to 30 s; the encoder read 10 s
+    assert lengths and set(lengths) == {(3000, 500)}
+    lengths.clear()
+    stt.transcribe_windows(speech60, [(0.0, 3.0)])  # a file's batches keep the full window
+    assert lengths and set(lengths) == {(3000, 1500)}
+
+
+@pytest.fixture(scope="module")
+def utterances(speech60, vad_model):
+    """The lecture as the live VAD cuts it (pre- and post-roll included), each with the next."""
+    from cloud.vad import Segmenter, SpeechEnd
+    from shared.config import VadConfig
+
+    seg = Segmenter(vad_model, VadConfig(speculate_ms=0))
+    cut = [e for e in [*seg.feed(speech60), *seg.flush()] if isinstance(e, SpeechEnd) and not e.dropped]
+    singles = [speech60.slice(e.start, e.at) for e in cut]
+    pairs = [speech60.slice(a.start, b.at) for a, b in zip(cut, cut[1:]) if b.at - a.start <= 14]
+    return singles + pairs
+
+
+def test_the_shorter_window_hears_the_words_the_full_one_does(stt, utterances):
+    """The window changes Whisper's reading of a word now and then, both ways (bench/stt.py:
+    WER 0.106 against 0.107 on 120 spans); over the lecture's utterances it must not lose words."""
+    import jiwer
+
+    full = SpeechToText(stt.model_info, SttConfig(window_s=0))
+    clips = utterances
+    windowed = [" ".join(sorted(words(stt.transcribe(c).text))) for c in clips]
+    whole = [" ".join(sorted(words(full.transcribe(c).text))) for c in clips]
+    assert all(windowed) and jiwer.wer(whole, windowed) < 0.15
+
+
+def test_a_window_too_short_to_hear_is_redone_on_30_s(stt, utterances):
+    """With no margin Whisper loops or hears nothing on most utterances; those results are
+    redone on the full window, so the words come out as the full window hears them."""
+    short = SpeechToText(stt.model_info, SttConfig(window_s=0.5, window_margin_s=0.0))
+    full = SpeechToText(stt.model_info, SttConfig(window_s=0))
+    clips = utterances[::3]
+    heard = [short.transcribe(c).text for c in clips]
+    assert short.full_window_retries >= 2
+    assert all(heard)
+    assert sum(words(a) == words(full.transcribe(c).text) for a, c in zip(heard, clips)) >= short.full_window_retries
+
+
+@pytest.mark.parametrize(("text", "loops"), [
+    ("Who's going to implement it? Who's going to implement it?", True),
+    ("and how the t t t t t t", True),
+    ("when I think, when I think, when I think", True),
+    ("No, no, no.", True),
+    ("I had had enough of it.", False),
+    ("That is to say, that is it.", False),
+    ("Capital in the 21st century.", False),
+    ("", False),
+])
+def test_whisper_looping_is_told_from_speech(text, loops):
+    assert repeats(text) is loops
