@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cloud.stt import SpeechToText
 from shared.audio import SPEECH_RATE, Audio, decode
 from shared.config import SttConfig
 from shared.models import resolve
+from shared.text import spoken_words
 
 
 def bare_transcribe(model: WhisperModel, audio: Audio, cfg: SttConfig) -> str:
@@ -125,7 +125,7 @@ def window_words(ours: SpeechToText, full: SpeechToText, n: int) -> None:
 
 
 def _norm(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9']+", text.lower().replace("%", " percent")))
+    return " ".join(spoken_words(text))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from shared.audio import SPEECH_RATE, Audio
 from shared.config import SttConfig, cpu_cores, model_threads, single_thread_blas
 from shared.messages import Segment, Transcription, Word
 from shared.models import ResolvedModel
+from shared.text import spoken_words
 
 
 def pick_device(device: str) -> str:
@@ -94,7 +94,7 @@ class _Encoder:
 def repeats(text: str) -> bool:
     """Whisper looping: a word or phrase said three times in a row, or a phrase of four words or
     more twice ("who's going to implement it? Who's going to implement it?")."""
-    words = re.findall(r"[\w']+", text.lower())
+    words = spoken_words(text)
     for n in range(1, len(words) // 2 + 1):
         times = 2 if n >= 4 else 3
         for i in range(len(words) - times * n + 1):
@@ -153,7 +153,7 @@ class SpeechToText:
         if not cfg.window_s:
             return None
         frames = math.ceil(max(cfg.window_s, seconds + cfg.window_margin_s) * 100 / 2) * 2
-        return frames if frames < 3000 else None
+        return frames if frames < self.model.feature_extractor.nb_max_frames else None
 
     def _transcribe(
         self, audio: Audio, language: str | None, prompt: str | None, words: bool, frames: int | None

@@ -210,7 +210,7 @@ def utterances(speech60, vad_model):
 
 def test_the_shorter_window_hears_the_words_the_full_one_does(stt, utterances):
     """The window changes Whisper's reading of a word now and then, both ways (bench/stt.py:
-    WER 0.106 against 0.107 on 120 spans); over the lecture's utterances it must not lose words."""
+    WER 0.104 against 0.105 on 120 spans); over the lecture's utterances it must not lose words."""
     import jiwer
 
     full = SpeechToText(stt.model_info, SttConfig(window_s=0))
